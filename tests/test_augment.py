@@ -1,0 +1,391 @@
+"""Tests for augment.py: geometry, each transform on its own, masks, config/CLI and z-score."""
+import argparse
+import json
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+
+import augment
+
+ALL_ON = dict(rotation_flag=True, reflection_flag=True, jitter_augmentation_severity=0.1,
+              noise_augmentation_severity=0.02, scale_augmentation_severity=0.1,
+              blur_augmentation_max_sigma=2.0, intensity_augmentation_severity=0.1)
+GEOMETRY_ONLY = dict(rotation_flag=True, reflection_flag=True, jitter_augmentation_severity=0.1,
+                     scale_augmentation_severity=0.1)
+
+
+def block_mask(shape=(64, 64), block=16, labels=(0, 1, 2, 3), seed=0):
+    """A mask of square blocks with random labels (edges of blocks give clean boundaries)."""
+    rng = np.random.default_rng(seed)
+    cells = rng.choice(labels, size=(shape[0] // block, shape[1] // block))
+    return np.kron(cells, np.ones((block, block), dtype=np.int64)).astype(np.uint8)
+
+
+def textured_image(shape=(64, 64), dtype=np.uint16, seed=0):
+    """A smooth-ish random image (blurred noise) so interpolation differences stay small."""
+    rng = np.random.default_rng(seed)
+    image = ndi.gaussian_filter(rng.random(shape), 2.0) * 40000 + 1000
+    return image.astype(dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# masks and alignment
+# ---------------------------------------------------------------------------------------------------
+
+def test_mask_labels_preserved_and_dtype_kept():
+    mask = block_mask(labels=(0, 3, 7))
+    image = textured_image()
+    for seed in range(20):
+        out_image, out_mask = augment.augment_image(image, mask, **ALL_ON, rng=np.random.default_rng(seed))
+        assert out_mask.dtype == np.uint8 and out_mask.shape == mask.shape
+        assert set(np.unique(out_mask)) <= {0, 3, 7}
+        assert out_image.dtype == np.float32 and out_image.shape == image.shape
+
+
+def test_image_and_mask_stay_aligned():
+    mask = block_mask(shape=(96, 96), block=24)
+    k = 100.0
+    image = k * mask.astype(np.float32)
+    for seed in range(10):
+        out_image, out_mask = augment.augment_image(image, mask, **GEOMETRY_ONLY,
+                                                    rng=np.random.default_rng(seed))
+        agree = np.rint(out_image / k) == out_mask
+        # Tolerance: only a thin band along label boundaries may differ (bilinear vs nearest there);
+        # with 24 px blocks that band is under 2% of the pixels.
+        assert agree.mean() >= 0.98, f"seed {seed}: only {agree.mean():.3f} of pixels agree"
+        # Away from boundaries (3 x 3 neighbourhood of one label) the two must agree exactly. The
+        # outermost ring is left out: its window is cut by the edge and misses boundaries beyond it.
+        interior = (ndi.maximum_filter(out_mask, 3) == ndi.minimum_filter(out_mask, 3))
+        interior[0] = interior[-1] = interior[:, 0] = interior[:, -1] = False
+        np.testing.assert_allclose(out_image[interior], k * out_mask[interior], atol=1e-3)
+        assert interior.mean() > 0.75
+
+
+def test_misaligned_mask_would_be_detected():
+    # Guard for the test above: a mask flipped relative to the image fails the same criterion.
+    mask = block_mask(seed=3)
+    image = 100.0 * mask
+    assert (np.rint(image[::-1] / 100.0) == mask).mean() < 0.95
+
+
+def test_real_nist_pair(nist_dir):
+    import tifffile
+
+    image_path = sorted((nist_dir / "images").glob("*.tif"))[0]
+    image = tifffile.imread(image_path)
+    mask = tifffile.imread(nist_dir / "masks" / image_path.name)
+    out_image, out_mask = augment.augment_image(image, mask, **ALL_ON, rng=np.random.default_rng(0))
+    assert out_image.dtype == np.float32 and out_image.shape == image.shape
+    assert np.isfinite(out_image).all()
+    assert out_mask.dtype == mask.dtype and set(np.unique(out_mask)) <= set(np.unique(mask))
+
+
+# ---------------------------------------------------------------------------------------------------
+# each transform alone
+# ---------------------------------------------------------------------------------------------------
+
+def test_all_disabled_is_bit_exact_identity():
+    for dtype in (np.uint8, np.uint16, np.int32, np.float32):
+        image = textured_image(dtype=dtype) if dtype != np.uint8 else (textured_image() // 200).astype(dtype)
+        mask = block_mask()
+        out_image, out_mask = augment.augment_image(image, mask, rng=np.random.default_rng(0))
+        assert out_image.dtype == np.float32
+        np.testing.assert_array_equal(out_image, image.astype(np.float32))
+        np.testing.assert_array_equal(out_mask, mask)
+        assert out_image is not image
+
+
+def test_reflection_only_is_a_flip_of_image_and_mask():
+    image = textured_image()
+    mask = block_mask()
+    flips = {(False, False): (image, mask), (True, False): (image[::-1], mask[::-1]),
+             (False, True): (image[:, ::-1], mask[:, ::-1]),
+             (True, True): (image[::-1, ::-1], mask[::-1, ::-1])}
+    seen = set()
+    for seed in range(16):
+        out_image, out_mask = augment.augment_image(image, mask, reflection_flag=True,
+                                                    rng=np.random.default_rng(seed))
+        matches = [key for key, (im, ma) in flips.items()
+                   if np.array_equal(out_image, im.astype(np.float32)) and np.array_equal(out_mask, ma)]
+        assert len(matches) == 1, f"seed {seed}: output is not exactly one flip of the input"
+        seen.add(matches[0])
+    assert len(seen) == 4
+
+
+def test_rotation_only_matches_scipy_rotate_by_drawn_angle():
+    image = textured_image().astype(np.float32)
+    mask = block_mask()
+    seed = 7
+    angle = np.random.default_rng(seed).uniform(0, 360)  # rotation is the first draw when alone
+    out_image, out_mask = augment.augment_image(image, mask, rotation_flag=True,
+                                                rng=np.random.default_rng(seed))
+    expected = ndi.rotate(image, angle, reshape=False, order=1, mode="reflect")
+    np.testing.assert_allclose(out_image, expected, rtol=0, atol=0.05)
+    expected_mask = ndi.rotate(mask, angle, reshape=False, order=0, mode="reflect")
+    assert (out_mask == expected_mask).mean() > 0.995
+    assert not np.allclose(out_image, image, atol=100)
+
+
+def test_quarter_turn_map_is_exact_rot90():
+    image = textured_image(shape=(32, 32)).astype(np.float64)
+    matrix, offset = augment.inverse_affine(image.shape, angle_degrees=90)
+    rotated = ndi.affine_transform(image, matrix, offset, order=1, mode="reflect")
+    np.testing.assert_array_equal(rotated, np.rot90(image))
+
+
+def test_jitter_only_is_a_shift_by_the_drawn_amount():
+    image = textured_image().astype(np.float32)
+    mask = block_mask()
+    seed, severity = 3, 0.2
+    shift = np.random.default_rng(seed).uniform(-severity, severity, 2) * image.shape
+    out_image, out_mask = augment.augment_image(image, mask, jitter_augmentation_severity=severity,
+                                                rng=np.random.default_rng(seed))
+    np.testing.assert_allclose(out_image, ndi.shift(image, shift, order=1, mode="reflect"), atol=0.05)
+    assert (out_mask == ndi.shift(mask, shift, order=0, mode="reflect")).mean() > 0.995
+    assert np.abs(shift).max() > 1
+
+
+def test_scale_only_is_a_zoom_about_the_centre_by_the_drawn_factors():
+    image = textured_image().astype(np.float32)
+    mask = block_mask()
+    seed, severity = 5, 0.3
+    factors = np.random.default_rng(seed).uniform(1 - severity, 1 + severity, 2)
+    out_image, out_mask = augment.augment_image(image, mask, scale_augmentation_severity=severity,
+                                                rng=np.random.default_rng(seed))
+    centre = (np.array(image.shape) - 1) / 2
+    matrix = np.diag(1 / factors)
+    expected = ndi.affine_transform(image, matrix, centre - matrix @ centre, order=1, mode="reflect")
+    np.testing.assert_allclose(out_image, expected, atol=0.05)
+    assert np.abs(factors - 1).max() > 0.05
+    assert set(np.unique(out_mask)) <= set(np.unique(mask))
+
+
+def test_noise_only_keeps_mask_and_mean_and_adds_drawn_sigma():
+    image = np.full((64, 64), 1000, dtype=np.uint16)
+    image[:, 32:] = 3000  # range 2000
+    mask = block_mask()
+    seed, severity = 11, 0.1
+    sigma = np.random.default_rng(seed).uniform(0, severity * 2000)
+    out_image, out_mask = augment.augment_image(image, mask, noise_augmentation_severity=severity,
+                                                rng=np.random.default_rng(seed))
+    np.testing.assert_array_equal(out_mask, mask)
+    residual = out_image - image.astype(np.float32)
+    assert sigma > 10
+    assert abs(residual.std() - sigma) < 0.05 * sigma
+    assert abs(residual.mean()) < 4 * sigma / 64  # 4 standard errors of the mean over 4096 pixels
+
+
+def test_intensity_only_shifts_every_pixel_by_one_bounded_constant():
+    image = textured_image()
+    mask = block_mask()
+    value_range = float(image.max()) - float(image.min())
+    shifts = []
+    for seed in range(10):
+        out_image, out_mask = augment.augment_image(image, mask, intensity_augmentation_severity=0.2,
+                                                    rng=np.random.default_rng(seed))
+        delta = out_image.astype(np.float64) - image
+        assert np.ptp(delta) < 0.01, "intensity must be a single additive constant"
+        assert abs(delta.mean()) <= 0.2 * value_range + 0.01
+        np.testing.assert_array_equal(out_mask, mask)
+        shifts.append(delta.mean())
+    assert min(shifts) < 0 < max(shifts)
+
+
+def test_blur_only_keeps_mean_lowers_variance_and_matches_gaussian_filter():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 4000, (64, 64)).astype(np.uint16)
+    mask = block_mask()
+    seed, max_sigma = 2, 3.0
+    sigma = np.random.default_rng(seed).uniform(0, max_sigma)
+    assert sigma > 0.5
+    out_image, out_mask = augment.augment_image(image, mask, blur_augmentation_max_sigma=max_sigma,
+                                                rng=np.random.default_rng(seed))
+    np.testing.assert_array_equal(out_mask, mask)
+    assert abs(out_image.mean() - image.mean()) < 0.01 * image.mean()
+    assert out_image.var() < 0.5 * image.var()
+    expected = ndi.gaussian_filter(image.astype(np.float32), sigma, mode="reflect", truncate=3.0)
+    np.testing.assert_allclose(out_image, expected, rtol=1e-5, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------
+# determinism, channels, dtypes
+# ---------------------------------------------------------------------------------------------------
+
+def test_same_seed_same_output_different_seed_different_output():
+    image, mask = textured_image(), block_mask()
+    a = augment.augment_image(image, mask, **ALL_ON, rng=np.random.default_rng(42))
+    b = augment.augment_image(image, mask, **ALL_ON, rng=np.random.default_rng(42))
+    c = augment.augment_image(image, mask, **ALL_ON, rng=np.random.default_rng(43))
+    np.testing.assert_array_equal(a[0], b[0])
+    np.testing.assert_array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+
+
+def test_multichannel_channels_share_geometry_and_blur_stays_within_channels():
+    base = textured_image()
+    image = np.stack([base, base, base], axis=-1)
+    mask = block_mask()
+    no_noise = dict(ALL_ON, noise_augmentation_severity=0)
+    for seed in range(5):
+        out_image, out_mask = augment.augment_image(image, mask, **no_noise, rng=np.random.default_rng(seed))
+        assert out_image.shape == (64, 64, 3) and out_image.dtype == np.float32
+        np.testing.assert_array_equal(out_image[..., 0], out_image[..., 1])
+        np.testing.assert_array_equal(out_image[..., 0], out_image[..., 2])
+        # Same parameters on a single-channel copy give the same channel.
+        single, single_mask = augment.augment_image(base, mask, **no_noise, rng=np.random.default_rng(seed))
+        np.testing.assert_allclose(out_image[..., 0], single, rtol=1e-6, atol=1e-2)
+        np.testing.assert_array_equal(out_mask, single_mask)
+    # Constant channels of different values stay constant: blur never mixes channels.
+    flat = np.stack([np.zeros((64, 64)), np.full((64, 64), 1000.0)], axis=-1).astype(np.float32)
+    out = augment.augment_image(flat, blur_augmentation_max_sigma=5.0, rotation_flag=True,
+                                rng=np.random.default_rng(1))
+    np.testing.assert_allclose(out[..., 0], 0.0, atol=1e-3)
+    np.testing.assert_allclose(out[..., 1], 1000.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.float32])
+def test_dtypes_all_transforms(dtype):
+    rng = np.random.default_rng(0)
+    if dtype == np.int32:
+        image = rng.integers(-50000, 50000, (48, 40)).astype(dtype)
+    elif dtype == np.float32:
+        image = rng.normal(0, 0.01, (48, 40)).astype(dtype)
+    else:
+        image = rng.integers(0, np.iinfo(dtype).max, (48, 40)).astype(dtype)
+    mask = rng.integers(0, 3, (48, 40)).astype(np.int32)
+    out_image, out_mask = augment.augment_image(image, mask, **ALL_ON, rng=np.random.default_rng(1))
+    assert out_image.dtype == np.float32 and out_image.shape == image.shape
+    assert np.isfinite(out_image).all()
+    lo, hi, spread = float(image.min()), float(image.max()), float(np.ptp(image))
+    assert lo - 0.5 * spread < out_image.mean() < hi + 0.5 * spread
+    assert out_mask.dtype == np.int32 and set(np.unique(out_mask)) <= {0, 1, 2}
+    assert augment.augment_image(image, **ALL_ON, rng=np.random.default_rng(1)).shape == image.shape
+
+
+# ---------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(jitter_augmentation_severity=1.5), r"jitter_augmentation_severity must be in \[0, 1\), got 1.5"),
+    (dict(noise_augmentation_severity=-0.1), r"noise_augmentation_severity must be in \[0, 1\), got -0.1"),
+    (dict(scale_augmentation_severity=1.0), r"scale_augmentation_severity must be in \[0, 1\), got 1.0"),
+    (dict(intensity_augmentation_severity=float("nan")), r"intensity_augmentation_severity must be a finite"),
+    (dict(blur_augmentation_max_sigma=-1), r"blur_augmentation_max_sigma must be >= 0, got -1"),
+])
+def test_bad_severities_name_the_argument_and_value(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        augment.augment_image(np.zeros((8, 8)), **kwargs, rng=np.random.default_rng(0))
+
+
+def test_bad_shapes_and_rng():
+    with pytest.raises(ValueError, match=r"mask shape \(8, 9\) does not match the image's H x W \(8, 8\)"):
+        augment.augment_image(np.zeros((8, 8)), np.zeros((8, 9)))
+    with pytest.raises(ValueError, match=r"got shape \(2, 8, 8, 1\)"):
+        augment.augment_image(np.zeros((2, 8, 8, 1)))
+    with pytest.raises(ValueError, match="numeric dtype"):
+        augment.augment_image(np.array([["a", "b"], ["c", "d"]]))
+    with pytest.raises(TypeError, match="numpy.random.Generator, got RandomState"):
+        augment.augment_image(np.zeros((8, 8)), rng=np.random.RandomState(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# AugmentationConfig and the CLI
+# ---------------------------------------------------------------------------------------------------
+
+def test_config_defaults_kwargs_and_disabled():
+    config = augment.AugmentationConfig()
+    assert config.to_dict() == dict(reflection=True, rotation=True, jitter=0.1, noise=0.02, scale=0.1,
+                                    blur_max_sigma=2.0, intensity=0.0)
+    kwargs = config.augment_kwargs()
+    assert kwargs == dict(reflection_flag=True, rotation_flag=True, jitter_augmentation_severity=0.1,
+                          noise_augmentation_severity=0.02, scale_augmentation_severity=0.1,
+                          blur_augmentation_max_sigma=2.0, intensity_augmentation_severity=0.0)
+    image = textured_image()
+    out = augment.augment_image(image, **augment.AugmentationConfig.disabled().augment_kwargs(),
+                                rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(out, image.astype(np.float32))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("jitter", 1.5, r"jitter_augmentation_severity \(config key 'jitter'\) must be in \[0, 1\), got 1.5"),
+    ("blur_max_sigma", -2.0, r"blur_augmentation_max_sigma \(config key 'blur_max_sigma'\) must be >= 0"),
+    ("noise", "0.1",
+     r"noise_augmentation_severity \(config key 'noise'\) must be a finite number, got '0.1'"),
+    ("rotation", 2, r"rotation_augmentation \(config key 'rotation'\) must be 0/1 or true/false, got 2"),
+])
+def test_config_validate_names_field_and_value(field, value, message):
+    config = augment.AugmentationConfig(**{field: value})
+    with pytest.raises(ValueError, match=message):
+        config.validate()
+
+
+def test_config_from_json(tmp_path):
+    path = tmp_path / "aug.json"
+    path.write_text(json.dumps({"noise": 0.05, "rotation": 0}))
+    config = augment.AugmentationConfig.from_json(path)
+    assert config.noise == 0.05 and config.rotation is False
+    assert config.jitter == 0.1 and config.reflection is True  # missing keys keep defaults
+    round_trip = tmp_path / "round.json"
+    round_trip.write_text(json.dumps(config.to_dict()))
+    assert augment.AugmentationConfig.from_json(round_trip) == config
+
+    path.write_text(json.dumps({"noise": 0.05, "sharpen": 1}))
+    with pytest.raises(ValueError, match=r"unknown keys \['sharpen'\]; valid keys are \['reflection'"):
+        augment.AugmentationConfig.from_json(path)
+    path.write_text("{noise: 0.1")
+    with pytest.raises(ValueError, match="aug.json is not valid JSON"):
+        augment.AugmentationConfig.from_json(path)
+    path.write_text("[0.1]")
+    with pytest.raises(ValueError, match="must hold a JSON object, got list"):
+        augment.AugmentationConfig.from_json(path)
+    path.write_text(json.dumps({"scale": 1.2}))
+    with pytest.raises(ValueError, match=r"aug.json: scale_augmentation_severity .* got 1.2"):
+        augment.AugmentationConfig.from_json(path)
+    with pytest.raises(ValueError, match="cannot read augmentation config .*missing.json"):
+        augment.AugmentationConfig.from_json(tmp_path / "missing.json")
+
+
+def test_cli_precedence_defaults_json_flags(tmp_path):
+    parser = augment.add_augmentation_arguments(argparse.ArgumentParser())
+    assert augment.augmentation_config_from_args(parser.parse_args([])) == augment.AugmentationConfig()
+
+    path = tmp_path / "aug.json"
+    path.write_text(json.dumps({"noise": 0.05, "scale": 0.2, "reflection": False}))
+    args = parser.parse_args(["--augmentation_config", str(path), "--scale_augmentation_severity", "0.3",
+                              "--rotation_augmentation", "0", "--blur_augmentation_max_sigma", "1.5",
+                              "--intensity_augmentation_severity", "0.1"])
+    config = augment.augmentation_config_from_args(args)
+    assert config == augment.AugmentationConfig(reflection=False, rotation=False, jitter=0.1, noise=0.05,
+                                                 scale=0.3, blur_max_sigma=1.5, intensity=0.1)
+
+    args = parser.parse_args(["--jitter_augmentation_severity", "1.5"])
+    with pytest.raises(ValueError, match=r"jitter_augmentation_severity .* got 1.5"):
+        augment.augmentation_config_from_args(args)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--reflection_augmentation", "2"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# z-score
+# ---------------------------------------------------------------------------------------------------
+
+def test_zscore_per_channel_unit_std_and_guards():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.integers(0, 60000, (32, 32)), np.full((32, 32), 777),
+                      rng.integers(0, 10, (32, 32))], axis=-1).astype(np.uint16)
+    out = augment.zscore_normalize(image)
+    assert out.dtype == np.float32 and out.shape == image.shape
+    np.testing.assert_allclose(out[..., [0, 2]].mean(axis=(0, 1)), 0, atol=1e-5)
+    np.testing.assert_allclose(out[..., [0, 2]].std(axis=(0, 1)), 1, atol=1e-4)
+    np.testing.assert_array_equal(out[..., 1], 0)  # constant channel -> zeros, not NaN
+
+    np.testing.assert_array_equal(augment.zscore_normalize(np.full((8, 8), 5.5, np.float32)), 0)
+    tiny = rng.normal(3.0, 0.01, (32, 32)).astype(np.float32)
+    out = augment.zscore_normalize(tiny)
+    assert out.shape == (32, 32)
+    np.testing.assert_allclose(out.std(), 1.0, atol=1e-3)  # small std is amplified, not clamped
+    np.testing.assert_allclose(out.mean(), 0.0, atol=1e-3)
+    with pytest.raises(ValueError, match=r"got shape \(4,\)"):
+        augment.zscore_normalize(np.zeros(4))
