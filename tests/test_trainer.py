@@ -1,0 +1,351 @@
+"""The trainer: metrics, losses, flag validation, and real runs of train_unet.py / train_segnet.py
+(subprocesses on two logical CPU towers: early stopping, --max_epochs, resume, NaN, SIGTERM,
+transfer learning, end to end on nist_colonies)."""
+import csv
+import json
+import math
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import metrics
+import trainer
+from conftest import make_synthetic_db
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TINY = ["--batch_size", "2", "--tile_size", "32", "--base_filters", "2", "--cpu_towers", "2",
+        "--log_every_n_steps", "1"]
+
+
+def run_trainer(model, args, timeout=240):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run([sys.executable, f"train_{model}.py", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dbs")
+    make_synthetic_db(root / "train", num_records=12, shape=(64, 64), seed=0)
+    make_synthetic_db(root / "test", num_records=3, shape=(64, 64), seed=1)
+    return ["--train_database", root / "train", "--test_database", root / "test"]
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.py and the losses (no training)
+# ---------------------------------------------------------------------------------------------
+
+def test_metrics_from_a_hand_computed_confusion_matrix():
+    labels = np.array([[0, 0, 1, 1], [2, 2, -1, 1]])
+    predictions = np.array([[0, 1, 1, 1], [2, 0, 0, 0]])
+    confusion = metrics.confusion_matrix(labels, predictions, 3)
+    # rows true, columns predicted; the -1 pixel is ignored
+    np.testing.assert_array_equal(confusion, [[1, 1, 0], [1, 2, 0], [1, 0, 1]])
+    assert metrics.pixel_accuracy(confusion) == pytest.approx(4 / 7)
+    np.testing.assert_allclose(metrics.per_class_iou(confusion), [1 / 4, 2 / 4, 1 / 2])
+    np.testing.assert_allclose(metrics.per_class_dice(confusion), [2 / 5, 4 / 6, 2 / 3])
+    assert metrics.mean_iou(confusion) == pytest.approx((1 / 4 + 2 / 4 + 1 / 2) / 3)
+    absent = metrics.per_class_iou(np.array([[3, 0], [0, 0]]))
+    assert absent[0] == 1.0 and math.isnan(absent[1])
+    row = metrics.summarize(confusion)
+    assert list(row) == ["pixel_accuracy", "iou_0", "iou_1", "iou_2", "dice_0", "dice_1", "dice_2", "mean_iou"]
+
+
+def test_per_image_loss_ignores_masked_pixels():
+    import tensorflow as tf
+
+    masks = np.zeros((2, 4, 4), np.int32)
+    masks[0, :2] = 1                      # 8 foreground pixels
+    masks[0, 3] = -1                      # 4 ignored pixels
+    masks[1] = -1                         # a fully ignored (padding) image
+    logits = np.zeros((2, 4, 4, 2), np.float32)
+    logits[0, 3] = [100.0, -100.0]        # huge loss on ignored pixels must not count
+    ce = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "ce", 2).numpy()
+    np.testing.assert_allclose(ce, [math.log(2), 0.0], rtol=1e-6)
+    dice = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "dice", 2).numpy()
+    # probabilities 0.5 on the 12 valid pixels: intersection 4, prob sum 6, label sum 8
+    np.testing.assert_allclose(dice[0], 1 - (2 * 4 + 1) / (6 + 8 + 1), rtol=1e-6)
+    both = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "ce+dice", 2).numpy()
+    np.testing.assert_allclose(both, ce + dice, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags and validation
+# ---------------------------------------------------------------------------------------------
+
+def test_parser_has_every_flag_with_help():
+    parser = trainer.build_parser("unet")
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for flag in ["--train_database", "--test_database", "--output_dir", "--batch_size", "--number_classes",
+                 "--tile_size", "--learning_rate", "--test_every_n_steps", "--early_stopping",
+                 "--gradient_update_location", "--restore_checkpoint_filepath", "--reader_count",
+                 "--use_augmentation", "--balance_classes", "--seed", "--base_filters", "--max_epochs",
+                 "--gpus", "--cpu_towers", "--mixed_precision", "--xla", "--loss",
+                 "--augmentation_config", "--noise_augmentation_severity"]:
+        assert flag in flags
+    assert all(action.help for action in parser._actions)
+    args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c",
+                              "--noise_augmentation_severity", "0.3", "--use_augmentation", "0"])
+    config = trainer.config_from_args("unet", args)
+    assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
+    assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-4, 10)
+
+
+def test_validate_config_messages(tmp_path):
+    import records
+
+    make_synthetic_db(tmp_path / "four", num_records=3, shape=(32, 32), number_classes=4, seed=0)
+    meta = records.read_metadata(str(tmp_path / "four"))
+    config = trainer.TrainConfig("unet", str(tmp_path / "four"), str(tmp_path / "four"), str(tmp_path / "o"),
+                                 tile_size=32)
+    with pytest.raises(trainer.ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 1, 2, 3\]"):
+        trainer.validate_config(config, meta, meta)
+    config.number_classes = 4
+    trainer.validate_config(config, meta, meta)
+    config.tile_size = 64
+    with pytest.raises(trainer.ConfigError, match=r"as small as 32 px, smaller than --tile_size 64"):
+        trainer.validate_config(config, meta, meta)
+    config.tile_size = 24
+    with pytest.raises(trainer.ConfigError, match=r"--tile_size 24.*16"):
+        trainer.validate_config(config, meta, meta)
+    config.tile_size, config.model = 32, "segnet"
+    trainer.validate_config(config, meta, meta)
+    config.batch_size = 0
+    with pytest.raises(trainer.ConfigError, match=r"--batch_size 0: expected an integer >= 1"):
+        trainer.validate_config(config, meta, meta)
+    with pytest.raises(trainer.ConfigError, match=r"--train_database .*missing.*not an LMDB database"):
+        trainer.read_database_metadata(str(tmp_path / "missing"), "train")
+    with pytest.raises(trainer.ConfigError, match="no checkpoint there"):
+        trainer.find_checkpoint(str(tmp_path))
+
+
+def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path):
+    result = run_trainer("unet", ["--train_database", tmp_path / "nowhere", *dbs[2:], "--output_dir", tmp_path / "o"])
+    assert result.returncode == 2
+    assert f"--train_database {tmp_path / 'nowhere'}" in result.stderr and "not an LMDB database" in result.stderr
+    result = run_trainer("unet", [*dbs, "--output_dir", tmp_path / "o", "--loss", "focal"])
+    assert result.returncode == 2 and "invalid choice: 'focal'" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs
+# ---------------------------------------------------------------------------------------------
+
+def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path):
+    out = tmp_path / "run"
+    common = [*dbs, *TINY, "--output_dir", out, "--test_every_n_steps", 3, "--batch_norm", 0]
+    first = run_trainer("unet", [*common, "--max_epochs", 2, "--learning_rate", 1e-3])
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "effective batch: 2 per tower x 2 tower(s) x 1 worker(s) = 4" in first.stdout
+    assert "--max_epochs reached" in first.stdout
+    assert [r["epoch"] for r in read_csv(out / "test_metrics.csv")] == ["1", "2"]
+    state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["step"] == 6 and len(state["history"]) == 2
+
+    # Resume with a learning rate of 0: the test loss stays flat, so early stopping fires after
+    # 2 epochs without improvement, counted from the restored history.
+    second = run_trainer("unet", [*common, "--learning_rate", 0, "--early_stopping", 2, "--max_epochs", 20,
+                                  "--restore_checkpoint_filepath", out])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "step 6, epoch 2" in second.stdout
+    assert "early stopping" in second.stdout
+    tests = read_csv(out / "test_metrics.csv")
+    steps = [int(r["step"]) for r in read_csv(out / "train_loss.csv")]
+    assert steps == list(range(1, 3 * len(tests) + 1))
+    assert [(int(r["epoch"]), int(r["step"])) for r in tests] == [(e, 3 * e) for e in range(1, len(tests) + 1)]
+    losses = [float(r["loss"]) for r in tests]
+    assert len(set(losses[1:])) == 1                  # weights frozen since epoch 2
+    improvements_left = 1 if losses[1] < losses[0] else 0
+    assert len(tests) == 2 + 1 + improvements_left    # stopped as soon as 2 epochs failed to improve
+    state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["step"] == steps[-1] and state["epochs_without_improvement"] == 2
+
+    # A diverging run stops with a clear message and leaves the last good checkpoint alone.
+    third = run_trainer("unet", [*common, "--max_epochs", 20, "--learning_rate", 1e12,
+                                 "--restore_checkpoint_filepath", out])
+    assert third.returncode == 1
+    assert "the training loss became" in third.stderr and f"(step {steps[-1]})" in third.stderr
+    assert json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"] == steps[-1]
+
+
+def _children(pid):
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def _alive(pid):
+    try:
+        status = pathlib.Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "State:\tZ" not in status
+
+
+def _start_training_until_first_step(out, dbs, stderr):
+    """Popen a long training run and return it once it printed its first step line."""
+    process = subprocess.Popen(
+        [sys.executable, "train_unet.py", *map(str, dbs), *TINY, "--output_dir", str(out),
+         "--test_every_n_steps", "100000"],
+        cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE, stderr=stderr,
+        text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = process.stdout.readline()
+        if (line.startswith("step") and "loss" in line) or not line:
+            break
+    return process
+
+
+def test_reader_crash_stops_training_with_exit_1(dbs, tmp_path):
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = _start_training_until_first_step(tmp_path / "crash", dbs, stderr)
+        workers = [pid for pid in _children(process.pid)
+                   if b"resource_tracker" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert workers, "the trainer should run reader processes"
+        os.kill(workers[0], signal.SIGKILL)
+        process.communicate(timeout=120)
+    message = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 1, message[-3000:]
+    assert "an image reader failed" in message and f"pid {workers[0]}" in message
+
+
+def test_sigterm_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path):
+    out = tmp_path / "sig"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = _start_training_until_first_step(out, dbs, stderr)
+        readers = _children(process.pid)
+        assert readers, "the trainer should run reader processes"
+        process.send_signal(signal.SIGTERM)
+        remaining, _ = process.communicate(timeout=120)
+    assert process.returncode == 143, (tmp_path / "stderr.txt").read_text()[-3000:]
+    assert "SIGTERM" in remaining and "resume with --restore_checkpoint_filepath" in remaining
+    deadline = time.time() + 10
+    while any(_alive(pid) for pid in readers) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(pid) for pid in readers)
+    state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["step"] >= 1 and state["epoch"] == 0
+    assert not (out / "model.keras").exists()
+
+    # The checkpoint restores into a 3-class model: everything but the logits layer.
+    # (tile 64 = the record size, so each test record is one tile, normalised as a whole below)
+    transfer = run_trainer("unet", [*dbs, *TINY, "--tile_size", 64, "--output_dir", tmp_path / "three",
+                                    "--number_classes", 3, "--test_every_n_steps", 2, "--max_epochs", 1,
+                                    "--restore_checkpoint_filepath", out])
+    assert transfer.returncode == 0, transfer.stderr[-3000:]
+    assert "transfer learning from" in transfer.stdout and "(2 -> 3 classes)" in transfer.stdout
+    assert "not restored (fresh weights): logits;" in transfer.stdout
+    rows = read_csv(tmp_path / "three" / "test_metrics.csv")
+    assert [r["step"] for r in rows] == ["2"] and "iou_2" in rows[0]
+
+    # The logged test loss is exact: the mean cross-entropy over every pixel of every test record,
+    # recomputed here with the exported model (3 records over 2 towers x batch 2: one padded batch).
+    import augment
+    import keras
+    import models  # noqa: F401  registers the custom layers
+    import records
+    model = keras.saving.load_model(tmp_path / "three" / "model.keras")
+    env = records.open_database(str(dbs[3]))
+    total, pixels = 0.0, 0
+    with env.begin() as txn:
+        for index in range(3):
+            image, mask = records.decode_record(txn.get(records.record_key(index)))
+            logits = model.predict(augment.zscore_normalize(image)[None], verbose=0)[0].astype(np.float64)
+            log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+                - logits.max(-1, keepdims=True)
+            total -= np.take_along_axis(log_probs, mask[..., None].astype(np.int64), -1).sum()
+            pixels += mask.size
+    env.close()
+    assert float(rows[0]["loss"]) == pytest.approx(total / pixels, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on the real data
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def nist_dbs(nist_dir, tmp_path):
+    import records
+    import tifffile
+
+    names = sorted(p.name for p in (nist_dir / "images").glob("*.tif"))[:30]
+    root = tmp_path / "nist"
+
+    def pairs(subset):
+        for name in subset:
+            mask = tifffile.imread(nist_dir / "masks" / name)
+            yield tifffile.imread(nist_dir / "images" / name), mask, {"image": name, "mask": name}
+
+    for split, subset in (("train", names[:24]), ("test", names[24:])):
+        records.write_database(str(root / split), pairs(subset),
+                               {"split": split, "split_seed": 0, "train_fraction": 0.8})
+    return ["--train_database", root / "train", "--test_database", root / "test"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["unet", "segnet"])
+def test_end_to_end_on_nist_colonies(model, nist_dbs, tmp_path):
+    out = tmp_path / model
+    result = run_trainer(model, [*nist_dbs, "--output_dir", out, "--batch_size", 2, "--cpu_towers", 2,
+                                 "--tile_size", 64, "--base_filters", 4, "--test_every_n_steps", 15,
+                                 "--max_epochs", 3, "--learning_rate", 3e-3, "--log_every_n_steps", 5],
+                         timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model"], config["number_classes"], config["tile_size"], config["input_channels"],
+            config["base_filters"], config["batch_norm"], config["effective_batch"]) == (model, 2, 64, 1, 4, True, 4)
+
+    train_rows = read_csv(out / "train_loss.csv")
+    assert list(train_rows[0]) == ["step", "loss", "step_time_s", "images_per_s"] and len(train_rows) == 45
+    losses = [float(r["loss"]) for r in train_rows]
+    assert np.mean(losses[-10:]) < np.mean(losses[:10])
+    test_rows = read_csv(out / "test_metrics.csv")
+    assert list(test_rows[0]) == ["epoch", "step", "loss", "pixel_accuracy", "iou_0", "iou_1", "dice_0", "dice_1",
+                                  "mean_iou", "starvation_s", "wall_time_s"]
+    assert [r["epoch"] for r in test_rows] == ["1", "2", "3"]
+    if model == "unet":
+        # (SegNet's test loss can rise this early: its deeper BN layers' moving statistics lag
+        # far behind after 45 steps, so only its training loss is checked.)
+        assert min(float(r["loss"]) for r in test_rows[1:]) < float(test_rows[0]["loss"])
+    assert all(0 <= float(r["pixel_accuracy"]) <= 1 for r in test_rows)
+
+    for plot in ("loss.png", "metrics.png"):
+        assert (out / "plots" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in ("latest", "best"):
+        folder = out / "checkpoints" / name
+        assert sorted(p.name for p in folder.iterdir()) == sorted(trainer.CHECKPOINT_FILES)
+        json.loads((folder / "state.json").read_text())
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+
+    import tensorflow as tf
+    tags = set()
+    for event_file in (out / "tensorboard").glob("events.out.tfevents.*"):
+        for event in tf.compat.v1.train.summary_iterator(str(event_file)):
+            tags.update(value.tag for value in event.summary.value)
+    assert {"train/loss", "test/loss", "test/mean_iou", "test/image", "test/predicted_mask",
+            "test/true_mask"} <= tags
+
+    import keras
+    import models  # noqa: F401  registers the custom layers
+    exported = keras.saving.load_model(out / "model.keras")
+    assert exported.predict(np.zeros((1, 64, 96, 1), np.float32), verbose=0).shape == (1, 64, 96, 2)
+    assert str(out / "model.keras") in result.stdout

@@ -1,0 +1,12 @@
+"""Train a SegNet (see trainer.py for the loop and `python train_segnet.py --help` for the flags)."""
+import sys
+
+import trainer
+
+
+def main(argv=None):
+    return trainer.main("segnet", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
