@@ -1,0 +1,320 @@
+"""ImageReader: real LMDBs in tmp_path, real worker processes."""
+import collections
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+
+import records
+from conftest import make_synthetic_db
+from imagereader import SHM_PREFIX, ImageReader, ImageReaderError
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _identity_db(path, num_records, shape):
+    """A database whose mask pixels are unique across the database: record * H * W + y * W + x."""
+    h, w = shape
+
+    def pairs():
+        for i in range(num_records):
+            mask = (i * h * w + np.arange(h * w, dtype=np.int32)).reshape(h, w)
+            image = np.random.default_rng(i).integers(0, 4000, size=(h, w, 1)).astype(np.uint16)
+            yield image, mask, {"image": f"{i}.tif", "mask": f"{i}.tif"}
+
+    records.write_database(str(path), pairs(), {"split": "test", "split_seed": 0, "train_fraction": 0.0})
+    return str(path)
+
+
+def _gone(pid):
+    """True when the process no longer exists (a zombie waiting for an absent reaper counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def _segments(pid=None):
+    prefix = SHM_PREFIX if pid is None else f"{SHM_PREFIX}{pid}_"
+    return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
+
+
+def _assert_nothing_left(pids):
+    assert pids and all(_gone(pid) for pid in pids), [p for p in pids if not _gone(p)]
+    assert _segments(os.getpid()) == []
+
+
+def test_train_batches_shapes_dtypes_and_normalisation(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=6, shape=(64, 64), channels=2)
+    with ImageReader(str(tmp_path / "db"), batch_size=4, tile_size=32, num_workers=2) as reader:
+        assert reader.get_image_size() == (32, 32, 2)
+        assert reader.get_epoch_size() == 6
+        for _ in range(3):
+            images, masks = reader.get_batch(timeout=30)
+            assert images.shape == (4, 32, 32, 2) and images.dtype == np.float32
+            assert masks.shape == (4, 32, 32) and masks.dtype == np.int32
+            assert set(np.unique(masks)) <= {0, 1}
+            np.testing.assert_allclose(images.mean(axis=(1, 2)), 0, atol=1e-3)
+            np.testing.assert_allclose(images.std(axis=(1, 2)), 1, atol=1e-2)
+
+
+def test_train_crops_stay_aligned_with_masks(tmp_path):
+    # Synthetic images are 1000 * label + noise: after normalisation, class-1 pixels stay brighter.
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(64, 64))
+    with ImageReader(str(tmp_path / "db"), 8, use_augmentation=False, tile_size=32) as reader:
+        images, masks = reader.get_batch(timeout=30)
+    for image, mask in zip(images[..., 0], masks):
+        if 0 < mask.mean() < 1:
+            assert image[mask == 1].min() > image[mask == 0].max()
+
+
+@pytest.mark.parametrize("num_workers", [1, 2, 3])
+def test_test_pass_covers_every_record_once(tmp_path, num_workers):
+    db = _identity_db(tmp_path / "db", num_records=7, shape=(16, 16))
+    with ImageReader(db, batch_size=3, shuffle=False, num_workers=num_workers) as reader:
+        assert reader.get_test_batch_count() == 3
+        passes = []
+        for _ in range(2):
+            batches = list(reader.generator())
+            assert len(batches) == 3
+            passes.append(batches)
+        assert reader.get_batch(timeout=30) is not None  # a third pass starts after the None
+    # Passes are identical: fixed order, and test mode never augments (use_augmentation is on here).
+    for (a_img, a_mask), (b_img, b_mask) in zip(*passes):
+        np.testing.assert_array_equal(a_img, b_img)
+        np.testing.assert_array_equal(a_mask, b_mask)
+    first = np.concatenate([m for _, m in passes[0]])
+    valid = first[first >= 0]
+    np.testing.assert_array_equal(np.sort(valid), np.arange(7 * 16 * 16))
+    # The last batch holds one record and two padded images masked out entirely.
+    assert (first[7:] == -1).all()
+    assert (batches[-1][0][1:] == 0).all()
+    # Records come in database order, so test metrics are reproducible.
+    np.testing.assert_array_equal(first[:7, 0, 0], np.arange(7) * 256)
+
+
+def test_test_tiles_count_each_pixel_once(tmp_path):
+    db = _identity_db(tmp_path / "db", num_records=3, shape=(40, 36))
+    with ImageReader(db, batch_size=4, shuffle=False, num_workers=2, tile_size=16) as reader:
+        # 3 tile rows (0, 16, 24) x 3 tile columns (0, 16, 20) per record.
+        assert reader.get_test_batch_count() == 7
+        masks = np.concatenate([m for _, m in reader.generator()])
+    assert masks.shape == (28, 16, 16)
+    valid = masks[masks >= 0]
+    np.testing.assert_array_equal(np.sort(valid), np.arange(3 * 40 * 36))
+
+
+def test_shards_split_test_records(tmp_path):
+    db = _identity_db(tmp_path / "db", num_records=5, shape=(8, 8))
+    seen = []
+    for shard in range(2):
+        with ImageReader(db, 2, shuffle=False, shard_index=shard, shard_count=2) as reader:
+            assert reader.get_epoch_size() == (3, 2)[shard]
+            seen.extend(np.unique(m[m >= 0] // 64).tolist() for _, m in reader.generator())
+    assert sorted(r for batch in seen for r in batch) == [0, 1, 2, 3, 4]
+
+
+def _first_batches(db, seed, count=4):
+    with ImageReader(db, 4, num_workers=2, tile_size=24, seed=seed) as reader:
+        return [reader.get_batch(timeout=30) for _ in range(count)]
+
+
+def test_same_seed_same_batches(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=8, shape=(32, 32))
+    db = str(tmp_path / "db")
+    first, again, other = _first_batches(db, 3), _first_batches(db, 3), _first_batches(db, 4)
+    for (a_img, a_mask), (b_img, b_mask) in zip(first, again):
+        np.testing.assert_array_equal(a_img, b_img)
+        np.testing.assert_array_equal(a_mask, b_mask)
+    assert not all(np.array_equal(a[0], b[0]) for a, b in zip(first, other))
+
+
+def test_balance_classes_moves_toward_uniform(tmp_path):
+    # 20 records, only 2 of them hold class 1.
+    def pairs():
+        for i in range(20):
+            mask = np.zeros((16, 16), np.uint8)
+            if i < 2:
+                mask[4:12, 4:12] = 1
+            yield np.full((16, 16, 1), 100 + i, np.uint16), mask, {"image": f"{i}", "mask": f"{i}"}
+
+    records.write_database(str(tmp_path / "db"), pairs(), {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+
+    def fraction_with_class_1(balance):
+        with ImageReader(str(tmp_path / "db"), 8, use_augmentation=False, balance_classes=balance,
+                         num_workers=2) as reader:
+            masks = np.concatenate([reader.get_batch(timeout=30)[1] for _ in range(30)])
+        return (masks == 1).any(axis=(1, 2)).mean()
+
+    plain, balanced = fraction_with_class_1(False), fraction_with_class_1(True)
+    assert plain == pytest.approx(0.1, abs=0.05)  # 2 of 20 records, each epoch a permutation
+    assert balanced == pytest.approx(0.55, abs=0.12)  # half the draws pick class 1, then 2/20 of the rest
+
+
+def test_worker_exception_surfaces_with_traceback(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(16, 16))
+    import lmdb
+
+    env = lmdb.open(str(tmp_path / "db"))
+    with env.begin(write=True) as txn:
+        txn.put(records.record_key(2), b"not a record")
+    env.close()
+    reader = ImageReader(str(tmp_path / "db"), 4, shuffle=False, num_workers=2)
+    reader.startup()
+    pids = reader.worker_pids
+    with pytest.raises(ImageReaderError, match="RecordFormatError") as info:
+        for _ in range(3):
+            reader.get_batch(timeout=30)
+    assert "decode_record" in info.value.worker_traceback
+    _assert_nothing_left(pids)  # the reader shut itself down before raising
+    reader.shutdown()
+
+
+def test_killed_worker_is_detected(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(16, 16))
+    with ImageReader(str(tmp_path / "db"), 2, num_workers=2) as reader:
+        reader.get_batch(timeout=30)
+        pids = reader.worker_pids
+        os.kill(pids[1], signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(ImageReaderError, match="SIGKILL"):
+            while time.monotonic() - start < 30:
+                reader.get_batch(timeout=30)
+        assert time.monotonic() - start < 5
+    _assert_nothing_left(pids)
+
+
+def test_shutdown_with_full_queue_is_quick_and_clean(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(16, 16))
+    reader = ImageReader(str(tmp_path / "db"), 2, num_workers=2, queue_size=4)
+    reader.startup()
+    reader.get_batch(timeout=30)
+    deadline = time.monotonic() + 30
+    while reader.get_queue_size() < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reader.get_queue_size() == 4  # every worker is now blocked waiting for a free slot
+    pids = reader.worker_pids
+    assert len(_segments(os.getpid())) == 1
+    start = time.monotonic()
+    reader.shutdown()
+    assert time.monotonic() - start < 3
+    _assert_nothing_left(pids)
+    reader.shutdown()  # idempotent
+
+
+def test_exception_in_with_block_leaves_nothing(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(16, 16))
+    with pytest.raises(KeyError):
+        with ImageReader(str(tmp_path / "db"), 2, num_workers=2) as reader:
+            pids = reader.worker_pids
+            reader.get_batch(timeout=30)
+            raise KeyError("boom")
+    _assert_nothing_left(pids)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_parent_leaves_no_workers_or_shared_memory(tmp_path, signum):
+    # SIGTERM kills the parent without running atexit: the orphaned workers must notice and the
+    # resource tracker frees the segment. SIGINT goes to the whole process group, as Ctrl-C in a
+    # terminal does: the parent's KeyboardInterrupt runs the atexit shutdown, the workers ignore it.
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(32, 32))
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from imagereader import ImageReader
+        reader = ImageReader({str(tmp_path / "db")!r}, 2, num_workers=2)
+        reader.startup()
+        reader.get_batch(timeout=30)
+        print(json.dumps({{"pid": os.getpid(), "workers": reader.worker_pids}}), flush=True)
+        while True:
+            reader.get_batch(timeout=30)
+    """))
+    # stderr to a file: orphaned workers that failed to exit would hold a pipe open forever.
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  start_new_session=True)
+    info = {"workers": []}
+    try:
+        line = parent.stdout.readline()
+        while line.startswith("Input Queue Starvation"):
+            line = parent.stdout.readline()
+        info = json.loads(line)
+        assert len(_segments(info["pid"])) == 1
+        if signum == signal.SIGINT:
+            os.killpg(parent.pid, signum)
+        else:
+            parent.send_signal(signum)
+        assert parent.wait(timeout=10) == -signum
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not (all(map(_gone, info["workers"])) and not _segments(info["pid"])):
+            time.sleep(0.1)
+        assert all(map(_gone, info["workers"]))
+        assert _segments(info["pid"]) == []
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+        for pid in info["workers"]:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_workers_do_not_rerun_the_main_script(tmp_path):
+    # A spawned child normally re-imports the parent's __main__ script: for train_unet.py that
+    # would mean importing TensorFlow in every worker.
+    make_synthetic_db(tmp_path / "db", num_records=2, shape=(16, 16))
+    marker = tmp_path / "imported_by.txt"
+    script = tmp_path / "main_script.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        with open({str(marker)!r}, "a") as f:
+            f.write(f"{{os.getpid()}}\\n")
+        from imagereader import ImageReader
+
+        if __name__ == "__main__":
+            with ImageReader({str(tmp_path / "db")!r}, 2, num_workers=2) as reader:
+                reader.get_batch(timeout=30)
+                print(os.getpid(), *reader.worker_pids)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    parent_pid = result.stdout.split()[-3]
+    assert marker.read_text().split() == [parent_pid]
+
+
+def test_starvation_messages(tmp_path, capsys):
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(16, 16))
+    with ImageReader(str(tmp_path / "db"), 2, num_workers=1, queue_size=4) as reader:
+        reader.get_batch(timeout=30)  # empty queue at the first call: starving
+        reader.get_batch(timeout=30)
+        deadline = time.monotonic() + 30
+        while reader.get_queue_size() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reader.get_batch(timeout=30)  # full again: over
+        assert reader.starvation_seconds > 0
+    lines = capsys.readouterr().out.splitlines()
+    assert collections.Counter(lines) == {"Input Queue Starvation !!!!": 1, "Input Queue Starvation Over": 1}
+    assert lines.index("Input Queue Starvation !!!!") < lines.index("Input Queue Starvation Over")
+
+
+def test_bad_arguments_are_reported(tmp_path):
+    make_synthetic_db(tmp_path / "db", num_records=2, shape=(16, 16))
+    with pytest.raises(ValueError, match=r"db: record 0 is 16x16, smaller than tile_size 32"):
+        ImageReader(str(tmp_path / "db"), 2, tile_size=32)
+    with pytest.raises(ValueError, match="batch_size"):
+        ImageReader(str(tmp_path / "db"), 0)
+    with pytest.raises(FileNotFoundError, match="missing"):
+        ImageReader(str(tmp_path / "missing"), 2)
+    with pytest.raises(RuntimeError, match="startup"):
+        ImageReader(str(tmp_path / "db"), 2).get_batch()
