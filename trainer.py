@@ -986,7 +986,7 @@ def _make_readers(config, towers, info, start_step):
             balance_classes=config.balance_classes, shuffle=True, augmentation=augmentation, seed=seed, **common)
         test_reader = imagereader.ImageReader(
             config.test_database, config.batch_size, use_augmentation=False, shuffle=False, seed=config.seed, **common)
-    except ValueError as error:
+    except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
     return train_reader, test_reader
 
