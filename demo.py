@@ -2,7 +2,8 @@
 
     python demo.py [--output_dir demo_output] [--seed 0] [--quick]
 
-On the CPU, in about 6-9 minutes on two cores (``--quick``: well under a minute, for tests):
+On the CPU, in about 4 minutes on two idle cores, 6-9 when they are busy (``--quick``: well
+under a minute, for tests):
   1. generate_data: write 48 synthetic 256 x 256 uint16 images and their masks (0 background,
      1 colony, 2 cell) into OUTPUT/data (skipped when a complete set is already there).
   2. build_databases: turn them into OUTPUT/train-demo.lmdb and OUTPUT/test-demo.lmdb.
@@ -54,8 +55,8 @@ class DemoConfig:
     num_images: int = 48
     image_size: int = 256
     # 128 px crops of the 256 px images: four times the steps per minute of full images. The test
-    # metrics still jump between epochs at this learning rate (no decay); 550 steps (~6 minutes on
-    # two busy cores) reach a test loss near 0.1 and Dice > 0.9 for both object classes.
+    # metrics still jump between epochs at this learning rate (no decay); 550 steps (3.5 minutes on two
+    # idle cores, ~6 on busy ones) reach a test loss near 0.1 and Dice > 0.9 for both object classes.
     tile_size: int = 128
     base_filters: int = 16
     batch_size: int = 4  # per tower
@@ -142,12 +143,15 @@ def _check_existing_data(config, image_folder, mask_folder):
     images = sorted(os.listdir(image_folder)) if os.path.isdir(image_folder) else []
     masks = sorted(os.listdir(mask_folder)) if os.path.isdir(mask_folder) else []
     expected = f"{config.num_images} images of {config.image_size}x{config.image_size}"
-    found = f"{len(images)} images and {len(masks)} masks"
-    if len(images) == config.num_images and images == masks:
-        shape = tifffile.imread(os.path.join(image_folder, images[0])).shape
-        if shape == (config.image_size, config.image_size):
+    found = f"{len(images)} images"
+    if images:
+        height, width = tifffile.imread(os.path.join(image_folder, images[0])).shape[:2]
+        found = f"{len(images)} images of {height}x{width}"
+        if (images == masks and len(images) == config.num_images
+                and (height, width) == (config.image_size, config.image_size)):
             return
-        found = f"{len(images)} images of {shape[0]}x{shape[1]}"
+    if images != masks:
+        found += f" and {len(masks)} masks that do not match them by name"
     raise DemoError(f"{config.data_dir} holds {found}, expected {expected} (made by an earlier run "
                     f"with other settings?); delete {config.data_dir} or choose another --output_dir")
 
@@ -427,7 +431,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Run the whole tool on a synthetic dataset: generate it, build the LMDBs, train a "
                     "small UNet on two CPU towers, segment the test images and draw a figure "
-                    "(about 6-9 minutes on two CPU cores).")
+                    "(4-9 minutes on two CPU cores).")
     parser.add_argument("--output_dir", default="demo_output",
                         help="folder for the demo data and everything built from it (default demo_output)")
     parser.add_argument("--seed", type=int, default=0,
