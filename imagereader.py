@@ -313,7 +313,7 @@ class ImageReader:
             # daemon: multiprocessing's own exit handler terminates them should everything else fail.
             self._processes.append(ctx.Process(target=_worker_main, name=f"ImageReader-{worker_id}",
                                                args=(spec, free, ready, self._errors), daemon=True))
-        with _main_module_hidden():
+        with _main_module_hidden(), _worker_malloc_settings():
             for p in self._processes:
                 p.start()
 
@@ -459,6 +459,27 @@ def _main_module_hidden():
         yield
     finally:
         sys.modules["__main__"] = main
+
+
+@contextlib.contextmanager
+def _worker_malloc_settings():
+    """Start workers with glibc malloc keeping large blocks on the heap instead of mmap/munmap.
+
+    Each augmentation allocates and frees several image-sized (256-512 KB) temporaries. With glibc's
+    defaults a fresh process returns them to the kernel and faults them back in on every image:
+    measured 3.2 CPU ms per 256x256 image in a spawned worker vs 2.6 ms with these settings (which
+    also beat the long-running parent, whose thresholds had already adapted). The variables are
+    read by a process at start-up, so they are set only while the workers are spawned; values the
+    user set are kept.
+    """
+    settings = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(128 << 20)}
+    added = [name for name in settings if name not in os.environ]
+    os.environ.update({name: settings[name] for name in added})
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def _slot_views(buffer, slot, slot_bytes, image_bytes, image_shape, mask_shape):
