@@ -1,6 +1,7 @@
 """Shared test fixtures: the real NIST colony data (when present) and small synthetic databases."""
 import os
 import pathlib
+import socket
 
 import numpy as np
 import pytest
@@ -43,3 +44,15 @@ def make_synthetic_db(path, num_records=10, shape=(32, 32), channels=1, dtype=np
 
     return records.write_database(str(path), pairs(),
                                   {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+
+
+def free_ports(count):
+    """Distinct free TCP ports on the loopback interface."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

@@ -3,14 +3,13 @@ training a tiny UNet on the CPU with MultiWorkerMirroredStrategy."""
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import make_synthetic_db
+from conftest import free_ports, make_synthetic_db
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -37,18 +36,6 @@ sys.exit(trainer.main("unet", sys.argv[1:]))
 """
 
 BATCH_SIZE, STEPS_PER_EPOCH, EPOCHS = 2, 3, 2
-
-
-def free_ports(count):
-    """Distinct free TCP ports on the loopback interface."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def read_weights(path):

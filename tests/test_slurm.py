@@ -6,12 +6,13 @@ import os
 import pathlib
 import re
 import shutil
-import socket
 import subprocess
 import time
 
 import numpy as np
 import pytest
+
+from conftest import free_ports
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "launch_train_sbatch.sh"
@@ -75,17 +76,6 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, settings, messag
 # ---------------------------------------------------------------------------------------------
 # The cluster and the data
 # ---------------------------------------------------------------------------------------------
-
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
 
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
