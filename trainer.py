@@ -811,8 +811,10 @@ def _run(c, state, stop):
     starvation_mark = c.train_reader.starvation_seconds
     last_checkpoint = state.step if state.step else None  # a resumed run starts from one
     while True:
-        # ---- train one epoch of steps_per_epoch steps
-        for _ in range(c.steps_per_epoch):
+        # ---- train up to the next multiple of steps_per_epoch: a run resumed from a mid-epoch
+        # (SIGTERM) checkpoint finishes that epoch, so test passes stay at the same steps
+        epoch_end = (state.step // c.steps_per_epoch + 1) * c.steps_per_epoch
+        while state.step < epoch_end:
             if _stop_requested(c, stop):
                 break
             step_start = time.perf_counter()
