@@ -537,14 +537,3 @@ def test_demo_dataset_builds_into_three_classes(tmp_path):
         dataset_name="demo", train_fraction=1.0), show_progress=False)
     counts = result.metadata["train"]["class_pixel_counts"]
     assert len(counts) == 3 and min(counts) > 0 and counts[0] > counts[1] + counts[2]
-
-
-def test_demo_main_generates_then_reuses_data(tmp_path, capsys):
-    import demo
-
-    assert demo.main(["--output_dir", str(tmp_path)]) == 0
-    assert len(os.listdir(tmp_path / "data" / "images")) == 48
-    meta = records.read_metadata(str(tmp_path / "train-demo.lmdb"))
-    assert meta["num_records"] == 38 and meta["image_shape"] == [256, 256, 1]
-    assert demo.main(["--output_dir", str(tmp_path)]) == 0
-    assert "already present" in capsys.readouterr().out
