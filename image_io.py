@@ -1,0 +1,96 @@
+"""Image files in and out: the one reader of image/mask files, the one extension syntax, and the
+one "write to a temporary file beside the target, then rename" helper.
+
+    read_array(path, kind="image"|"mask")   numpy array as stored (TIFF: tifffile; masks: Pillow)
+    parse_extensions("tif,png" | "tif png" | [...])   ("tif", "png")
+    list_files(folder, extensions)           sorted non-hidden files with those extensions
+    atomic_write(path, write)                write(file) to a temporary file, then os.replace
+"""
+import contextlib
+import os
+import pathlib
+
+import numpy as np
+
+TIFF_EXTENSIONS = ("tif", "tiff")
+
+
+class ImageFileError(Exception):
+    """A file that cannot be read as an image or mask; the message starts with its path."""
+
+
+def parse_extensions(extensions):
+    """Lower-case extensions without dots from "tif,png", "tif png", ".TIF" or a list of those.
+
+    Both separators are accepted everywhere (build_lmdb.py took spaces, inference.py commas).
+    """
+    if isinstance(extensions, str):
+        extensions = [extensions]
+    names = []
+    for item in extensions:
+        for part in str(item).replace(",", " ").split():
+            part = part.lower().lstrip(".")
+            if part and part not in names:
+                names.append(part)
+    return tuple(names)
+
+
+def extension_of(path):
+    return os.path.splitext(str(path))[1].lower().lstrip(".")
+
+
+def list_files(folder, extensions):
+    """Sorted files of ``folder`` (not recursive) whose extension is in ``extensions``.
+
+    Hidden files are skipped: they include macOS "._name.tif" resource forks, which are not images.
+    """
+    wanted = set(parse_extensions(extensions))
+    return sorted(p for p in pathlib.Path(folder).iterdir()
+                  if p.is_file() and not p.name.startswith(".") and extension_of(p) in wanted)
+
+
+def read_array(path, kind="image"):
+    """Read an image or mask file into a numpy array, as stored (bool becomes uint8).
+
+    TIFF through tifffile; masks of other formats through Pillow directly, because palette PNG
+    masks hold class ids as palette indices that imageio would turn into RGB colours; other images
+    through imageio. Raises ImageFileError naming the file for any decoder error or an empty result.
+    """
+    ext = extension_of(path)
+    try:
+        if ext in TIFF_EXTENSIONS:
+            import tifffile
+            array = np.asarray(tifffile.imread(path))
+        elif kind == "mask":
+            from PIL import Image
+            with Image.open(path) as img:
+                array = np.array(img)
+        else:
+            import imageio.v3 as iio
+            array = np.asarray(iio.imread(path))
+    except Exception as exc:  # decoders raise many types; all mean "cannot read this file"
+        raise ImageFileError(f"{path}: cannot read {kind} ({type(exc).__name__}: {exc})") from exc
+    if array.size == 0:
+        # tifffile returns an empty array (and only logs a warning) for some damaged files.
+        raise ImageFileError(f"{path}: cannot read {kind}: the file holds no pixels (damaged or empty?)")
+    if array.dtype == bool:
+        array = array.astype(np.uint8)
+    return array
+
+
+def atomic_write(path, write, mode="wb"):
+    """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The rename is atomic within a folder, so ``path`` is always either the old file or the complete
+    new one; the temporary file is removed when writing fails or is interrupted.
+    """
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(temporary, mode) as f:
+            write(f)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
