@@ -1,0 +1,137 @@
+"""Optimizers and learning-rate schedules.
+
+    learning_rate_at(step, ...)      the schedule as a plain function of the step (tests, logs)
+    make_optimizer(settings)         Keras optimizer whose learning rate follows that schedule
+
+The schedule is a function of the optimizer's own step counter (``optimizer.iterations``), which is
+saved in and restored from every checkpoint. A resumed run therefore continues at exactly the
+learning rate an uninterrupted run has at that step: nothing re-derives it from flags or wall time,
+which is how peers get "the LR restarts from warm-up after a resume" bugs.
+"""
+import dataclasses
+import math
+
+SCHEDULES = ("constant", "cosine", "poly")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+POLY_EXPONENT = 0.9  # nnU-Net's poly decay
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSettings:
+    """What make_optimizer needs, as plain values (see train_config for the flags)."""
+    optimizer: str = "adam"
+    learning_rate: float = 1e-4
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    total_steps: int = None  # needed by cosine and poly
+    weight_decay: float = 0.0
+    momentum: float = 0.99
+    nesterov: bool = True
+    mixed_precision: str = None  # None, "float16" or "bfloat16"
+
+
+def learning_rate_at(step, base, schedule="constant", warmup_steps=0, total_steps=None):
+    """Learning rate of the update that follows ``step`` completed steps (step 0 = first update).
+
+    Linear warm-up from base / warmup_steps to base over the first ``warmup_steps`` updates, then
+    constant, cosine decay to 0, or poly decay (1 - t)^0.9 to 0 over the remaining steps up to
+    ``total_steps``; beyond ``total_steps`` the decayed schedules stay at 0.
+    """
+    if step < warmup_steps:
+        return base * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return base
+    span = max(total_steps - warmup_steps, 1)
+    progress = min(max(step - warmup_steps, 0) / span, 1.0)
+    if schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "poly":
+        return base * (1.0 - progress) ** POLY_EXPONENT
+    raise ValueError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
+
+
+def _schedule_class():
+    import keras
+    from keras import ops
+
+    class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
+        """learning_rate_at as a Keras schedule of the optimizer's step counter."""
+
+        def __init__(self, base, schedule, warmup_steps, total_steps):
+            self.base, self.schedule = float(base), schedule
+            self.warmup_steps, self.total_steps = int(warmup_steps), total_steps
+
+        def __call__(self, step):
+            step = ops.cast(step, "float32")
+            base = ops.cast(self.base, "float32")
+            if self.schedule == "constant":
+                decayed = base
+            else:
+                span = float(max((self.total_steps or 1) - self.warmup_steps, 1))
+                progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
+                if self.schedule == "cosine":
+                    decayed = base * 0.5 * (1.0 + ops.cos(math.pi * progress))
+                else:
+                    decayed = base * ops.power(1.0 - progress, POLY_EXPONENT)
+            if self.warmup_steps <= 0:
+                return decayed
+            warm = base * (step + 1.0) / float(self.warmup_steps)
+            return ops.where(step < self.warmup_steps, warm, decayed)
+
+        def get_config(self):
+            return {"base": self.base, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
+                    "total_steps": self.total_steps}
+
+    return WarmupDecay
+
+
+def check_settings(settings):
+    """ValueError naming the flag for settings no optimizer can use."""
+    if settings.optimizer not in OPTIMIZERS:
+        raise ValueError(f"--optimizer {settings.optimizer!r}: expected one of {', '.join(OPTIMIZERS)}")
+    if settings.lr_schedule not in SCHEDULES:
+        raise ValueError(f"--lr_schedule {settings.lr_schedule!r}: expected one of {', '.join(SCHEDULES)}")
+    if settings.warmup_steps < 0:
+        raise ValueError(f"--warmup_steps {settings.warmup_steps}: expected an integer >= 0")
+    if settings.lr_schedule != "constant" and not settings.total_steps:
+        raise ValueError(f"--lr_schedule {settings.lr_schedule} decays over the run, so it needs the run "
+                         "length: give --max_steps, or --max_epochs (x steps per epoch)")
+    if settings.total_steps and settings.warmup_steps >= settings.total_steps:
+        raise ValueError(f"--warmup_steps {settings.warmup_steps} must be smaller than the run length "
+                         f"({settings.total_steps} steps)")
+    if not (settings.weight_decay >= 0 and math.isfinite(settings.weight_decay)):
+        raise ValueError(f"--weight_decay {settings.weight_decay}: expected a finite number >= 0")
+    if settings.weight_decay and settings.optimizer == "adam":
+        raise ValueError("--weight_decay needs --optimizer adamw or sgd (Adam's L2 penalty is not "
+                         "decoupled weight decay; use adamw)")
+    if not 0 <= settings.momentum < 1:
+        raise ValueError(f"--momentum {settings.momentum}: expected a value in [0, 1)")
+
+
+def make_optimizer(settings):
+    """The Keras optimizer of ``settings`` (wrapped in a LossScaleOptimizer for float16)."""
+    import keras
+
+    check_settings(settings)
+    rate = settings.learning_rate
+    if settings.lr_schedule != "constant" or settings.warmup_steps:
+        rate = _schedule_class()(settings.learning_rate, settings.lr_schedule, settings.warmup_steps,
+                                 settings.total_steps)
+    if settings.optimizer == "adam":
+        optimizer = keras.optimizers.Adam(learning_rate=rate)
+    elif settings.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=settings.weight_decay)
+    else:
+        optimizer = keras.optimizers.SGD(learning_rate=rate, momentum=settings.momentum,
+                                         nesterov=settings.nesterov,
+                                         weight_decay=settings.weight_decay or None)
+    if settings.mixed_precision == "float16":
+        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+    return optimizer
+
+
+def current_learning_rate(optimizer):
+    """The learning rate the next update of ``optimizer`` uses, as a float."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    rate = inner.learning_rate
+    return float(rate(inner.iterations) if callable(rate) else rate)
