@@ -642,7 +642,10 @@ def build_databases(config, show_progress=None, warn=_print_warning):
                     new_path, items, cache, config, image_dtype, mask_dtype, fields, progress,
                     tile=split == "train", keep_cached=config.folds is not None)
             except records.NoSpaceError as exc:
-                raise BuildError(f"{exc} (the previous databases, if any, are unchanged)") from exc
+                raise BuildError(f"no space left on {config.output_folder} while writing "
+                                 f"{os.path.basename(targets[key])} ({exc.detail}); nothing was changed "
+                                 "(the previous databases, if any, are unchanged): free some space "
+                                 "there or choose another --output_folder, then build again") from exc
             built.append((new_path, targets[key]))
         install_databases(built, scratch)
         succeeded = True

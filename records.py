@@ -49,7 +49,17 @@ class RecordFormatError(ValueError):
 
 
 class NoSpaceError(OSError):
-    """The file system ran out of space while a database was written; the message names the folder."""
+    """The file system ran out of space while a database was written; the message names the folder.
+
+    ``path`` is the database being written, ``detail`` what LMDB or the OS reported.
+    """
+
+    def __init__(self, message, path=None, detail=None):
+        super().__init__(message)
+        self.path, self.detail = path, detail
+
+    def __str__(self):
+        return self.args[0]
 
 
 class Record(NamedTuple):
@@ -324,7 +334,7 @@ def write_database(path, pairs, metadata_fields):
                 or _free_bytes(folder) < (1 << 20) + largest)
         if not full:
             raise
-        raise NoSpaceError(_no_space_message(folder, path, exc)) from exc
+        raise NoSpaceError(_no_space_message(folder, path, exc), path, str(exc)) from exc
     return metadata
 
 

@@ -512,8 +512,16 @@ def test_failed_build_removes_the_output_folder_it_created(tmp_path, monkeypatch
 @pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_in_a_real_process_keeps_previous_databases(tmp_path, signum, exit_code):
     paths, digests = _previous_build(tmp_path)
-    marker = tmp_path / "writing"
     # The child slows its write pass down and announces it, so the signal lands mid-build.
+    child = _slow_build_child(tmp_path, tmp_path / "writing", "--seed", "5")
+    child.send_signal(signum)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == exit_code, stderr
+    _assert_previous_intact(tmp_path, paths, digests)
+
+
+def _slow_build_child(tmp_path, marker, *extra):
+    """A build_lmdb.main child whose write pass is slowed down and announced by touching marker."""
     script = (
         "import sys, time, pathlib, build_lmdb\n"
         "real = build_lmdb.tiles_of\n"
@@ -525,16 +533,116 @@ def test_signal_in_a_real_process_keeps_previous_databases(tmp_path, signum, exi
         "sys.exit(build_lmdb.main(sys.argv[1:]))\n")
     child = subprocess.Popen(
         [sys.executable, "-c", script, "--image_folder", str(tmp_path / "images"), "--mask_folder",
-         str(tmp_path / "masks"), "--output_folder", str(tmp_path / "out"), "--dataset_name", "x",
-         "--seed", "5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         str(tmp_path / "masks"), "--output_folder", str(tmp_path / "out"), "--dataset_name", "x", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline and child.poll() is None:
         time.sleep(0.02)
     assert marker.exists(), child.communicate()
-    child.send_signal(signum)
-    _, stderr = child.communicate(timeout=60)
-    assert child.returncode == exit_code, stderr
+    return child
+
+
+def _reaped_pid():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_scratch_of_a_killed_build_is_removed_by_the_next_build(tmp_path):
+    paths, digests = _previous_build(tmp_path)
+    child = _slow_build_child(tmp_path, tmp_path / "writing", "--seed", "5")
+    child.kill()  # SIGKILL: no cleanup runs
+    child.communicate(timeout=60)
+    [left] = glob.glob(str(tmp_path / "out" / ".build_lmdb-*"))
+    assert f"-{child.pid}-" in os.path.basename(left)
+    # A scratch of a dead build holding a previous database whose target is gone gets it back;
+    # the scratch of a running build (here: this test's own process) is left alone.
+    host = os.path.basename(left).split("-")[1]
+    stranded = tmp_path / "out" / f".build_lmdb-{host}-{_reaped_pid()}-abc123"
+    os.makedirs(stranded)
+    os.rename(paths["test"], stranded / "previous-test-x.lmdb")
+    running = tmp_path / "out" / f".build_lmdb-{host}-{os.getpid()}-def456"
+    os.makedirs(running)
+    _assert_scratch_actions(tmp_path, paths, digests, left, stranded, running)
+
+
+def _assert_scratch_actions(tmp_path, paths, digests, left, stranded, running):
+    warned = []
+    result = build_lmdb.build_databases(config_for(tmp_path, dataset_name="other"), show_progress=False,
+                                        warn=warned.append)
+    assert not os.path.exists(left) and not stranded.exists() and running.is_dir()
+    assert digest(paths["test"]) == digests["test"] and digest(paths["train"]) == digests["train"]
+    assert any(f"removed {left}" in line and "no longer running" in line for line in warned)
+    assert any(f"restored {paths['test']}" in line for line in warned)
+    assert result.warnings == warned
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        [running.name, "test-x.lmdb", "train-x.lmdb", "test-other.lmdb", "train-other.lmdb"])
+
+
+def test_disk_full_while_writing_names_the_folder_and_changes_nothing(tmp_path, monkeypatch):
+    import lmdb
+
+    paths, digests = _previous_build(tmp_path)
+    real_put = records._put_growing
+    calls = []
+
+    def failing_put(env, key, value, map_size):
+        calls.append(key)
+        if len(calls) == 4:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        return real_put(env, key, value, map_size)
+
+    monkeypatch.setattr(records, "_put_growing", failing_put)
+    message = str(pytest.raises(BuildError, build_lmdb.build_databases, config_for(tmp_path, seed=5),
+                                show_progress=False).value)
+    assert message.startswith(f"no space left on {tmp_path / 'out'} while writing train-x.lmdb")
+    assert "previous databases, if any, are unchanged" in message
     _assert_previous_intact(tmp_path, paths, digests)
+
+
+def test_disk_full_on_a_real_small_file_system(tmp_path, monkeypatch):
+    small = tmp_path / "small"
+    os.makedirs(small)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected DiskError test covers the message")
+    try:
+        write_pairs(tmp_path, count=30, shape=(128, 128))  # 1.5 MB of pixels, 1 MB of space
+        # Pretend the space was still there when the build checked it (another writer filled it).
+        monkeypatch.setattr(build_lmdb, "_check_targets", lambda *args: None)
+        config = config_for(tmp_path, output_folder=str(small / "out"))
+        message = str(pytest.raises(BuildError, build_lmdb.build_databases, config, show_progress=False).value)
+        assert message.startswith(f"no space left on {small / 'out'} while writing train-x.lmdb")
+        assert not (small / "out").exists()  # the folder it created is gone again, scratch included
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_folds_partition_the_images_reproducibly(tmp_path):
+    write_pairs(tmp_path, count=7, shape=(16, 16))
+
+    def build(seed, name):
+        result = build_lmdb.build_databases(config_for(tmp_path, folds=3, seed=seed, dataset_name=name),
+                                            show_progress=False)
+        assert sorted(result.paths) == sorted(f"{s}-fold{i}" for s in ("train", "test") for i in range(3))
+        tests = []
+        for fold in range(3):
+            train_path, test_path = result.paths[f"train-fold{fold}"], result.paths[f"test-fold{fold}"]
+            assert os.path.basename(test_path) == f"test-{name}-fold{fold}.lmdb"
+            train_meta, test_meta = records.read_metadata(train_path), records.read_metadata(test_path)
+            train = {stem_of(s) for s in train_meta["sources"]}
+            test = {stem_of(s) for s in test_meta["sources"]}
+            assert not train & test and len(train | test) == 7 and len(test) in (2, 3)
+            assert (test_meta["fold"], test_meta["folds"], train_meta["split"]) == (fold, 3, "train")
+            tests.append(sorted(test))
+        every = [stem for fold in tests for stem in fold]
+        assert sorted(every) == [f"img_{i:03d}" for i in range(7)]  # each image in exactly one test set
+        return tests
+
+    assert build(1, "a") == build(1, "b")
+    assert build(1, "a") != build(2, "c")
+    assert_fails(config_for(tmp_path, folds=8, dataset_name="d"), "--folds 8 with 7 image(s)")
+    assert_fails(config_for(tmp_path, folds=1, dataset_name="d"), "--folds 1")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -548,9 +656,11 @@ def test_cli_help_documents_every_flag():
     done = run_cli("-h")
     assert done.returncode == 0
     for flag in ("--image_folder", "--mask_folder", "--output_folder", "--output_filepath", "--dataset_name",
-                 "--train_fraction", "--seed", "--tile_size", "--tile_overlap", "--image_extensions"):
+                 "--train_fraction", "--seed", "--tile_size", "--tile_overlap", "--image_extensions",
+                 "--folds", "--masks_255_to_1", "--first_axis_is_channels"):
         assert flag in done.stdout
-    assert "never land in both" in " ".join(done.stdout.split())
+    text = " ".join(done.stdout.split())
+    assert "never land in both" in text and "Test images are always stored whole" in text
 
 
 def test_cli_builds_and_summarises(tmp_path):
@@ -572,6 +682,12 @@ def test_cli_bad_input_exits_1_naming_the_files(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "img_001.tif" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_folds_exclude_train_fraction():
+    done = run_cli("--image_folder", "a", "--mask_folder", "b", "--output_folder", "c",
+                   "--dataset_name", "d", "--folds", "5", "--train_fraction", "0.5")
+    assert done.returncode == 2 and "--train_fraction and --folds exclude each other" in done.stderr
 
 
 def test_cli_malformed_flag_exits_2():
