@@ -465,3 +465,50 @@ def test_sigterm_to_the_process_group_leaves_shutdown_to_the_parent(tmp_path):
         for pid in info["workers"]:
             if not _gone(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _foreground_db(path):
+    """Records of 128 x 128: 0 holds a rare class 2 (9 px, 0.05 %), 1 holds class 1 (a 20 x 20
+    block), 2 holds class 1 and a rare class 3 (9 px)."""
+    def pairs():
+        for i in range(3):
+            mask = np.zeros((128, 128), np.uint8)
+            if i == 0:
+                mask[100:103, 7:10] = 2
+            else:
+                mask[10:30, 90:110] = 1
+            if i == 2:
+                mask[120:123, 3:6] = 3
+            image = np.random.default_rng(i).normal(100, 10, (128, 128, 1)).astype(np.float32)
+            yield image, mask, {"image": f"{i}.tif", "mask": f"{i}.tif"}
+
+    records.write_database(str(path), pairs(), {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+    return str(path)
+
+
+def test_foreground_crops_contain_their_class_even_when_rare(tmp_path):
+    db = _foreground_db(tmp_path / "db")
+
+    def crops(**kwargs):
+        with ImageReader(db, 8, use_augmentation=False, tile_size=32, num_workers=1, seed=3, **kwargs) as reader:
+            return np.concatenate([reader.get_batch(timeout=30)[1] for _ in range(30)])
+
+    def share_holding(masks, label):
+        return (masks == label).any(axis=(1, 2)).mean()
+
+    placed = crops(foreground_crop_fraction=1.0)
+    # Every crop holds foreground; records 0 and 1 hold one foreground class each, so their crops
+    # hold exactly the drawn class. Records come in per-epoch permutations: a third are record 0.
+    assert (placed > 0).any(axis=(1, 2)).all()
+    assert share_holding(placed, 2) == pytest.approx(1 / 3, abs=0.02)
+    # Record 2 draws class 1 or 3 uniformly: about half its crops hold the rare class 3.
+    assert share_holding(placed, 3) == pytest.approx(1 / 6, abs=0.07)
+    plain = crops()
+    assert share_holding(plain, 2) < 0.15 and not (plain > 0).any(axis=(1, 2)).all()
+    # With balance_classes, a record drawn for a foreground class is cropped on that class:
+    # class 3 is drawn a quarter of the time, and record 2 adds its uniform half of the class-0 draws.
+    balanced = crops(foreground_crop_fraction=1.0, balance_classes=True)
+    assert (balanced > 0).any(axis=(1, 2)).all()
+    assert share_holding(balanced, 3) == pytest.approx(1 / 4 + 1 / 12 * 1 / 2, abs=0.08)
+    with pytest.raises(ValueError, match="foreground_crop_fraction"):
+        ImageReader(db, 2, foreground_crop_fraction=1.5)
