@@ -62,7 +62,7 @@ class BuildConfig:
     mask_folder: str
     output_folder: str
     dataset_name: str
-    train_fraction: float = 0.8
+    train_fraction: Optional[float] = 0.8  # None (unused) with folds
     seed: int = 0
     tile_size: Optional[int] = None
     tile_overlap: int = 0
@@ -82,7 +82,7 @@ class BuildConfig:
         name = self.dataset_name
         if not name or name in (".", "..") or "/" in name or os.sep in name:
             raise BuildError(f"--dataset_name {name!r}: expected a plain name without path separators")
-        if not (0.0 < self.train_fraction <= 1.0):  # also false for NaN
+        if self.folds is None and not (0.0 < self.train_fraction <= 1.0):  # also false for NaN
             raise BuildError(f"--train_fraction {self.train_fraction}: expected a value in (0, 1]")
         if self.tile_size is not None and self.tile_size < 1:
             raise BuildError(f"--tile_size {self.tile_size}: expected a positive number of pixels")
@@ -767,7 +767,8 @@ def parse_args(argv=None):
     return BuildConfig(
         image_folder=args.image_folder, mask_folder=args.mask_folder,
         output_folder=args.output_folder, dataset_name=args.dataset_name,
-        train_fraction=0.8 if args.train_fraction is None else args.train_fraction, seed=args.seed,
+        train_fraction=(None if args.folds else 0.8) if args.train_fraction is None else args.train_fraction,
+        seed=args.seed,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap,
         image_extensions=image_io.parse_extensions(args.image_extensions),
         masks_255_to_1=args.masks_255_to_1, first_axis_is_channels=args.first_axis_is_channels,
