@@ -2,23 +2,29 @@
 
     python build_lmdb.py --image_folder data/images --mask_folder data/masks \\
         --output_folder data --dataset_name cells [--train_fraction 0.8] [--seed 0] [--tile_size 512]
+        [--folds 5]
 
 The steps, each a small function below:
   1. ``find_pairs``: match images and masks by file stem.
-  2. ``check_pairs``: read and validate every pair; nothing is written when anything is wrong.
-  3. ``split_indices``: split the *source images* into train and test with a seeded generator.
-  4. ``write_split``: write each database (cut into tiles when asked) into a temporary directory
-     beside the target.
+  2. ``check_pairs``: read and validate every pair, and compute each source image's normalisation
+     statistics and class pixel counts; nothing is written when anything is wrong.
+  3. ``split_indices`` (or ``fold_indices`` for --folds): split the *source images* into train and
+     test with a seeded generator.
+  4. ``write_split``: write each database into a scratch directory beside the target (train
+     images cut into tiles when asked; test images always whole, so the test pass predicts them
+     as inference.py does and counts every pixel once).
   5. ``install_databases``: rename the new databases into place; a previous database is moved
      aside only once the new one is complete, and restored if anything fails.
-The record format lives in records.py.
+The record format lives in records.py, the statistics in normalization.py, the tile plan in tiling.py.
 """
 import argparse
 import dataclasses
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -26,18 +32,24 @@ from typing import Optional
 
 import numpy as np
 
+import image_io
+import normalization
 import records
+import tiling
 
 SUPPORTED_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg")
 DEFAULT_EXTENSIONS = ("tif", "tiff", "png")
 # JPEG compression changes pixel values, which would silently change class ids.
 LOSSY_EXTENSIONS = ("jpg", "jpeg")
 STORED_IMAGE_DTYPES = tuple(np.dtype(t) for t in (np.uint8, np.uint16, np.int32, np.float32))
-SPLITS = ("train", "test")
 # Decoded pairs are kept in memory between the validation and the write pass up to this many
 # bytes; beyond it the write pass reads the files again (memory stays bounded on large sets).
 CACHE_BUDGET_BYTES = 1 << 30
 MAX_LISTED_PROBLEMS = 30
+# Scratch directories are named .build_lmdb-<host>-<pid>-<random>, so a later build can tell those
+# of builds that are no longer running (killed with SIGKILL, or by a crash of the machine).
+SCRATCH_PREFIX = ".build_lmdb-"
+_SCRATCH_NAME = re.compile(r"^\.build_lmdb-(?P<host>.+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 
 
 class BuildError(Exception):
@@ -50,18 +62,27 @@ class BuildConfig:
     mask_folder: str
     output_folder: str
     dataset_name: str
-    train_fraction: float = 0.8
+    train_fraction: Optional[float] = 0.8  # None (unused) with folds
     seed: int = 0
     tile_size: Optional[int] = None
     tile_overlap: int = 0
     image_extensions: tuple = DEFAULT_EXTENSIONS
+    masks_255_to_1: bool = False  # binary masks saved as 0/255: store 255 as class 1
+    first_axis_is_channels: bool = False  # a 3-D C x H x W image with H x W masks: C is channels
+    folds: Optional[int] = None  # K train/test pairs whose test sets partition the images
 
     def validate(self):
         """Check the plain values (not the files); raises BuildError."""
+        if os.path.realpath(self.image_folder) == os.path.realpath(self.mask_folder):
+            raise BuildError(f"--image_folder and --mask_folder are the same folder ({self.image_folder}): "
+                             "every image would be paired with itself as its mask; give the folder "
+                             "holding the masks")
+        if self.folds is not None and not (isinstance(self.folds, int) and self.folds >= 2):
+            raise BuildError(f"--folds {self.folds}: expected an integer >= 2 (5 is usual)")
         name = self.dataset_name
         if not name or name in (".", "..") or "/" in name or os.sep in name:
             raise BuildError(f"--dataset_name {name!r}: expected a plain name without path separators")
-        if not (0.0 < self.train_fraction <= 1.0):  # also false for NaN
+        if self.folds is None and not (0.0 < self.train_fraction <= 1.0):  # also false for NaN
             raise BuildError(f"--train_fraction {self.train_fraction}: expected a value in (0, 1]")
         if self.tile_size is not None and self.tile_size < 1:
             raise BuildError(f"--tile_size {self.tile_size}: expected a positive number of pixels")
@@ -70,10 +91,11 @@ class BuildConfig:
         if self.tile_size is not None and not (0 <= self.tile_overlap < self.tile_size):
             raise BuildError(f"--tile_overlap {self.tile_overlap}: expected 0 <= overlap < "
                              f"--tile_size ({self.tile_size})")
-        extensions = normalize_extensions(self.image_extensions)
+        extensions = image_io.parse_extensions(self.image_extensions)
         unknown = [e for e in extensions if e not in SUPPORTED_EXTENSIONS]
         if unknown or not extensions:
-            raise BuildError(f"--image_extensions {' '.join(self.image_extensions) or '(none)'}: "
+            given = self.image_extensions if isinstance(self.image_extensions, str) else " ".join(self.image_extensions)
+            raise BuildError(f"--image_extensions {given or '(none)'}: "
                              f"expected some of {', '.join(SUPPORTED_EXTENSIONS)}")
 
 
@@ -90,30 +112,20 @@ class CheckedPair:
     image_shape: tuple  # (H, W, C) after conversion
     image_dtype: np.dtype
     max_label: int
+    statistics: normalization.ChannelStatistics  # of the whole source image, before any tiling
+    class_counts: list  # pixels per class id (index = id) of the whole source image
 
 
 @dataclasses.dataclass
 class BuildResult:
-    paths: dict  # split -> database path
-    metadata: dict  # split -> metadata dict written
-    source_images: dict  # split -> number of source images
-    database_bytes: dict  # split -> bytes of the database files on disk
-    raw_pixel_bytes: dict  # split -> bytes of the image and mask pixels stored
+    paths: dict  # database key ("train", "test", or "train-fold0", "test-fold0", ...) -> path
+    metadata: dict  # key -> metadata dict written
+    source_images: dict  # key -> number of source images
+    database_bytes: dict  # key -> bytes of the database files on disk
+    raw_pixel_bytes: dict  # key -> bytes of the image and mask pixels stored
     seconds: float
     config: BuildConfig
-
-
-def normalize_extensions(extensions):
-    """Accept "tif,png", ".TIF" or a list of either; return lower-case names without dots."""
-    if isinstance(extensions, str):
-        extensions = [extensions]
-    names = []
-    for item in extensions:
-        for part in str(item).split(","):
-            part = part.strip().lower().lstrip(".")
-            if part and part not in names:
-                names.append(part)
-    return tuple(names)
+    warnings: list = dataclasses.field(default_factory=list)  # also printed on stderr
 
 
 # ----------------------------------------------------------------------------- finding pairs
@@ -124,18 +136,11 @@ def _files_by_stem(folder, extensions, kind, problems):
     if not os.path.isdir(folder):
         raise BuildError(f"{kind} folder {folder} is not a directory")
     by_stem = {}
-    others = 0
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        stem, ext = os.path.splitext(name)
-        # Hidden files include macOS "._name.tif" resource forks, which are not images.
-        if name.startswith(".") or not os.path.isfile(path):
-            continue
-        if ext.lower().lstrip(".") not in extensions:
-            others += 1
-            continue
-        by_stem.setdefault(stem, []).append(path)
+    for path in image_io.list_files(folder, extensions):
+        by_stem.setdefault(path.stem, []).append(str(path))
     if not by_stem:
+        others = sum(1 for name in os.listdir(folder)
+                     if not name.startswith(".") and os.path.isfile(os.path.join(folder, name)))
         raise BuildError(f"{kind} folder {folder} holds no files ending in "
                          f"{', '.join('.' + e for e in extensions)} ({others} other files)")
     for stem, paths in by_stem.items():
@@ -150,12 +155,12 @@ def find_pairs(image_folder, mask_folder, extensions):
     Returns:
       list of Pair sorted by stem. Raises BuildError listing every unpaired file.
     """
-    extensions = normalize_extensions(extensions)
+    extensions = image_io.parse_extensions(extensions)
     problems = []
     images = _files_by_stem(image_folder, extensions, "image", problems)
     masks = _files_by_stem(mask_folder, extensions, "mask", problems)
     for stem, path in sorted(masks.items()):
-        if os.path.splitext(path)[1].lower().lstrip(".") in LOSSY_EXTENSIONS:
+        if image_io.extension_of(path) in LOSSY_EXTENSIONS:
             problems.append(f"mask {path} is JPEG: lossy compression alters class ids; "
                             "save masks as PNG or TIFF")
     lonely_images = sorted(images[s] for s in images.keys() - masks.keys())
@@ -174,28 +179,12 @@ def find_pairs(image_folder, mask_folder, extensions):
 
 # ----------------------------------------------------------------------------- reading and checking
 
-def read_array(path, kind):
-    """Read an image or mask file into a numpy array (TIFF via tifffile, others via imageio)."""
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
+def _read(path, kind):
+    """image_io.read_array, its errors as BuildError (they are listed with the other bad pairs)."""
     try:
-        if ext in ("tif", "tiff"):
-            import tifffile
-            array = np.asarray(tifffile.imread(path))
-        elif kind == "mask":
-            # Pillow directly: palette PNG masks hold class ids as palette indices, which
-            # imageio would turn into RGB colours.
-            from PIL import Image
-            with Image.open(path) as img:
-                array = np.array(img)
-        else:
-            import imageio.v3 as iio
-            array = np.asarray(iio.imread(path))
-    except Exception as exc:  # any decoder error means the same thing to the user
-        raise BuildError(f"{path}: cannot read {kind} ({type(exc).__name__}: {exc})") from exc
-    if array.size == 0:
-        # tifffile returns an empty array (with a logged warning) for some damaged files.
-        raise BuildError(f"{path}: cannot read {kind}: the file holds no pixels (damaged or empty?)")
-    return array
+        return image_io.read_array(path, kind)
+    except image_io.ImageFileError as exc:
+        raise BuildError(str(exc)) from exc
 
 
 def to_storable_image(image, path):
@@ -230,8 +219,12 @@ def to_storable_image(image, path):
     raise BuildError(f"{path}: unsupported image dtype {dtype}; expected uint8, uint16, int32 or float32")
 
 
-def to_label_mask(mask, path):
-    """Return (mask H x W of an unsigned integer dtype, max label) or raise BuildError."""
+def to_label_mask(mask, path, masks_255_to_1=False):
+    """Return (mask H x W of an unsigned integer dtype, max label) or raise BuildError.
+
+    With ``masks_255_to_1`` a binary 0/255 mask becomes 0/1; any other value is refused, since
+    mapping only 255 would silently merge it with whatever class 1 already means.
+    """
     if mask.ndim == 3 and mask.shape[2] in (1, 3):
         if mask.shape[2] == 3 and not (np.array_equal(mask[..., 0], mask[..., 1])
                                        and np.array_equal(mask[..., 0], mask[..., 2])):
@@ -248,6 +241,13 @@ def to_label_mask(mask, path):
                          "class ids (0 = background)")
     if mask.dtype.kind not in "iu":
         raise BuildError(f"{path}: unsupported mask dtype {mask.dtype}; expected integer class ids")
+    if masks_255_to_1:
+        others = sorted(set(np.unique(mask).tolist()) - {0, 255})
+        if others:
+            raise BuildError(f"{path}: --masks_255_to_1 is for binary 0/255 masks, but this mask also "
+                             f"holds {', '.join(map(str, others[:5]))}; drop the flag, or convert the "
+                             "masks to class ids yourself")
+        mask = (mask == 255).astype(np.uint8)
     low, high = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
     if low < 0:
         raise BuildError(f"{path}: mask holds negative values (min {low}); class ids must be >= 0")
@@ -257,12 +257,19 @@ def to_label_mask(mask, path):
     return mask.astype(np.uint8 if high <= 255 else np.uint16), high
 
 
-def load_pair(pair):
+def load_pair(pair, masks_255_to_1=False, first_axis_is_channels=False):
     """Read and convert one pair: (image H x W x C in a stored dtype, mask H x W, max label)."""
-    mask, max_label = to_label_mask(read_array(pair.mask_path, "mask"), pair.mask_path)
-    image = read_array(pair.image_path, "image")
+    mask, max_label = to_label_mask(_read(pair.mask_path, "mask"), pair.mask_path, masks_255_to_1)
+    image = _read(pair.image_path, "image")
     if image.ndim == 3 and image.shape[:2] != mask.shape and image.shape[1:] == mask.shape:
-        # Multi-page TIFFs come channels-first (C x H x W); the mask's H x W tells which axes are which.
+        # N x H x W beside an H x W mask: multi-page TIFFs of channels look like this, but so do Z
+        # and time stacks, which stored as channels would train a silently different network.
+        if not first_axis_is_channels:
+            raise BuildError(
+                f"{pair.image_path}: image has shape {image.shape}, a stack of {image.shape[0]} planes "
+                f"beside the {mask.shape[0]}x{mask.shape[1]} mask {pair.mask_path}. If the first axis "
+                "holds channels, build with --first_axis_is_channels; a Z or time stack needs one "
+                "image file per plane (or a projection) for 2-D masks")
         image = np.moveaxis(image, 0, -1)
     if image.ndim == 2:
         image = image[:, :, np.newaxis]
@@ -271,11 +278,19 @@ def load_pair(pair):
     if image.shape[:2] != mask.shape:
         raise BuildError(f"size mismatch: image {pair.image_path} is {image.shape[0]}x{image.shape[1]} "
                          f"but mask {pair.mask_path} is {mask.shape[0]}x{mask.shape[1]}")
-    return to_storable_image(image, pair.image_path), mask, max_label
+    image = to_storable_image(image, pair.image_path)
+    if image.dtype.kind == "f":
+        bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+        if bad:
+            raise BuildError(f"{pair.image_path}: {bad} of {image.size} pixel values are not finite (NaN or "
+                             "Inf); replace them (e.g. with the image's median) or leave the image out: "
+                             "they would make every loss and normalised pixel of the image NaN")
+    return image, mask, max_label
 
 
-def check_pairs(pairs, progress=None):
-    """Read and validate every pair before anything is written.
+def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channels=False):
+    """Read and validate every pair before anything is written, computing what the metadata and
+    the records need from each whole source image (normalisation statistics, class pixel counts).
 
     Returns:
       (checked, cache): a CheckedPair per pair, and a dict stem -> (image, mask) of the pairs
@@ -287,11 +302,13 @@ def check_pairs(pairs, progress=None):
     cached_bytes = 0
     for pair in pairs:
         try:
-            image, mask, max_label = load_pair(pair)
+            image, mask, max_label = load_pair(pair, masks_255_to_1, first_axis_is_channels)
         except BuildError as exc:
             problems.append(str(exc))
         else:
-            checked.append(CheckedPair(pair, image.shape, image.dtype, max_label))
+            checked.append(CheckedPair(pair, image.shape, image.dtype, max_label,
+                                       normalization.channel_statistics(image),
+                                       np.bincount(mask.ravel()).tolist()))
             if cached_bytes + image.nbytes + mask.nbytes <= CACHE_BUDGET_BYTES:
                 cache[pair.stem] = (image, mask)
                 cached_bytes += image.nbytes + mask.nbytes
@@ -343,58 +360,77 @@ def split_indices(num_images, train_fraction, seed):
     return sorted(order[:num_train].tolist()), sorted(order[num_train:].tolist())
 
 
-def tile_origins(length, tile_size, overlap=0):
-    """Start offsets of tiles along one axis; the last tile is shifted inward to stay full size.
+def fold_indices(num_images, folds, seed):
+    """K (train, test) index lists whose test lists partition range(num_images); reproducible.
 
-    An axis no longer than the tile gives a single start 0 (the whole axis is one tile).
+    The images are permuted with the seed and cut into K nearly equal parts; fold i tests on part
+    i and trains on the others.
     """
-    if tile_size is None or length <= tile_size:
-        return [0]
-    stride = tile_size - overlap
-    return list(range(0, length - tile_size, stride)) + [length - tile_size]
+    if folds > num_images:
+        raise BuildError(f"--folds {folds} with {num_images} image(s): every fold needs at least one "
+                         "test image; use fewer folds")
+    order = np.random.default_rng(seed).permutation(num_images)
+    parts = [sorted(part.tolist()) for part in np.array_split(order, folds)]
+    return [(sorted(i for j, part in enumerate(parts) if j != k for i in part), parts[k])
+            for k in range(folds)]
 
 
 def tiles_of(image, mask, tile_size, overlap=0):
     """Yield (y, x, image_tile, mask_tile) covering the whole image; no tiling when tile_size is None."""
     height, width = mask.shape
-    size_y = height if tile_size is None else min(tile_size, height)
-    size_x = width if tile_size is None else min(tile_size, width)
-    for y in tile_origins(height, tile_size, overlap):
-        for x in tile_origins(width, tile_size, overlap):
+    if tile_size is None:
+        yield 0, 0, image, mask
+        return
+    size_y, size_x = min(tile_size, height), min(tile_size, width)
+    for y in tiling.tile_starts(height, size_y, min(overlap, size_y - 1)):
+        for x in tiling.tile_starts(width, size_x, min(overlap, size_x - 1)):
             yield y, x, image[y:y + size_y, x:x + size_x], mask[y:y + size_y, x:x + size_x]
 
 
 # ----------------------------------------------------------------------------- writing
 
-def write_split(path, items, cache, config, image_dtype, mask_dtype, metadata_fields, progress=None):
+def write_split(path, items, cache, config, image_dtype, mask_dtype, metadata_fields, progress=None,
+                tile=True, keep_cached=False):
     """Write one database at ``path`` from the CheckedPairs ``items``.
 
+    Args:
+      tile: cut the images into config.tile_size tiles (train databases); False stores them whole.
+      keep_cached: leave the pairs in ``cache`` (they go into several databases with --folds).
     Returns:
       (metadata, raw_pixel_bytes).
     """
     raw_bytes = [0]
+    tile_size = config.tile_size if tile else None
 
     def records_of_split():
         for item in items:
             pair = item.pair
             if pair.stem in cache:
-                image, mask = cache.pop(pair.stem)
+                image, mask = cache[pair.stem] if keep_cached else cache.pop(pair.stem)
             else:
-                image, mask, _ = load_pair(pair)
+                image, mask, _ = load_pair(pair, config.masks_255_to_1, config.first_axis_is_channels)
                 if image.shape != item.image_shape or image.dtype != item.image_dtype:
                     raise BuildError(f"{pair.image_path} changed while the databases were being built")
             image = image.astype(image_dtype, copy=False)
             mask = mask.astype(mask_dtype, copy=False)
-            for y, x, image_tile, mask_tile in tiles_of(image, mask, config.tile_size, config.tile_overlap):
+            for y, x, image_tile, mask_tile in tiles_of(image, mask, tile_size, config.tile_overlap):
                 source = {"image": pair.image_path, "mask": pair.mask_path}
-                if config.tile_size is not None:
+                if tile_size is not None:
                     source["tile"] = [int(y), int(x)]
                 raw_bytes[0] += image_tile.nbytes + mask_tile.nbytes
-                yield image_tile, mask_tile, source
+                # Every tile carries its source image's statistics: a pixel is normalised the same
+                # in whichever tile or crop the reader sees it, and as inference normalises it.
+                yield image_tile, mask_tile, source, item.statistics
             if progress:
                 progress.advance()
 
-    metadata = records.write_database(path, records_of_split(), metadata_fields)
+    # Overlapping tiles share pixels: the class totals come from the source images instead.
+    totals = {}
+    for item in items:
+        for label, count in enumerate(item.class_counts):
+            totals[label] = totals.get(label, 0) + count
+    fields = dict(metadata_fields, class_pixel_counts=totals)
+    metadata = records.write_database(path, records_of_split(), fields)
     return metadata, raw_bytes[0]
 
 
@@ -446,6 +482,49 @@ def _clean_scratch(scratch_dir):
             shutil.rmtree(os.path.join(scratch_dir, name), ignore_errors=True)
 
 
+def _make_scratch(output_folder):
+    """A new scratch directory named after this host and process (see remove_stale_scratch)."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=output_folder)
+
+
+def _process_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_scratch(output_folder):
+    """Remove the scratch directories of builds on this host that are no longer running.
+
+    A build killed with SIGKILL (or by a crash) cannot clean up after itself. A previous database
+    it had already moved aside (``previous-<name>``) is moved back when ``<name>`` is missing, so no
+    good database is ever deleted. Scratch of other hosts (a shared file system) and of running
+    builds is left alone. Returns one line per action, for the user.
+    """
+    host = socket.gethostname().replace("-", "_") or "host"
+    actions = []
+    if not os.path.isdir(output_folder):
+        return actions
+    for name in sorted(os.listdir(output_folder)):
+        match = _SCRATCH_NAME.match(name)
+        path = os.path.join(output_folder, name)
+        if not match or match["host"] != host or not os.path.isdir(path) or _process_running(int(match["pid"])):
+            continue
+        for entry in sorted(os.listdir(path)):
+            target = os.path.join(output_folder, entry[len("previous-"):])
+            if entry.startswith("previous-") and not os.path.lexists(target):
+                os.rename(os.path.join(path, entry), target)
+                actions.append(f"restored {target} from the scratch of an interrupted build ({path})")
+        shutil.rmtree(path, ignore_errors=True)
+        actions.append(f"removed {path}, left by build process {match['pid']} that is no longer running")
+    return actions
+
+
 def directory_bytes(path):
     return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
 
@@ -466,57 +545,108 @@ def _check_targets(targets, output_folder, needed_bytes):
                          f"{free / 1e6:.1f} MB are free")
 
 
-def build_databases(config, show_progress=None):
-    """Validate the inputs, then write train-<name>.lmdb and test-<name>.lmdb atomically.
+def database_plan(config, num_images):
+    """[(key, split, fold or None, image indices)] of the databases to write, in writing order."""
+    if config.folds is None:
+        train, test = split_indices(num_images, config.train_fraction, config.seed)
+        return [("train", "train", None, train), ("test", "test", None, test)]
+    plan = []
+    for fold, (train, test) in enumerate(fold_indices(num_images, config.folds, config.seed)):
+        plan += [(f"train-fold{fold}", "train", fold, train), (f"test-fold{fold}", "test", fold, test)]
+    return plan
+
+
+def _print_warning(message):
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _mask_warnings(config, checked):
+    totals = {}
+    for c in checked:
+        for label, count in enumerate(c.class_counts):
+            if count:
+                totals[label] = totals.get(label, 0) + count
+    if not config.masks_255_to_1 and 255 in totals and set(totals) <= {0, 255}:
+        return [f"every mask in {config.mask_folder} holds only the values 0 and 255, stored as class ids "
+                "0 and 255 (number_classes 256). If they are binary masks with 255 = foreground, "
+                "rebuild with --masks_255_to_1 (255 becomes class 1), or convert the masks to 0/1 "
+                "(mask // 255) yourself"]
+    return []
+
+
+def build_databases(config, show_progress=None, warn=_print_warning):
+    """Validate the inputs, then write train-<name>.lmdb and test-<name>.lmdb atomically (with
+    --folds K: train-<name>-fold<i>.lmdb and test-<name>-fold<i>.lmdb for i = 0..K-1).
 
     Args:
       config: BuildConfig.
       show_progress: progress lines on stderr; None = only when stderr is a terminal.
+      warn: called with each warning line (default: printed on stderr); they are also returned.
     Returns:
-      BuildResult. Raises BuildError for bad input (nothing written in that case).
+      BuildResult. Raises BuildError for bad input or a full disk (nothing changed in that case).
     """
     start = time.perf_counter()
     config.validate()
     if show_progress is None:
         show_progress = sys.stderr.isatty()
     pairs = find_pairs(config.image_folder, config.mask_folder, config.image_extensions)
-    checked, cache = check_pairs(pairs, _Progress("checking", len(pairs), show_progress))
+    checked, cache = check_pairs(pairs, _Progress("checking", len(pairs), show_progress),
+                                 config.masks_255_to_1, config.first_axis_is_channels)
     image_dtype = common_image_dtype(checked)
     max_label = max(c.max_label for c in checked)
     mask_dtype = np.dtype(np.uint8 if max_label <= 255 else np.uint16)
-    train, test = split_indices(len(checked), config.train_fraction, config.seed)
-    split_items = {"train": [checked[i] for i in train], "test": [checked[i] for i in test]}
+    plan = database_plan(config, len(checked))
+    warnings = _mask_warnings(config, checked)
 
-    targets = {s: os.path.join(config.output_folder, f"{s}-{config.dataset_name}.lmdb") for s in SPLITS}
+    suffix = {key: "" if fold is None else f"-fold{fold}" for key, _, fold, _ in plan}
+    targets = {key: os.path.join(config.output_folder, f"{split}-{config.dataset_name}{suffix[key]}.lmdb")
+               for key, split, _, _ in plan}
     pixels = sum(c.image_shape[0] * c.image_shape[1] for c in checked)
     bytes_per_pixel = checked[0].image_shape[2] * image_dtype.itemsize + mask_dtype.itemsize
     overlap_factor = 1.0 if not config.tile_size else (config.tile_size / (config.tile_size - config.tile_overlap)) ** 2
-    _check_targets(targets, config.output_folder, int(pixels * bytes_per_pixel * overlap_factor * 1.1) + (1 << 20))
+    copies = 1 if config.folds is None else config.folds  # each image is in K - 1 train sets and 1 test set
+    needed = int(pixels * bytes_per_pixel * overlap_factor * copies * 1.1) + (1 << 20) * len(plan)
+    _check_targets(targets, config.output_folder, needed)
 
     created_output = not os.path.isdir(config.output_folder)
     os.makedirs(config.output_folder, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".build_lmdb-", dir=config.output_folder)
+    warnings += remove_stale_scratch(config.output_folder)
+    for line in warnings:
+        warn(line)
+    scratch = _make_scratch(config.output_folder)
     succeeded = False
     try:
         metadata, raw_bytes, built = {}, {}, []
-        for split in SPLITS:
-            new_path = os.path.join(scratch, os.path.basename(targets[split]))
-            fields = {
-                "split": split, "split_seed": config.seed, "train_fraction": config.train_fraction,
-                "extra": {
-                    "dataset_name": config.dataset_name,
-                    "source_images": len(split_items[split]),
-                    "dataset_number_classes": max_label + 1,
-                    "tile_size": config.tile_size,
-                    "tile_overlap": config.tile_overlap,
-                    "image_folder": config.image_folder,
-                    "mask_folder": config.mask_folder,
-                },
+        for key, split, fold, indices in plan:
+            new_path = os.path.join(scratch, os.path.basename(targets[key]))
+            items = [checked[i] for i in indices]
+            extra = {
+                "dataset_name": config.dataset_name,
+                "source_images": len(items),
+                "dataset_number_classes": max_label + 1,
+                # Only train databases are tiled; test images are stored whole.
+                "tile_size": config.tile_size if split == "train" else None,
+                "tile_overlap": config.tile_overlap if split == "train" else 0,
+                "image_folder": config.image_folder,
+                "mask_folder": config.mask_folder,
+                "masks_255_to_1": config.masks_255_to_1,
             }
-            progress = _Progress(f"writing {split}", len(split_items[split]), show_progress)
-            metadata[split], raw_bytes[split] = write_split(
-                new_path, split_items[split], cache, config, image_dtype, mask_dtype, fields, progress)
-            built.append((new_path, targets[split]))
+            if fold is not None:
+                extra.update(fold=fold, folds=config.folds)
+            fields = {"split": split, "split_seed": config.seed, "extra": extra,
+                      "train_fraction": config.train_fraction if fold is None
+                      else round(len(plan[2 * fold][3]) / len(checked), 6)}
+            progress = _Progress(f"writing {key}", len(items), show_progress)
+            try:
+                metadata[key], raw_bytes[key] = write_split(
+                    new_path, items, cache, config, image_dtype, mask_dtype, fields, progress,
+                    tile=split == "train", keep_cached=config.folds is not None)
+            except records.NoSpaceError as exc:
+                raise BuildError(f"no space left on {config.output_folder} while writing "
+                                 f"{os.path.basename(targets[key])} ({exc.detail}); nothing was changed "
+                                 "(the previous databases, if any, are unchanged): free some space "
+                                 "there or choose another --output_folder, then build again") from exc
+            built.append((new_path, targets[key]))
         install_databases(built, scratch)
         succeeded = True
     finally:
@@ -528,26 +658,27 @@ def build_databases(config, show_progress=None):
             os.rmdir(config.output_folder)
     return BuildResult(
         paths=targets, metadata=metadata,
-        source_images={s: len(split_items[s]) for s in SPLITS},
-        database_bytes={s: directory_bytes(targets[s]) for s in SPLITS},
-        raw_pixel_bytes=raw_bytes, seconds=time.perf_counter() - start, config=config)
+        source_images={key: len(indices) for key, _, _, indices in plan},
+        database_bytes={key: directory_bytes(path) for key, path in targets.items()},
+        raw_pixel_bytes=raw_bytes, seconds=time.perf_counter() - start, config=config, warnings=warnings)
 
 
 def format_summary(result):
     """A few human-readable lines: images, records, class pixels and size of each database."""
     c = result.config
-    total = sum(result.source_images.values())
-    tiling = f", {c.tile_size}px tiles overlapping {c.tile_overlap}px" if c.tile_size else ""
-    lines = [f"Built {total} image/mask pairs in {result.seconds:.1f} s "
-             f"(seed {c.seed}, train_fraction {c.train_fraction}{tiling}):"]
-    for split in SPLITS:
-        meta = result.metadata[split]
-        size, raw = result.database_bytes[split], result.raw_pixel_bytes[split]
+    total = sum(list(result.source_images.values())[:2])  # the first train/test pair holds every image
+    tiles = f", train images cut into {c.tile_size}px tiles overlapping {c.tile_overlap}px" if c.tile_size else ""
+    split = f"{c.folds} folds" if c.folds else f"train_fraction {c.train_fraction}"
+    lines = [f"Built {total} image/mask pairs in {result.seconds:.1f} s (seed {c.seed}, {split}{tiles}):"]
+    width = max(5, *map(len, result.paths))
+    for key in result.paths:
+        meta = result.metadata[key]
+        size, raw = result.database_bytes[key], result.raw_pixel_bytes[key]
         overhead = f", {100.0 * (size / raw - 1):+.1f}% over raw pixels" if raw else ""
-        lines.append(f"  {split:5s} {result.source_images[split]:6d} images -> {meta['num_records']:6d} "
-                     f"records  {size / 1e6:8.2f} MB{overhead}  {result.paths[split]}")
+        lines.append(f"  {key:{width}s} {result.source_images[key]:6d} images -> {meta['num_records']:6d} "
+                     f"records  {size / 1e6:8.2f} MB{overhead}  {result.paths[key]}")
         counts = "  ".join(f"{k}: {n:,}" for k, n in enumerate(meta["class_pixel_counts"]))
-        lines.append(f"        pixels per class  {counts or '(no records)'}")
+        lines.append(f"  {'':{width}s} pixels per class  {counts or '(no records)'}")
     return "\n".join(lines)
 
 
@@ -582,41 +713,66 @@ def parse_args(argv=None):
         description="Turn a folder of images and a folder of masks into train-<name>.lmdb and "
                     "test-<name>.lmdb. Every file is read and checked before anything is written; "
                     "the databases are built in a temporary directory and renamed into place, so "
-                    "an existing database is replaced only once the new one is complete.")
+                    "an existing database is replaced only once the new one is complete. Each record "
+                    "stores the per-channel mean and std of its whole source image, which training, "
+                    "the test pass and inference.py all normalise with.")
     parser.add_argument("--image_folder", required=True,
                         help="folder of images: H x W grayscale or H x W x C, uint8/uint16/int32/"
-                             "float32 (other integer/float dtypes are converted when lossless)")
+                             "float32 (other integer/float dtypes are converted when lossless; float "
+                             "images with NaN or Inf pixels are refused)")
     parser.add_argument("--mask_folder", required=True,
                         help="folder of masks with the same file stems as the images (a.tif pairs "
-                             "with a.png): H x W integer class ids, 0 = background")
+                             "with a.png): H x W integer class ids, 0 = background; must not be "
+                             "--image_folder")
     parser.add_argument("--output_folder", "--output_filepath", dest="output_folder", required=True,
                         help="folder that receives train-<name>.lmdb and test-<name>.lmdb (created "
                              "if missing); --output_filepath is the original tool's name for it")
     parser.add_argument("--dataset_name", required=True, help="<name> in the database file names")
-    parser.add_argument("--train_fraction", type=float, default=0.8,
+    parser.add_argument("--train_fraction", type=float, default=None,
                         help="fraction of the source images that go to the train database, in "
                              "(0, 1] (rounded to whole images; default 0.8). With 1 the test "
-                             "database is still written, holding 0 records")
+                             "database is still written, holding 0 records. Not with --folds")
+    parser.add_argument("--folds", type=int, default=None, metavar="K",
+                        help="cross-validation: write K pairs train-<name>-fold<i>.lmdb / "
+                             "test-<name>-fold<i>.lmdb (i = 0..K-1) whose test sets partition the "
+                             "images (each image is in exactly one test set; reproducible with --seed)")
     parser.add_argument("--seed", type=int, default=0,
-                        help="seed of the train/test split: same inputs and seed give the same split "
-                             "(default 0)")
+                        help="seed of the train/test split (or of the folds): same inputs and seed "
+                             "give the same split (default 0)")
     parser.add_argument("--tile_size", type=int, default=None,
-                        help="cut images larger than N x N into N x N tiles (edge tiles are shifted "
-                             "inward so every tile is full size; images smaller than N are stored "
-                             "whole). The split is made per source image, so the tiles of one image "
-                             "never land in both train and test. Default: store whole images")
+                        help="cut TRAIN images larger than N x N into N x N tiles (edge tiles are "
+                             "shifted inward so every tile is full size; images smaller than N are "
+                             "stored whole). Test images are always stored whole, so the test pass "
+                             "predicts them as inference.py does. The split is made per source image, "
+                             "so the tiles of one image never land in both train and test. Default: "
+                             "store whole images")
     parser.add_argument("--tile_overlap", type=int, default=0,
-                        help="pixels shared by neighbouring tiles (needs --tile_size; default 0)")
+                        help="pixels shared by neighbouring train tiles (needs --tile_size; default 0)")
     parser.add_argument("--image_extensions", nargs="+", default=list(DEFAULT_EXTENSIONS),
                         metavar="EXT",
                         help="file extensions to read, space or comma separated (default: tif tiff "
                              "png); jpg/jpeg are accepted for images only, masks must be lossless")
+    parser.add_argument("--masks_255_to_1", action="store_true",
+                        help="binary masks saved as 0/255: store 255 as class 1 (a mask holding "
+                             "other values is refused). Without it such masks are stored as classes "
+                             "0 and 255, with a warning")
+    parser.add_argument("--first_axis_is_channels", action="store_true",
+                        help="3-D images N x H x W beside H x W masks hold N channels (e.g. a "
+                             "multi-page TIFF of channels). Without it they are refused as Z or time "
+                             "stacks, which 2-D masks cannot label")
     args = parser.parse_args(argv)
+    if args.folds is not None and args.train_fraction is not None:
+        parser.error("--train_fraction and --folds exclude each other: with --folds K each fold "
+                     "tests on 1/K of the images")
     return BuildConfig(
         image_folder=args.image_folder, mask_folder=args.mask_folder,
         output_folder=args.output_folder, dataset_name=args.dataset_name,
-        train_fraction=args.train_fraction, seed=args.seed, tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap, image_extensions=normalize_extensions(args.image_extensions))
+        train_fraction=(None if args.folds else 0.8) if args.train_fraction is None else args.train_fraction,
+        seed=args.seed,
+        tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+        image_extensions=image_io.parse_extensions(args.image_extensions),
+        masks_255_to_1=args.masks_255_to_1, first_axis_is_channels=args.first_axis_is_channels,
+        folds=args.folds)
 
 
 def _raise_on_sigterm(signum, frame):

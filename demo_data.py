@@ -122,6 +122,8 @@ def generate_demo_dataset(out_dir, num_images=48, size=256, seed=0):
     """Write out_dir/images/*.tif and out_dir/masks/*.tif; return (image_folder, mask_folder)."""
     import tifffile
 
+    import image_io
+
     if num_images < 1 or size < 32:
         raise ValueError(f"need num_images >= 1 and size >= 32; got {num_images} and {size}")
     image_folder = os.path.join(out_dir, "images")
@@ -132,8 +134,9 @@ def generate_demo_dataset(out_dir, num_images=48, size=256, seed=0):
     for index in range(num_images):
         image, mask = generate_pair(rng, size)
         name = f"demo_{index:03d}.tif"
-        tifffile.imwrite(os.path.join(image_folder, name), image)
-        tifffile.imwrite(os.path.join(mask_folder, name), mask)
+        # Whole files or none: the demo reuses data it finds, and must never reuse a half-written one.
+        image_io.atomic_write(os.path.join(image_folder, name), lambda f: tifffile.imwrite(f, image))
+        image_io.atomic_write(os.path.join(mask_folder, name), lambda f: tifffile.imwrite(f, mask))
     return image_folder, mask_folder
 
 

@@ -2,8 +2,11 @@
 
 Each worker is its own process (started with the "spawn" method, so no LMDB environment, TensorFlow
 state or lock ever crosses a fork). A worker opens the database itself, then loops: take a free
-slot of a shared-memory ring, read and decode records, crop or tile them, augment (training only),
-z-score normalise, write a whole batch into the slot and put the slot's index on its ready queue.
+slot of a shared-memory ring, read and decode records, crop or tile them, augment (training only;
+augmentation acts on the raw stored values), normalise with the statistics of the record's whole
+source image (normalization.normalize, the same values inference.py uses, so a pixel gets the
+same network input whichever crop it is seen in), write a whole batch into the slot and put the
+slot's index on its ready queue. The slot arithmetic lives in one place, ``RingLayout``.
 The parent copies the batch out and hands the slot back. Shared memory is used instead of pickling
 arrays through a ``multiprocessing.Queue`` because it is much cheaper for the parent, which must
 stay nearly idle so the workers get the CPU: measured with 8 x 256 x 256 batches (images float32 +
@@ -28,13 +31,16 @@ import time
 import traceback
 import types
 import uuid
+import warnings
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
 
 import numpy as np
 
 import augment
+import normalization
 import records
+import tiling
 
 # /dev/shm segments are named SHM_PREFIX + "<parent pid>_<random>", so leaks are easy to spot.
 SHM_PREFIX = "segreader_"
@@ -48,6 +54,11 @@ _SHUTDOWN_SECONDS = 5.0  # budget for workers to stop by themselves before they 
 # plain byte rather than a multiprocessing.Event: an Event takes a lock shared by every process, and
 # a worker killed while holding it would hang the others and the parent's shutdown.
 _CONTROL_BYTES = 64
+MODES = ("train", "test")
+
+
+class NonFiniteRecordError(ValueError):
+    """A record whose normalised pixels are NaN or Inf; the message names the database and record."""
 
 
 class ImageReaderError(RuntimeError):
@@ -58,6 +69,58 @@ class ImageReaderError(RuntimeError):
         self.worker_traceback = worker_traceback
 
 
+@dataclass(frozen=True)
+class RingLayout:
+    """Where everything lives in the shared-memory segment; one object used by parent and workers.
+
+    The segment is a control block (byte 0: the stop flag) followed by ``num_workers *
+    slots_per_worker`` slots; worker w owns slots [w * slots_per_worker, (w + 1) * slots_per_worker).
+    A slot holds one batch: images float32 [B, H, W, C], then masks int32 [B, H, W].
+    """
+    batch_size: int
+    height: int
+    width: int
+    channels: int
+    num_workers: int
+    slots_per_worker: int
+
+    @property
+    def image_shape(self):
+        return (self.batch_size, self.height, self.width, self.channels)
+
+    @property
+    def mask_shape(self):
+        return (self.batch_size, self.height, self.width)
+
+    @property
+    def image_bytes(self):
+        return int(np.prod(self.image_shape)) * 4
+
+    @property
+    def slot_bytes(self):
+        return self.image_bytes + int(np.prod(self.mask_shape)) * 4
+
+    @property
+    def capacity(self):
+        return self.num_workers * self.slots_per_worker
+
+    @property
+    def segment_bytes(self):
+        return _CONTROL_BYTES + self.capacity * self.slot_bytes
+
+    def worker_slots(self, worker_id):
+        return list(range(worker_id * self.slots_per_worker, (worker_id + 1) * self.slots_per_worker))
+
+    def stop_flag(self, buffer):
+        return np.ndarray((1,), dtype=np.uint8, buffer=buffer)
+
+    def views(self, buffer, slot):
+        """(images, masks) numpy views on ``slot`` of the segment ``buffer``."""
+        offset = _CONTROL_BYTES + slot * self.slot_bytes
+        return (np.ndarray(self.image_shape, dtype=np.float32, buffer=buffer, offset=offset),
+                np.ndarray(self.mask_shape, dtype=np.int32, buffer=buffer, offset=offset + self.image_bytes))
+
+
 @dataclass
 class _WorkerSpec:
     """Everything one worker needs; pickled once when the worker is spawned."""
@@ -65,17 +128,16 @@ class _WorkerSpec:
     worker_id: int
     parent_pid: int
     shm_name: str
-    slots: list  # slot indices of the ring owned by this worker
-    batch_size: int
-    tile: tuple  # (height, width)
-    channels: int
+    layout: RingLayout
     train: bool
     seed: int
     shard_index: int
     use_augmentation: bool
     augment_kwargs: dict
     train_records: list = field(default_factory=list)
-    class_records: list = None  # balance_classes: per class, the records holding it
+    class_records: list = None  # balance_classes: per class id, the records holding it
+    foreground_crop_fraction: float = 0.0
+    foreground_classes: list = None  # per record, the foreground class ids it holds
     test_batches: list = field(default_factory=list)  # per batch: [(record, y0, x0, own_y, own_x)]
 
 
@@ -88,22 +150,30 @@ class ImageReader:
       use_augmentation: augment training batches (never applied in test mode: test metrics must be
         exact and the masks must match the tiling).
       balance_classes: training mode: draw a class uniformly, then a record holding it (from the
-        metadata's class_presence), so every class is equally represented.
-      shuffle: True = training mode (endless random crops); False = test mode (every record, or
-        every tile of records larger than tile_size, exactly once per pass, in a fixed order).
+        metadata's class_presence), so every class is equally represented among the records drawn.
+      mode: "train" = endless random crops of records drawn at random; "test" = every record (or
+        every tile of records larger than tile_size) exactly once per pass, in a fixed order, then
+        None.
       num_workers: reader processes.
-      tile_size: side T of the square tiles delivered; None = the records' own size (then all
-        records must share it).
+      tile_size: side T of the square crops / tiles delivered; None = the records' own size (then
+        all records must share it).
       augmentation: augment.AugmentationConfig, or None for its defaults.
       seed: training mode: worker w of shard s draws from numpy default_rng([seed, s, w]).
       queue_size: batches buffered in total (default 4 per worker; at least 2 per worker).
       shard_index, shard_count: this process's part when several training processes share the
         database: its own random streams in training mode, a disjoint part of the records in test mode.
+      foreground_crop_fraction: training mode: this share P of the crops is placed on a pixel of a
+        foreground class (centred on it, jittered by up to a quarter tile, clipped to the record),
+        the class drawn uniformly from the foreground classes the record holds, or, with
+        balance_classes, the class that drew the record when it is a foreground class. Records
+        without foreground get a random crop. The pixel is inside the crop before augmentation.
+      shuffle: deprecated alias of ``mode``: True = "train", False = "test".
     """
 
-    def __init__(self, img_db, batch_size, use_augmentation=True, balance_classes=False, shuffle=True,
+    def __init__(self, img_db, batch_size, use_augmentation=True, balance_classes=False, mode=None,
                  num_workers=1, tile_size=None, augmentation=None, seed=0, queue_size=None,
-                 shard_index=0, shard_count=1):
+                 shard_index=0, shard_count=1, foreground_crop_fraction=0.0, *, shuffle=None):
+        mode = _resolve_mode(mode, shuffle)
         for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 1),
                                      ("shard_count", shard_count, 1)):
             if not isinstance(value, (int, np.integer)) or value < minimum:
@@ -112,15 +182,18 @@ class ImageReader:
             raise ValueError(f"shard_index must be in [0, {shard_count}), got {shard_index!r}")
         if queue_size is not None and (not isinstance(queue_size, (int, np.integer)) or queue_size < 1):
             raise ValueError(f"queue_size must be a positive integer or None, got {queue_size!r}")
+        if not 0.0 <= foreground_crop_fraction <= 1.0:  # also false for NaN
+            raise ValueError(f"foreground_crop_fraction must be in [0, 1], got {foreground_crop_fraction!r}")
         self.img_db = str(img_db)
         self.batch_size = int(batch_size)
         self.use_augmentation = bool(use_augmentation)
         self.balance_classes = bool(balance_classes)
-        self.shuffle = bool(shuffle)
+        self.mode = mode
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.shard_index = int(shard_index)
         self.shard_count = int(shard_count)
+        self.foreground_crop_fraction = float(foreground_crop_fraction)
         self.augmentation = augmentation if augmentation is not None else augment.AugmentationConfig()
         self.augmentation.validate()
 
@@ -128,26 +201,18 @@ class ImageReader:
         num_records = int(self._metadata["num_records"])
         if num_records == 0:
             raise ValueError(f"{self.img_db}: the database holds no records")
-        self._channels = int(self._metadata["channels"])
+        channels = int(self._metadata["channels"])
         shapes = _record_shapes(self.img_db, self._metadata)
-        self._tile = _resolve_tile(self.img_db, shapes, tile_size)
+        tile = _resolve_tile(self.img_db, shapes, tile_size)
 
-        self._shard_records = list(range(self.shard_index, num_records, self.shard_count))
-        self._class_records = _records_per_class(self._metadata) if self.balance_classes else None
-        if self.shuffle:
-            self._test_batches = []
-        else:
-            items = [item for r in self._shard_records for item in _tiles(r, shapes[r], self._tile)]
+        shard_records = list(range(self.shard_index, num_records, self.shard_count))
+        if mode == "test":
+            items = [item for r in shard_records for item in _tiles(r, shapes[r], tile)]
             self._test_batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-
+        else:
+            self._test_batches = []
         per_worker = max(2, math.ceil((queue_size or 4 * self.num_workers) / self.num_workers))
-        self._slots_per_worker = per_worker
-        self._capacity = per_worker * self.num_workers
-        h, w = self._tile
-        self._image_shape = (self.batch_size, h, w, self._channels)
-        self._mask_shape = (self.batch_size, h, w)
-        self._image_bytes = int(np.prod(self._image_shape)) * 4
-        self._slot_bytes = self._image_bytes + int(np.prod(self._mask_shape)) * 4
+        self._layout = RingLayout(self.batch_size, tile[0], tile[1], channels, self.num_workers, per_worker)
 
         self._starvation_seconds = 0.0
         self._starving = False
@@ -161,22 +226,14 @@ class ImageReader:
         self._free = []
         self._errors = None
         self._stop = None  # the stop flag: a one-byte view on the segment's control block
-        self._image_views = []
-        self._mask_views = []
+        self._views = []
 
     # ------------------------------------------------------------------ public API
 
-    def get_epoch_size(self):
-        """Number of records this shard sees (per epoch in training, per pass in test mode)."""
-        return len(self._shard_records)
-
-    def get_test_batch_count(self):
-        """Batches in one test pass (the last one padded with mask -1)."""
-        return len(self._test_batches)
-
-    def get_image_size(self):
-        """(T, T, C) of the images delivered."""
-        return (self._tile[0], self._tile[1], self._channels)
+    @property
+    def shuffle(self):
+        """Deprecated: True in training mode (use ``mode``)."""
+        return self.mode == "train"
 
     def get_queue_size(self):
         """Batches ready and waiting for get_batch."""
@@ -191,7 +248,7 @@ class ImageReader:
 
     @property
     def worker_pids(self):
-        """Process ids of the running workers (empty when stopped)."""
+        """Process ids of the running workers (empty when stopped); benchmarks sum their CPU time."""
         return [p.pid for p in self._processes]
 
     def startup(self):
@@ -222,18 +279,17 @@ class ImageReader:
         deadline = time.monotonic() + _SHUTDOWN_SECONDS
         for p in started:
             p.join(timeout=max(0.0, deadline - time.monotonic()))
-        # Last resorts for a worker stuck in C code: SIGTERM, then SIGKILL.
-        for stopper in ("terminate", "kill"):
-            for p in started:
-                if p.is_alive():
-                    getattr(p, stopper)()
-                    p.join(timeout=2.0)
+        # Last resort for a worker stuck in C code: SIGKILL (workers ignore SIGTERM, see _worker_main).
+        for p in started:
+            if p.is_alive():
+                p.kill()
+                p.join(timeout=2.0)
         for q in self._ready + self._free + ([self._errors] if self._errors is not None else []):
             # Nobody reads these pipes any more: never let a feeder thread block the parent's exit.
             q.close()
             q.cancel_join_thread()
         self._processes, self._ready, self._free, self._errors, self._stop = [], [], [], None, None
-        self._image_views, self._mask_views = [], []
+        self._views = []
         if self._shm is not None:
             self._shm.close()
             self._shm.unlink()
@@ -250,12 +306,13 @@ class ImageReader:
     def get_batch(self, timeout=None):
         """The next batch: (images float32 [B, T, T, C], masks int32 [B, T, T]).
 
-        In test mode returns None once the pass is complete; the next call starts the next pass.
+        In test mode returns None once the pass is complete (pixels of the padded last batch and
+        pixels owned by a neighbouring tile have mask -1); the next call starts the next pass.
         Raises ImageReaderError when a worker failed or died, TimeoutError after ``timeout`` seconds.
         """
         if not self._started:
             raise RuntimeError("ImageReader.get_batch called before startup() (or after shutdown())")
-        if not self.shuffle:
+        if self.mode == "test":
             if self._pass_position == len(self._test_batches):
                 self._pass_position = 0
                 return None
@@ -264,65 +321,55 @@ class ImageReader:
             worker = self._next_batch % self.num_workers
         self._report_starvation()
         slot = self._wait_for_slot(worker, timeout)
-        images = self._image_views[slot].copy()
-        masks = self._mask_views[slot].copy()
+        images, masks = (view.copy() for view in self._views[slot])
         self._free[worker].put(slot)
         self._next_batch += 1
-        if not self.shuffle:
+        if self.mode == "test":
             self._pass_position += 1
         return images, masks
-
-    def generator(self):
-        """Training mode: an endless stream of batches. Test mode: the batches of one pass."""
-        while True:
-            batch = self.get_batch()
-            if batch is None:
-                return
-            yield batch
 
     # ------------------------------------------------------------------ internals
 
     def _start(self):
         ctx = multiprocessing.get_context("spawn")
+        layout = self._layout
         name = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
-        self._shm = shared_memory.SharedMemory(name=name, create=True,
-                                               size=_CONTROL_BYTES + self._capacity * self._slot_bytes)
-        self._stop = np.ndarray((1,), dtype=np.uint8, buffer=self._shm.buf)
-        for slot in range(self._capacity):
-            image_view, mask_view = _slot_views(self._shm.buf, slot, self._slot_bytes, self._image_bytes,
-                                                self._image_shape, self._mask_shape)
-            self._image_views.append(image_view)
-            self._mask_views.append(mask_view)
+        self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.segment_bytes)
+        self._stop = layout.stop_flag(self._shm.buf)
+        self._views = [layout.views(self._shm.buf, slot) for slot in range(layout.capacity)]
         self._errors = ctx.Queue()
+        train = self.mode == "train"
         augment_kwargs = self.augmentation.augment_kwargs() if self.use_augmentation else {}
+        presence = self._metadata.get("class_presence") or []
         for worker_id in range(self.num_workers):
-            slots = list(range(worker_id * self._slots_per_worker, (worker_id + 1) * self._slots_per_worker))
             spec = _WorkerSpec(
                 img_db=os.path.abspath(self.img_db), worker_id=worker_id, parent_pid=os.getpid(),
-                shm_name=name, slots=slots, batch_size=self.batch_size, tile=self._tile,
-                channels=self._channels, train=self.shuffle, seed=self.seed, shard_index=self.shard_index,
-                use_augmentation=self.use_augmentation and self.shuffle, augment_kwargs=augment_kwargs,
-                train_records=list(range(int(self._metadata["num_records"]))) if self.shuffle else [],
-                class_records=self._class_records if self.shuffle else None,
+                shm_name=name, layout=layout, train=train, seed=self.seed, shard_index=self.shard_index,
+                use_augmentation=self.use_augmentation and train, augment_kwargs=augment_kwargs,
+                train_records=list(range(int(self._metadata["num_records"]))) if train else [],
+                class_records=_records_per_class(self._metadata) if train and self.balance_classes else None,
+                foreground_crop_fraction=self.foreground_crop_fraction if train else 0.0,
+                foreground_classes=[[int(c) for c in classes if int(c) != 0] for classes in presence]
+                if train and self.foreground_crop_fraction > 0 else None,
                 test_batches=self._test_batches[worker_id::self.num_workers])
             free, ready = ctx.Queue(), ctx.Queue()
-            for slot in slots:
+            for slot in layout.worker_slots(worker_id):
                 free.put(slot)
             self._free.append(free)
             self._ready.append(ready)
             # daemon: multiprocessing's own exit handler terminates them should everything else fail.
             self._processes.append(ctx.Process(target=_worker_main, name=f"ImageReader-{worker_id}",
                                                args=(spec, free, ready, self._errors), daemon=True))
-        with _main_module_hidden(), _worker_malloc_settings():
+        with _main_module_hidden(), _worker_malloc_settings(), _group_signals_blocked():
             for p in self._processes:
                 p.start()
 
     def _report_starvation(self):
         depth = self.get_queue_size()
-        if not self._starving and depth < 0.1 * self._capacity:
+        if not self._starving and depth < 0.1 * self._layout.capacity:
             self._starving = True
             print(STARVATION_MESSAGE, flush=True)
-        elif self._starving and depth > 0.5 * self._capacity:
+        elif self._starving and depth > 0.5 * self._layout.capacity:
             self._starving = False
             print(STARVATION_OVER_MESSAGE, flush=True)
 
@@ -364,8 +411,10 @@ class ImageReader:
         worker_id, tb, pid, exitcode = failure
         self.shutdown()
         if tb is not None:
+            # The exception's own line first: it names the database and record at fault.
+            summary = tb.strip().splitlines()[-1]
             raise ImageReaderError(f"ImageReader worker {worker_id} (pid {pid}) reading {self.img_db} "
-                                   f"failed:\n{tb}", worker_traceback=tb)
+                                   f"failed: {summary}\n{tb}", worker_traceback=tb)
         how = f"exit code {exitcode}"
         if exitcode < 0:
             how = f"signal {signal.Signals(-exitcode).name}"
@@ -418,15 +467,15 @@ def _resolve_tile(img_db, shapes, tile_size):
 
 
 def _axis_tiles(length, tile):
-    """[(start, first owned offset)] along one axis: regular tiles, the last one shifted inward.
+    """[(start, first owned offset)] along one axis, from tiling.tile_starts (no overlap).
 
-    The shifted last tile overlaps its neighbour; the overlap belongs to the neighbour, so the first
-    owned offset says where this tile's own pixels begin.
+    A tile shifted inward overlaps its predecessor; the shared pixels belong to the predecessor, so
+    the first owned offset says where this tile's own pixels begin.
     """
-    starts = list(range(0, length - tile + 1, tile))
-    tiles = [(s, 0) for s in starts]
-    if starts[-1] + tile < length:
-        tiles.append((length - tile, starts[-1] + tile - (length - tile)))
+    tiles, previous_end = [], 0
+    for start in tiling.tile_starts(length, tile):
+        tiles.append((start, max(0, previous_end - start)))
+        previous_end = start + tile
     return tiles
 
 
@@ -436,6 +485,7 @@ def _tiles(record, shape, tile):
 
 
 def _records_per_class(metadata):
+    """[(class id, records holding it)] for every class present, from the metadata's class_presence."""
     presence = metadata.get("class_presence")
     if not presence:
         raise ValueError("balance_classes needs the metadata's class_presence; rebuild the database")
@@ -443,7 +493,20 @@ def _records_per_class(metadata):
     for record, classes in enumerate(presence):
         for c in classes:
             by_class.setdefault(int(c), []).append(record)
-    return [by_class[c] for c in sorted(by_class)]
+    return [(c, by_class[c]) for c in sorted(by_class)]
+
+
+def _resolve_mode(mode, shuffle):
+    if shuffle is not None:
+        if mode is not None:
+            raise ValueError("give mode= or the deprecated shuffle=, not both")
+        warnings.warn("ImageReader(shuffle=...) is deprecated: use mode='train' (shuffle=True) or "
+                      "mode='test' (shuffle=False)", DeprecationWarning, stacklevel=3)
+        return "train" if shuffle else "test"
+    mode = "train" if mode is None else mode
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    return mode
 
 
 @contextlib.contextmanager
@@ -459,6 +522,26 @@ def _main_module_hidden():
         yield
     finally:
         sys.modules["__main__"] = main
+
+
+# Signals sent to the whole process group (Ctrl-C, Slurm) that workers leave to the parent.
+_PARENT_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def _group_signals_blocked():
+    """Block SIGINT/SIGTERM in this thread while workers are spawned; the children inherit the mask.
+
+    A worker needs a moment (interpreter start, imports) before _worker_main ignores them; a group
+    signal in that window would kill it. Blocked, the signal stays pending until the worker has
+    set SIG_IGN and unblocks, and is then discarded. The parent gets its own copy as usual once
+    the mask is restored.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _PARENT_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 @contextlib.contextmanager
@@ -482,17 +565,15 @@ def _worker_malloc_settings():
             os.environ.pop(name, None)
 
 
-def _slot_views(buffer, slot, slot_bytes, image_bytes, image_shape, mask_shape):
-    offset = _CONTROL_BYTES + slot * slot_bytes
-    return (np.ndarray(image_shape, dtype=np.float32, buffer=buffer, offset=offset),
-            np.ndarray(mask_shape, dtype=np.int32, buffer=buffer, offset=offset + image_bytes))
-
-
 # ---------------------------------------------------------------------- worker side
 
 def _worker_main(spec, free, ready, errors):
-    # Ctrl-C reaches the whole process group; the parent decides when workers stop.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Ctrl-C in a terminal and Slurm's SIGTERM (scancel, time limit) reach the whole process group:
+    # the parent decides when workers stop, so it can finish its checkpoint with batches still flowing
+    # and then shut them down itself. An orphaned worker still notices its parent is gone.
+    for signum in _PARENT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _PARENT_SIGNALS)  # blocked by the parent while spawning
     shm = None
     try:
         shm = _attach_shared_memory(spec.shm_name)
@@ -510,12 +591,8 @@ def _worker_main(spec, free, ready, errors):
 
 def _produce(spec, shm, env, free, ready):
     """Fill free slots with batches until stopped or orphaned (the views on shm die with this frame)."""
-    stop = np.ndarray((1,), dtype=np.uint8, buffer=shm.buf)
-    h, w = spec.tile
-    image_shape = (spec.batch_size, h, w, spec.channels)
-    mask_shape = (spec.batch_size, h, w)
-    image_bytes = int(np.prod(image_shape)) * 4
-    slot_bytes = image_bytes + int(np.prod(mask_shape)) * 4
+    layout = spec.layout
+    stop = layout.stop_flag(shm.buf)
     rng = np.random.default_rng([spec.seed, spec.shard_index, spec.worker_id])
     batches = _train_batches(spec, rng) if spec.train else _test_batches(spec)
     with env.begin(buffers=True) as txn:
@@ -523,7 +600,7 @@ def _produce(spec, shm, env, free, ready):
             slot = _next_free_slot(free, stop, spec.parent_pid)
             if slot is None:
                 return
-            images, masks = _slot_views(shm.buf, slot, slot_bytes, image_bytes, image_shape, mask_shape)
+            images, masks = layout.views(shm.buf, slot)
             for i, item in enumerate(items):
                 images[i], masks[i] = _read_item(txn, spec, item, rng)
             images[len(items):] = 0
@@ -567,20 +644,21 @@ def _next_free_slot(free, stop, parent_pid):
 
 
 def _train_batches(spec, rng):
-    """Endless lists of (record, y0, x0, 0, 0); y0, x0 = None means a random crop."""
+    """Endless lists of (record, None, None, 0, 0, class): a random crop of the record, placed by
+    _read_item; class is the class id balance_classes drew the record for (else None)."""
     if spec.class_records is not None:
         def draw():
-            members = spec.class_records[rng.integers(len(spec.class_records))]
-            return members[rng.integers(len(members))]
+            label, members = spec.class_records[rng.integers(len(spec.class_records))]
+            return members[rng.integers(len(members))], label
     else:
         order = []
 
         def draw():
             if not order:
                 order.extend(rng.permutation(spec.train_records).tolist())
-            return order.pop()
+            return order.pop(), None
     while True:
-        yield [(draw(), None, None, 0, 0) for _ in range(spec.batch_size)]
+        yield [(record, None, None, 0, 0, label) for record, label in (draw() for _ in range(spec.layout.batch_size))]
 
 
 def _test_batches(spec):
@@ -589,17 +667,39 @@ def _test_batches(spec):
         yield from spec.test_batches
 
 
+def _crop_origin(spec, record, label, mask, rng):
+    """(y0, x0) of a training crop: on a foreground pixel for a foreground_crop_fraction share,
+    else uniform over the record."""
+    h, w = spec.layout.height, spec.layout.width
+    height, width = mask.shape
+    if spec.foreground_crop_fraction > 0 and rng.random() < spec.foreground_crop_fraction:
+        classes = spec.foreground_classes[record] if spec.foreground_classes else []
+        if label not in classes:
+            label = int(classes[rng.integers(len(classes))]) if classes else None
+        if label is not None:
+            pixels = np.flatnonzero(mask == label)
+            if pixels.size:
+                y, x = divmod(int(pixels[rng.integers(pixels.size)]), width)
+                # Centred on the pixel, jittered by up to a quarter tile (so it stays well inside and
+                # a rotation about the crop centre keeps it), then clipped to the record.
+                jy, jx = rng.integers(-(h // 4), h // 4 + 1), rng.integers(-(w // 4), w // 4 + 1)
+                return (int(np.clip(y - h // 2 + jy, 0, height - h)), int(np.clip(x - w // 2 + jx, 0, width - w)))
+    return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
+
+
 def _read_item(txn, spec, item, rng):
     """One (image float32 T x T x C, mask T x T) from a record: crop, augment, normalise."""
-    record, y0, x0, own_y, own_x = item
+    record, y0, x0, own_y, own_x = item[:5]
     buffer = txn.get(records.record_key(record))
     if buffer is None:
         raise records.RecordFormatError(f"{spec.img_db}: record {record} is missing")
-    image, mask = records.decode_record(buffer)
-    h, w = spec.tile
+    try:
+        image, mask, statistics = records.decode(buffer)
+    except records.RecordFormatError as exc:
+        raise records.RecordFormatError(f"{spec.img_db}: record {record}: {exc}") from None
+    h, w = spec.layout.height, spec.layout.width
     if y0 is None:
-        y0 = int(rng.integers(0, image.shape[0] - h + 1))
-        x0 = int(rng.integers(0, image.shape[1] - w + 1))
+        y0, x0 = _crop_origin(spec, record, item[5], mask, rng)
     image = image[y0:y0 + h, x0:x0 + w]
     mask = mask[y0:y0 + h, x0:x0 + w]
     if not image.flags.aligned:
@@ -607,8 +707,15 @@ def _read_item(txn, spec, item, rng):
         # copying one crop costs far less than the augmentation (measured ~7% faster overall).
         image = image.copy()
     if spec.use_augmentation:
+        # On the raw values: intensity and noise augmentation then change what the network sees
+        # (a per-crop z-score afterwards would cancel an intensity shift entirely).
         image, mask = augment.augment_image(image, mask, **spec.augment_kwargs, rng=rng)
-    image = augment.zscore_normalize(image)
+    image = normalization.normalize(image, statistics)
+    if not np.isfinite(image).all():
+        raise NonFiniteRecordError(
+            f"{spec.img_db}: record {record} holds non-finite values (NaN or Inf) in its pixels or "
+            "its normalisation statistics; training cannot use it. Rebuild the database with "
+            "build_lmdb.py, which refuses such images and names the file")
     if own_y or own_x:
         mask = mask.astype(np.int32)
         mask[:own_y] = -1

@@ -145,16 +145,25 @@ def test_lossless_conversions(tmp_path):
         assert mask.shape == (32, 32) and np.array_equal(mask, labels)
 
 
-def test_exact_float64_becomes_float32_and_channels_first_tiff_is_transposed(tmp_path):
+def test_exact_float64_becomes_float32_and_channels_first_tiff_is_transposed_when_asked(tmp_path):
     os.makedirs(tmp_path / "images")
     os.makedirs(tmp_path / "masks")
     image = np.linspace(0, 1, 2 * 16 * 24).reshape(2, 16, 24).astype(np.float32).astype(np.float64)
     tifffile.imwrite(tmp_path / "images" / "a.tif", image)  # C x H x W, as multi-page TIFFs come
     tifffile.imwrite(tmp_path / "masks" / "a.tif", np.ones((16, 24), np.uint8))
-    result = build_lmdb.build_databases(config_for(tmp_path, train_fraction=1.0), show_progress=False)
+    result = build_lmdb.build_databases(config_for(tmp_path, train_fraction=1.0, first_axis_is_channels=True),
+                                        show_progress=False)
     _, [(stored, _, _)] = read_db(result.paths["train"])
     assert stored.dtype == np.float32 and stored.shape == (16, 24, 2)
     assert np.array_equal(stored, np.moveaxis(image, 0, -1).astype(np.float32))
+
+
+def test_stack_with_2d_masks_is_refused_naming_file_and_shape(tmp_path):
+    write_pairs(tmp_path, count=3)
+    stack = tmp_path / "images" / "img_001.tif"
+    tifffile.imwrite(stack, np.zeros((5, 32, 32), np.uint16))  # Z x H x W beside a 32 x 32 mask
+    message = assert_fails(config_for(tmp_path), str(stack), "(5, 32, 32)", "--first_axis_is_channels")
+    assert "1 of 3 pair(s)" in message
 
 
 def test_mixed_uint8_and_uint16_images_are_promoted(tmp_path):
@@ -204,13 +213,6 @@ def test_split_indices_unit():
 
 # ----------------------------------------------------------------------------- tiling
 
-def test_tile_origins_shift_the_last_tile_inward():
-    assert build_lmdb.tile_origins(100, 32) == [0, 32, 64, 68]
-    assert build_lmdb.tile_origins(64, 32) == [0, 32]
-    assert build_lmdb.tile_origins(100, 32, overlap=8) == [0, 24, 48, 68]
-    assert build_lmdb.tile_origins(20, 32) == [0]
-
-
 @pytest.mark.parametrize("overlap,expected_tiles", [(0, 4 * 3), (8, 4 * 3), (16, 6 * 4)])
 def test_tiles_cover_a_non_multiple_image(tmp_path, overlap, expected_tiles):
     arrays = write_pairs(tmp_path, count=1, shape=(100, 70))
@@ -242,8 +244,47 @@ def test_tiles_of_one_image_never_land_in_both_splits(tmp_path):
                                         show_progress=False)
     train = [stem_of(s) for s in result.metadata["train"]["sources"]]
     test = [stem_of(s) for s in result.metadata["test"]["sources"]]
-    assert len(train) == 6 * 4 and len(test) == 4 * 4
+    assert len(train) == 6 * 4 and len(test) == 4  # test images are stored whole
     assert not set(train) & set(test)
+
+
+def test_train_tiles_carry_source_statistics_test_is_whole_and_pixels_count_once(tmp_path):
+    # 100 x 136 with a bright strip, tiled at 64 with overlap 16: 2 x 3 overlapping train tiles.
+    os.makedirs(tmp_path / "images")
+    os.makedirs(tmp_path / "masks")
+    rng = np.random.default_rng(0)
+    sources = {}
+    for stem in ("a", "b", "c"):
+        image = rng.normal(1000, 40, (100, 136)).clip(0).astype(np.uint16)
+        image[:, 60:70] += 5000
+        mask = (rng.random((100, 136)) < 0.3).astype(np.uint8)
+        tifffile.imwrite(tmp_path / "images" / f"{stem}.tif", image)
+        tifffile.imwrite(tmp_path / "masks" / f"{stem}.tif", mask)
+        sources[stem] = (image, mask)
+    result = build_lmdb.build_databases(config_for(tmp_path, train_fraction=0.67, tile_size=64, tile_overlap=16),
+                                        show_progress=False)
+    for split in ("train", "test"):
+        meta = records.read_metadata(result.paths[split])
+        env = records.open_database(result.paths[split])
+        with env.begin() as txn:
+            decoded = [records.decode(txn.get(records.record_key(i))) for i in range(meta["num_records"])]
+        env.close()
+        stems = sorted({stem_of(s) for s in meta["sources"]})
+        for record, source in zip(decoded, meta["sources"]):
+            image, _ = sources[stem_of(source)]
+            want = image.astype(np.float64)
+            np.testing.assert_allclose(record.statistics.mean, [want.mean()], rtol=1e-12)
+            np.testing.assert_allclose(record.statistics.std, [want.std()], rtol=1e-12)
+        # Each source pixel counted once, whatever the tiles share.
+        expected = sum(np.bincount(sources[s][1].ravel(), minlength=2) for s in stems)
+        assert meta["class_pixel_counts"] == expected.tolist()
+        if split == "train":
+            assert len(stems) == 2 and meta["num_records"] == 2 * 6 and meta["tile_size"] == 64
+            assert sum(r.mask.size for r in decoded) > sum(expected)  # the tiles do overlap
+        else:
+            assert meta["num_records"] == 1 and meta["tile_size"] is None
+            assert decoded[0].image.shape == (100, 136, 1) and "tile" not in meta["sources"][0]
+            assert np.array_equal(decoded[0].image[..., 0], sources[stems[0]][0])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -283,6 +324,43 @@ def test_bad_masks(tmp_path, bad_mask, fragment):
     write_pairs(tmp_path, count=3)
     tifffile.imwrite(tmp_path / "masks" / "img_002.tif", bad_mask)
     assert_fails(config_for(tmp_path), str(tmp_path / "masks" / "img_002.tif"), fragment)
+
+
+def test_image_folder_equal_to_mask_folder_is_refused(tmp_path):
+    write_pairs(tmp_path, count=3)
+    config = config_for(tmp_path, mask_folder=str(tmp_path / "images" / "."))
+    assert_fails(config, "--image_folder and --mask_folder are the same folder", "images")
+
+
+def test_0_255_masks_warn_and_the_flag_maps_255_to_1(tmp_path, capsys):
+    write_pairs(tmp_path, count=3)
+    for i in range(3):
+        path = tmp_path / "masks" / f"img_{i:03d}.tif"
+        tifffile.imwrite(path, (tifffile.imread(path) > 0).astype(np.uint8) * 255)
+    plain = build_lmdb.build_databases(config_for(tmp_path, train_fraction=1.0), show_progress=False)
+    assert plain.metadata["train"]["number_classes"] == 256
+    [warning] = plain.warnings
+    assert "only the values 0 and 255" in warning and "--masks_255_to_1" in warning
+    assert "warning: every mask in" in capsys.readouterr().err
+    mapped = build_lmdb.build_databases(config_for(tmp_path, train_fraction=1.0, masks_255_to_1=True),
+                                        show_progress=False)
+    assert mapped.metadata["train"]["number_classes"] == 2 and mapped.warnings == []
+    _, items = read_db(mapped.paths["train"])
+    for _, mask, source in items:
+        assert np.array_equal(mask, tifffile.imread(source["mask"]) // 255)
+    # A mask that is not binary 0/255 is refused rather than merged.
+    tifffile.imwrite(tmp_path / "masks" / "img_001.tif", np.full((32, 32), 3, np.uint8))
+    assert_fails(config_for(tmp_path, masks_255_to_1=True, dataset_name="y"), "img_001.tif", "also holds 3")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_float_images_with_non_finite_pixels_are_refused(tmp_path, value):
+    write_pairs(tmp_path, count=3, dtype=np.float32)
+    bad = tmp_path / "images" / "img_002.tif"
+    image = tifffile.imread(bad)
+    image[3, 4:9] = value
+    tifffile.imwrite(bad, image)
+    assert_fails(config_for(tmp_path), str(bad), "5 of 1024 pixel values are not finite")
 
 
 def test_jpeg_masks_are_refused(tmp_path):
@@ -434,8 +512,16 @@ def test_failed_build_removes_the_output_folder_it_created(tmp_path, monkeypatch
 @pytest.mark.parametrize("signum,exit_code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_in_a_real_process_keeps_previous_databases(tmp_path, signum, exit_code):
     paths, digests = _previous_build(tmp_path)
-    marker = tmp_path / "writing"
     # The child slows its write pass down and announces it, so the signal lands mid-build.
+    child = _slow_build_child(tmp_path, tmp_path / "writing", "--seed", "5")
+    child.send_signal(signum)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == exit_code, stderr
+    _assert_previous_intact(tmp_path, paths, digests)
+
+
+def _slow_build_child(tmp_path, marker, *extra):
+    """A build_lmdb.main child whose write pass is slowed down and announced by touching marker."""
     script = (
         "import sys, time, pathlib, build_lmdb\n"
         "real = build_lmdb.tiles_of\n"
@@ -447,16 +533,116 @@ def test_signal_in_a_real_process_keeps_previous_databases(tmp_path, signum, exi
         "sys.exit(build_lmdb.main(sys.argv[1:]))\n")
     child = subprocess.Popen(
         [sys.executable, "-c", script, "--image_folder", str(tmp_path / "images"), "--mask_folder",
-         str(tmp_path / "masks"), "--output_folder", str(tmp_path / "out"), "--dataset_name", "x",
-         "--seed", "5"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+         str(tmp_path / "masks"), "--output_folder", str(tmp_path / "out"), "--dataset_name", "x", *extra],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not marker.exists() and time.time() < deadline and child.poll() is None:
         time.sleep(0.02)
     assert marker.exists(), child.communicate()
-    child.send_signal(signum)
-    _, stderr = child.communicate(timeout=60)
-    assert child.returncode == exit_code, stderr
+    return child
+
+
+def _reaped_pid():
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def test_scratch_of_a_killed_build_is_removed_by_the_next_build(tmp_path):
+    paths, digests = _previous_build(tmp_path)
+    child = _slow_build_child(tmp_path, tmp_path / "writing", "--seed", "5")
+    child.kill()  # SIGKILL: no cleanup runs
+    child.communicate(timeout=60)
+    [left] = glob.glob(str(tmp_path / "out" / ".build_lmdb-*"))
+    assert f"-{child.pid}-" in os.path.basename(left)
+    # A scratch of a dead build holding a previous database whose target is gone gets it back;
+    # the scratch of a running build (here: this test's own process) is left alone.
+    host = os.path.basename(left).split("-")[1]
+    stranded = tmp_path / "out" / f".build_lmdb-{host}-{_reaped_pid()}-abc123"
+    os.makedirs(stranded)
+    os.rename(paths["test"], stranded / "previous-test-x.lmdb")
+    running = tmp_path / "out" / f".build_lmdb-{host}-{os.getpid()}-def456"
+    os.makedirs(running)
+    _assert_scratch_actions(tmp_path, paths, digests, left, stranded, running)
+
+
+def _assert_scratch_actions(tmp_path, paths, digests, left, stranded, running):
+    warned = []
+    result = build_lmdb.build_databases(config_for(tmp_path, dataset_name="other"), show_progress=False,
+                                        warn=warned.append)
+    assert not os.path.exists(left) and not stranded.exists() and running.is_dir()
+    assert digest(paths["test"]) == digests["test"] and digest(paths["train"]) == digests["train"]
+    assert any(f"removed {left}" in line and "no longer running" in line for line in warned)
+    assert any(f"restored {paths['test']}" in line for line in warned)
+    assert result.warnings == warned
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        [running.name, "test-x.lmdb", "train-x.lmdb", "test-other.lmdb", "train-other.lmdb"])
+
+
+def test_disk_full_while_writing_names_the_folder_and_changes_nothing(tmp_path, monkeypatch):
+    import lmdb
+
+    paths, digests = _previous_build(tmp_path)
+    real_put = records._put_growing
+    calls = []
+
+    def failing_put(env, key, value, map_size):
+        calls.append(key)
+        if len(calls) == 4:
+            raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+        return real_put(env, key, value, map_size)
+
+    monkeypatch.setattr(records, "_put_growing", failing_put)
+    message = str(pytest.raises(BuildError, build_lmdb.build_databases, config_for(tmp_path, seed=5),
+                                show_progress=False).value)
+    assert message.startswith(f"no space left on {tmp_path / 'out'} while writing train-x.lmdb")
+    assert "previous databases, if any, are unchanged" in message
     _assert_previous_intact(tmp_path, paths, digests)
+
+
+def test_disk_full_on_a_real_small_file_system(tmp_path, monkeypatch):
+    small = tmp_path / "small"
+    os.makedirs(small)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root); the injected DiskError test covers the message")
+    try:
+        write_pairs(tmp_path, count=30, shape=(128, 128))  # 1.5 MB of pixels, 1 MB of space
+        # Pretend the space was still there when the build checked it (another writer filled it).
+        monkeypatch.setattr(build_lmdb, "_check_targets", lambda *args: None)
+        config = config_for(tmp_path, output_folder=str(small / "out"))
+        message = str(pytest.raises(BuildError, build_lmdb.build_databases, config, show_progress=False).value)
+        assert message.startswith(f"no space left on {small / 'out'} while writing train-x.lmdb")
+        assert not (small / "out").exists()  # the folder it created is gone again, scratch included
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_folds_partition_the_images_reproducibly(tmp_path):
+    write_pairs(tmp_path, count=7, shape=(16, 16))
+
+    def build(seed, name):
+        result = build_lmdb.build_databases(config_for(tmp_path, folds=3, seed=seed, dataset_name=name),
+                                            show_progress=False)
+        assert sorted(result.paths) == sorted(f"{s}-fold{i}" for s in ("train", "test") for i in range(3))
+        tests = []
+        for fold in range(3):
+            train_path, test_path = result.paths[f"train-fold{fold}"], result.paths[f"test-fold{fold}"]
+            assert os.path.basename(test_path) == f"test-{name}-fold{fold}.lmdb"
+            train_meta, test_meta = records.read_metadata(train_path), records.read_metadata(test_path)
+            train = {stem_of(s) for s in train_meta["sources"]}
+            test = {stem_of(s) for s in test_meta["sources"]}
+            assert not train & test and len(train | test) == 7 and len(test) in (2, 3)
+            assert (test_meta["fold"], test_meta["folds"], train_meta["split"]) == (fold, 3, "train")
+            tests.append(sorted(test))
+        every = [stem for fold in tests for stem in fold]
+        assert sorted(every) == [f"img_{i:03d}" for i in range(7)]  # each image in exactly one test set
+        return tests
+
+    assert build(1, "a") == build(1, "b")
+    assert build(1, "a") != build(2, "c")
+    assert_fails(config_for(tmp_path, folds=8, dataset_name="d"), "--folds 8 with 7 image(s)")
+    assert_fails(config_for(tmp_path, folds=1, dataset_name="d"), "--folds 1")
 
 
 # ----------------------------------------------------------------------------- command line
@@ -470,9 +656,11 @@ def test_cli_help_documents_every_flag():
     done = run_cli("-h")
     assert done.returncode == 0
     for flag in ("--image_folder", "--mask_folder", "--output_folder", "--output_filepath", "--dataset_name",
-                 "--train_fraction", "--seed", "--tile_size", "--tile_overlap", "--image_extensions"):
+                 "--train_fraction", "--seed", "--tile_size", "--tile_overlap", "--image_extensions",
+                 "--folds", "--masks_255_to_1", "--first_axis_is_channels"):
         assert flag in done.stdout
-    assert "never land in both" in " ".join(done.stdout.split())
+    text = " ".join(done.stdout.split())
+    assert "never land in both" in text and "Test images are always stored whole" in text
 
 
 def test_cli_builds_and_summarises(tmp_path):
@@ -494,6 +682,12 @@ def test_cli_bad_input_exits_1_naming_the_files(tmp_path):
     assert done.returncode == 1
     assert done.stderr.startswith("error: ") and "img_001.tif" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_cli_folds_exclude_train_fraction():
+    done = run_cli("--image_folder", "a", "--mask_folder", "b", "--output_folder", "c",
+                   "--dataset_name", "d", "--folds", "5", "--train_fraction", "0.5")
+    assert done.returncode == 2 and "--train_fraction and --folds exclude each other" in done.stderr
 
 
 def test_cli_malformed_flag_exits_2():

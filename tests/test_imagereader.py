@@ -53,18 +53,29 @@ def _assert_nothing_left(pids):
     assert _segments(os.getpid()) == []
 
 
+def _one_pass(reader):
+    """The batches of one test pass (get_batch until its None)."""
+    batches = []
+    while (batch := reader.get_batch(timeout=30)) is not None:
+        batches.append(batch)
+    return batches
+
+
 def test_train_batches_shapes_dtypes_and_normalisation(tmp_path):
     make_synthetic_db(tmp_path / "db", num_records=6, shape=(64, 64), channels=2)
     with ImageReader(str(tmp_path / "db"), batch_size=4, tile_size=32, num_workers=2) as reader:
-        assert reader.get_image_size() == (32, 32, 2)
-        assert reader.get_epoch_size() == 6
         for _ in range(3):
             images, masks = reader.get_batch(timeout=30)
             assert images.shape == (4, 32, 32, 2) and images.dtype == np.float32
             assert masks.shape == (4, 32, 32) and masks.dtype == np.int32
             assert set(np.unique(masks)) <= {0, 1}
-            np.testing.assert_allclose(images.mean(axis=(1, 2)), 0, atol=1e-3)
-            np.testing.assert_allclose(images.std(axis=(1, 2)), 1, atol=1e-2)
+            assert np.isfinite(images).all() and np.abs(images).max() < 10
+    # Whole records, no augmentation: each record is its own source image, so each image is
+    # exactly z-scored per channel.
+    with ImageReader(str(tmp_path / "db"), batch_size=4, use_augmentation=False, num_workers=1) as reader:
+        images, _ = reader.get_batch(timeout=30)
+    np.testing.assert_allclose(images.mean(axis=(1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(images.std(axis=(1, 2)), 1, atol=1e-4)
 
 
 def test_train_crops_stay_aligned_with_masks(tmp_path):
@@ -80,11 +91,10 @@ def test_train_crops_stay_aligned_with_masks(tmp_path):
 @pytest.mark.parametrize("num_workers", [1, 2, 3])
 def test_test_pass_covers_every_record_once(tmp_path, num_workers):
     db = _identity_db(tmp_path / "db", num_records=7, shape=(16, 16))
-    with ImageReader(db, batch_size=3, shuffle=False, num_workers=num_workers) as reader:
-        assert reader.get_test_batch_count() == 3
+    with ImageReader(db, batch_size=3, mode="test", num_workers=num_workers) as reader:
         passes = []
         for _ in range(2):
-            batches = list(reader.generator())
+            batches = _one_pass(reader)
             assert len(batches) == 3
             passes.append(batches)
         assert reader.get_batch(timeout=30) is not None  # a third pass starts after the None
@@ -104,10 +114,11 @@ def test_test_pass_covers_every_record_once(tmp_path, num_workers):
 
 def test_test_tiles_count_each_pixel_once(tmp_path):
     db = _identity_db(tmp_path / "db", num_records=3, shape=(40, 36))
-    with ImageReader(db, batch_size=4, shuffle=False, num_workers=2, tile_size=16) as reader:
-        # 3 tile rows (0, 16, 24) x 3 tile columns (0, 16, 20) per record.
-        assert reader.get_test_batch_count() == 7
-        masks = np.concatenate([m for _, m in reader.generator()])
+    with ImageReader(db, batch_size=4, mode="test", num_workers=2, tile_size=16) as reader:
+        # 3 tile rows (0, 16, 24) x 3 tile columns (0, 16, 20) per record: 27 tiles in 7 batches.
+        batches = _one_pass(reader)
+        assert len(batches) == 7
+        masks = np.concatenate([m for _, m in batches])
     assert masks.shape == (28, 16, 16)
     valid = masks[masks >= 0]
     np.testing.assert_array_equal(np.sort(valid), np.arange(3 * 40 * 36))
@@ -117,9 +128,10 @@ def test_shards_split_test_records(tmp_path):
     db = _identity_db(tmp_path / "db", num_records=5, shape=(8, 8))
     seen = []
     for shard in range(2):
-        with ImageReader(db, 2, shuffle=False, shard_index=shard, shard_count=2) as reader:
-            assert reader.get_epoch_size() == (3, 2)[shard]
-            seen.extend(np.unique(m[m >= 0] // 64).tolist() for _, m in reader.generator())
+        with ImageReader(db, 2, mode="test", shard_index=shard, shard_count=2) as reader:
+            shard_records = [np.unique(m[m >= 0] // 64).tolist() for _, m in _one_pass(reader)]
+        assert sum(map(len, shard_records)) == (3, 2)[shard]
+        seen.extend(shard_records)
     assert sorted(r for batch in seen for r in batch) == [0, 1, 2, 3, 4]
 
 
@@ -168,13 +180,14 @@ def test_worker_exception_surfaces_with_traceback(tmp_path):
     with env.begin(write=True) as txn:
         txn.put(records.record_key(2), b"not a record")
     env.close()
-    reader = ImageReader(str(tmp_path / "db"), 4, shuffle=False, num_workers=2)
+    reader = ImageReader(str(tmp_path / "db"), 4, mode="test", num_workers=2)
     reader.startup()
     pids = reader.worker_pids
     with pytest.raises(ImageReaderError, match="RecordFormatError") as info:
         for _ in range(3):
             reader.get_batch(timeout=30)
-    assert "decode_record" in info.value.worker_traceback
+    assert "_read_item" in info.value.worker_traceback
+    assert "db: record 2: record does not start with" in str(info.value).splitlines()[0]
     _assert_nothing_left(pids)  # the reader shut itself down before raising
     reader.shutdown()
 
@@ -318,3 +331,184 @@ def test_bad_arguments_are_reported(tmp_path):
         ImageReader(str(tmp_path / "missing"), 2)
     with pytest.raises(RuntimeError, match="startup"):
         ImageReader(str(tmp_path / "db"), 2).get_batch()
+
+
+def test_crops_are_normalised_with_the_whole_source_image_statistics(tmp_path):
+    # Two 100 x 136 source images with a bright strip; the mask encodes each pixel's position, so
+    # every delivered pixel can be traced back to its source pixel. The train image is stored as
+    # overlapping 80 px tiles, the test image whole; the reader takes 64 px crops / tiles.
+    import build_lmdb
+    import normalization
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    position = np.arange(100 * 136, dtype=np.uint16).reshape(100, 136)
+    expected = {}
+    for folder in ("images", "masks"):
+        os.makedirs(tmp_path / folder)
+    for stem in ("a", "b"):
+        image = rng.normal(1000, 40, (100, 136)).clip(0).astype(np.uint16)
+        image[:, 60:70] += 5000
+        tifffile.imwrite(tmp_path / "images" / f"{stem}.tif", image)
+        tifffile.imwrite(tmp_path / "masks" / f"{stem}.tif", position)
+        expected[stem] = normalization.normalize(image, normalization.channel_statistics(image))
+    result = build_lmdb.build_databases(build_lmdb.BuildConfig(
+        image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+        output_folder=str(tmp_path / "out"), dataset_name="strip", train_fraction=0.5,
+        tile_size=80, tile_overlap=16), show_progress=False)
+
+    def check(images, masks, stem):
+        valid = masks >= 0
+        y, x = np.divmod(masks[valid], 136)
+        np.testing.assert_allclose(images[..., 0][valid], expected[stem][y, x], atol=1e-5)
+
+    train_stem = os.path.splitext(os.path.basename(result.metadata["train"]["sources"][0]["image"]))[0]
+    offsets = set()
+    with ImageReader(result.paths["train"], 8, use_augmentation=False, tile_size=64, seed=1) as reader:
+        for _ in range(3):
+            images, masks = reader.get_batch(timeout=30)
+            check(images, masks, train_stem)
+            offsets.update(divmod(int(m[0, 0]), 136) for m in masks)
+            # The old per-crop z-score would have made every crop zero-mean: these are not.
+            assert np.abs(images.mean(axis=(1, 2, 3))).max() > 0.1
+    assert len(offsets) >= 5
+    test_stem = ({"a", "b"} - {train_stem}).pop()
+    with ImageReader(result.paths["test"], 4, mode="test", tile_size=64) as reader:
+        batches = _one_pass(reader)
+    for images, masks in batches:
+        check(images, masks, test_stem)
+    assert sum(int((m >= 0).sum()) for _, m in batches) == 100 * 136  # whole image, every pixel once
+
+
+def test_record_with_non_finite_values_stops_the_reader_naming_database_and_record(tmp_path):
+    def pairs():
+        for i in range(3):
+            image = np.random.default_rng(i).normal(size=(16, 16, 1)).astype(np.float32)
+            if i == 1:
+                image[2, 3] = np.nan
+            yield image, np.zeros((16, 16), np.uint8), {"image": f"{i}.tif", "mask": f"{i}.tif"}
+
+    records.write_database(str(tmp_path / "db"), pairs(), {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+    with pytest.raises(ImageReaderError) as info:
+        with ImageReader(str(tmp_path / "db"), 3, use_augmentation=False, mode="test") as reader:
+            _one_pass(reader)
+    first_line = str(info.value).splitlines()[0]
+    assert f"{tmp_path / 'db'}: record 1 holds non-finite values" in first_line
+    assert "NonFiniteRecordError" in first_line and "build_lmdb.py" in first_line
+
+
+def test_older_database_format_is_refused_with_the_rebuild_message(tmp_path):
+    from test_records import write_format_1_database
+
+    path = write_format_1_database(tmp_path / "old.lmdb")
+    with pytest.raises(records.RecordFormatError, match=r"old\.lmdb was built by an older build_lmdb\.py "
+                                                        r"\(format 1\); rebuild it with build_lmdb\.py"):
+        ImageReader(path, 2)
+
+
+def test_mode_replaces_shuffle_which_stays_a_deprecated_alias(tmp_path):
+    db = _identity_db(tmp_path / "db", num_records=3, shape=(8, 8))
+    with pytest.warns(DeprecationWarning, match="mode='test'"):
+        reader = ImageReader(db, 2, shuffle=False)
+    assert reader.mode == "test" and not reader.shuffle
+    with pytest.warns(DeprecationWarning):
+        assert ImageReader(db, 2, shuffle=True).mode == "train"
+    assert ImageReader(db, 2).mode == "train"
+    with pytest.raises(ValueError, match="mode must be one of 'train', 'test'"):
+        ImageReader(db, 2, mode="eval")
+    with pytest.raises(ValueError, match="not both"):
+        ImageReader(db, 2, mode="test", shuffle=False)
+    with reader:
+        assert len(_one_pass(reader)) == 2
+
+
+def test_sigterm_to_the_process_group_leaves_shutdown_to_the_parent(tmp_path):
+    # Slurm signals every process of the job step. The workers must keep serving so the parent
+    # (which handles SIGTERM itself) can finish and shut them down: no leftover process or segment.
+    make_synthetic_db(tmp_path / "db", num_records=4, shape=(32, 32))
+    script = tmp_path / "parent.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, os, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        from imagereader import ImageReader
+        stopping = []
+        signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
+        reader = ImageReader({str(tmp_path / "db")!r}, 2, num_workers=2)
+        reader.startup()
+        reader.get_batch(timeout=30)
+        print(json.dumps({{"pid": os.getpid(), "workers": reader.worker_pids}}), flush=True)
+        while not stopping:
+            reader.get_batch(timeout=30)
+        after = [reader.get_batch(timeout=30) for _ in range(5)]  # e.g. the last steps before a checkpoint
+        reader.shutdown()
+        print("after", len(after), flush=True)
+    """))
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                  start_new_session=True)
+    info = {"workers": []}
+    try:
+        line = parent.stdout.readline()
+        while line.startswith("Input Queue Starvation"):
+            line = parent.stdout.readline()
+        info = json.loads(line)
+        os.killpg(parent.pid, signal.SIGTERM)
+        out, _ = parent.communicate(timeout=30)
+        assert parent.returncode == 0, (tmp_path / "stderr.txt").read_text()
+        assert "after 5" in out
+        assert all(map(_gone, info["workers"]))
+        assert _segments(info["pid"]) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        for pid in info["workers"]:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _foreground_db(path):
+    """Records of 128 x 128: 0 holds a rare class 2 (9 px, 0.05 %), 1 holds class 1 (a 20 x 20
+    block), 2 holds class 1 and a rare class 3 (9 px)."""
+    def pairs():
+        for i in range(3):
+            mask = np.zeros((128, 128), np.uint8)
+            if i == 0:
+                mask[100:103, 7:10] = 2
+            else:
+                mask[10:30, 90:110] = 1
+            if i == 2:
+                mask[120:123, 3:6] = 3
+            image = np.random.default_rng(i).normal(100, 10, (128, 128, 1)).astype(np.float32)
+            yield image, mask, {"image": f"{i}.tif", "mask": f"{i}.tif"}
+
+    records.write_database(str(path), pairs(), {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+    return str(path)
+
+
+def test_foreground_crops_contain_their_class_even_when_rare(tmp_path):
+    db = _foreground_db(tmp_path / "db")
+
+    def crops(**kwargs):
+        with ImageReader(db, 8, use_augmentation=False, tile_size=32, num_workers=1, seed=3, **kwargs) as reader:
+            return np.concatenate([reader.get_batch(timeout=30)[1] for _ in range(30)])
+
+    def share_holding(masks, label):
+        return (masks == label).any(axis=(1, 2)).mean()
+
+    placed = crops(foreground_crop_fraction=1.0)
+    # Every crop holds foreground; records 0 and 1 hold one foreground class each, so their crops
+    # hold exactly the drawn class. Records come in per-epoch permutations: a third are record 0.
+    assert (placed > 0).any(axis=(1, 2)).all()
+    assert share_holding(placed, 2) == pytest.approx(1 / 3, abs=0.02)
+    # Record 2 draws class 1 or 3 uniformly: about half its crops hold the rare class 3.
+    assert share_holding(placed, 3) == pytest.approx(1 / 6, abs=0.07)
+    plain = crops()
+    assert share_holding(plain, 2) < 0.15 and not (plain > 0).any(axis=(1, 2)).all()
+    # With balance_classes, a record drawn for a foreground class is cropped on that class:
+    # class 3 is drawn a quarter of the time, and record 2 adds its uniform half of the class-0 draws.
+    balanced = crops(foreground_crop_fraction=1.0, balance_classes=True)
+    assert (balanced > 0).any(axis=(1, 2)).all()
+    assert share_holding(balanced, 3) == pytest.approx(1 / 4 + 1 / 12 * 1 / 2, abs=0.08)
+    with pytest.raises(ValueError, match="foreground_crop_fraction"):
+        ImageReader(db, 2, foreground_crop_fraction=1.5)
