@@ -63,7 +63,7 @@ CONFIG_KEYS = ("model", "number_classes", "input_channels", "base_filters", "bat
 ZMUV_EPS = 1e-6
 # Test tensors and the cover use at most this many pixels a side (keeps the package small).
 MAX_TEST_SIDE = 512
-COVER_HEIGHT = 256
+COVER_HEIGHT = 300
 DEFAULT_LICENSE = "CC-BY-4.0"
 ARCHITECTURE_CITATIONS = {
     "unet": ("Ronneberger, Fischer, Brox: U-Net: Convolutional Networks for Biomedical Image "
@@ -245,12 +245,13 @@ def read_sample(path, channels):
 
 
 def fit_to_size_rule(image, minimum, step):
-    """Centre-crop (or reflect-pad, when smaller) H x W x C to sides min(side, MAX_TEST_SIDE) rounded
-    down to the step, and at least ``minimum``: a size the package's input accepts as is."""
+    """Centre-crop (or mirror-pad, when smaller) H x W x C to a square of side min(H, W,
+    MAX_TEST_SIDE) rounded down to the step, and at least ``minimum``: a size the package's input
+    accepts as is (and a 2:1 cover)."""
+    target = max(minimum, min(*image.shape[:2], MAX_TEST_SIDE) // step * step)
     fitted = image
     for axis in (0, 1):
         length = fitted.shape[axis]
-        target = max(minimum, min(length, MAX_TEST_SIDE) // step * step)
         if length >= target:
             start = (length - target) // 2
             fitted = np.take(fitted, range(start, start + target), axis=axis)
@@ -500,6 +501,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
 
 def build_readme(run, config, keras_weights, sample_source, test_shape):
     """README.md of the package: what goes in and out, how to run it elsewhere, how it was validated."""
+    package = pathlib.Path(config.output).name
     minimum, step = size_rule(run.name)
     halo = inference.halo_for(run.name)
     test_shape = [1, run.input_channels, *test_shape]
@@ -525,8 +527,8 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
 - float32 tensor with axes batch, channel, y, x: (B, {run.input_channels}, H, W), raw intensities.
 - Preprocessing `zero_mean_unit_variance` over y and x (each sample, each channel separately,
   eps {ZMUV_EPS}); segtool normalises every whole image the same way before tiling it.
-- H and W: {minimum} + n * {step} px (n = 0, 1, ...). Larger images are tiled by the consuming tool
-  with a halo of {halo} px.
+- Tile sides H and W: {minimum} + n * {step} px (n = 0, 1, ...), the rule bioimage.io tools tile
+  images by, with a halo of {halo} px; the network itself accepts any multiple of {step}.
 
 ## Output `{OUTPUT_ID}`
 - float32 tensor (B, {run.number_classes}, H, W): per-class softmax probabilities, summing to 1
@@ -542,23 +544,39 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
   (B, C, H, W) float32, output dict key `{OUTPUT_ID}` (B, K, H, W).
 {no_keras}
 ## Use it
-- **napari**: install the `napari-bioimageio` plugin (with `bioimageio.core` and TensorFlow in the
-  same environment), open this zip in its model runner and apply it to a 2D image.
-- **deepImageJ (Fiji)**: Plugins > DeepImageJ > DeepImageJ Install Model > "Private model" /
-  from zip: choose this file. deepImageJ runs the TensorFlow SavedModel weights with one of the
-  TensorFlow engines it ships; this package was exported with TensorFlow {tf.__version__}.
-- **Python (bioimageio.core)**: `bioimageio.core.predict(model="{'{'}this zip{'}'}",
-  inputs=image_bcyx)` or the command line `bioimageio predict`.
+- **deepImageJ (Fiji)**: Plugins > DeepImageJ > DeepImageJ Install Model, install a private model
+  from this local zip, then DeepImageJ Run. deepImageJ runs the TensorFlow SavedModel weights with
+  one of its own TensorFlow 2 engines (this package was exported with TensorFlow {tf.__version__})
+  and applies the zero-mean-unit-variance preprocessing itself.
+- **napari**: from napari's Python console, with `bioimageio.core` and `tensorflow` installed in
+  napari's environment (`napari-bioimageio` only manages models of the bioimage.io website):
+
+      from bioimageio.core import Tensor, predict
+      image = viewer.layers[0].data.astype("float32")                  # H x W
+      x = Tensor.from_numpy(image[None, None], dims=("batch", "channel", "y", "x"))
+      out = predict(model="{package}", inputs={{"{INPUT_ID}": x}}, blocksize_parameter=4)
+      probabilities = out.members["{OUTPUT_ID}"].data.to_numpy()[0]     # K x H x W
+      viewer.add_labels(probabilities.argmax(axis=0))
+
+  `blocksize_parameter=n` tiles the image with {minimum} + n * {step} px blocks (the image must be at
+  least one block); without it the whole image is run at once, and H and W must then be
+  multiples of {step}.
+- **Command line (bioimageio.core)**: `bioimageio test {package}` reruns the test tensors;
+  `bioimageio predict` segments files.
 - **Plain TensorFlow**: unzip tf_saved_model.zip, then
-  `tf.saved_model.load(folder).serve(x)["{OUTPUT_ID}"]` with `x` already normalised (zero mean,
-  unit variance per channel).
+  `tf.saved_model.load(folder).serve(x)["{OUTPUT_ID}"]`, `x` float32 (B, C, H, W) already normalised
+  (zero mean, unit variance per image and channel), H and W multiples of {step}.
 
 ## Validation
 - The test input (`test_input.npy`, shape {test_shape}) is {sample_source}; `test_output.npy` holds
   the probabilities segtool's own tiled predictor computes for it (per-image z-score, then the
-  trained network, then softmax). Reproduce and check the package with
-  `bioimageio test {'{'}this zip{'}'}` (bioimageio.core) or validate its description with
-  `python -c "import bioimageio.spec as s; print(s.load_description('{'{'}this zip{'}'}').validation_summary.status)"`.
+  trained network, then softmax). `bioimageio test {package}` (bioimageio.core) checks that
+  every weights format reproduces it; the description alone is checked by `python -c "import
+  bioimageio.spec as s; print(s.load_description('{package}').validation_summary.status)"`.
+- bioimageio.core's tiled prediction (`blocksize_parameter`) equals segtool's to float precision
+  away from the image border when H and W are multiples of {step}; within about one halo of the
+  border, and for other sizes (segtool centres its padding to a multiple of {step}, which shifts the
+  pooling grid), the two differ slightly because each pads images its own way.
 - The quality of the segmentation on unseen data is measured by segtool during training
   (`test_metrics.csv` in the training output folder: per-class IoU and Dice on the test split).
 """
@@ -576,6 +594,17 @@ def validate_package(source):
     except ImportError:
         return None
     return load_description(source, perform_io_checks=True).validation_summary
+
+
+def describe_errors(summary, limit=300):
+    """One line per error of a ValidationSummary: 'location: message' (long messages, such as the
+    list of every valid license, cut to ``limit`` characters)."""
+    lines = []
+    for error in summary.errors:
+        location = ".".join(str(part) for part in error.loc) or "rdf.yaml"
+        message = " ".join(str(error.msg).split())
+        lines.append(f"  {location}: {message[:limit]}{' ...' if len(message) > limit else ''}")
+    return "\n".join(lines)
 
 
 def write_zip_atomically(output, folder, names):
@@ -663,8 +692,8 @@ def export_package(config):
 
         summary = validate_package(staging / "rdf.yaml") if config.validate else None
         if summary is not None and summary.status == "failed":
-            raise ValidationError(f"bioimageio.spec rejects the package (nothing written):\n"
-                                  f"{summary.format()}")
+            raise ValidationError("bioimageio.spec rejects the package (nothing written):\n"
+                                  + describe_errors(summary))
         write_zip_atomically(config.output, staging, names)
     return pathlib.Path(config.output), summary
 

@@ -130,6 +130,22 @@ def test_package_validates_with_bioimageio_spec(package):
     assert summary.status == "valid-format", summary.format()
 
 
+def test_a_package_bioimageio_spec_rejects_is_reported_by_location(package, tmp_path):
+    """export_package validates its staging folder this way before writing (an invalid package
+    raises ValidationError with these lines and nothing is written)."""
+    pytest.importorskip("bioimageio.spec", reason="bioimageio.spec is not installed "
+                        "(pip install -r requirements-dev.txt)")
+    path, _, _ = package
+    with zipfile.ZipFile(path) as archive:
+        archive.extractall(tmp_path)
+    rdf = (tmp_path / "rdf.yaml").read_text()
+    (tmp_path / "rdf.yaml").write_text(rdf.replace('license: "CC-BY-4.0"', 'license: "NOT-A-LICENSE"'))
+    summary = export_bioimageio.validate_package(tmp_path / "rdf.yaml")
+    assert summary.status == "failed"
+    lines = export_bioimageio.describe_errors(summary).splitlines()
+    assert lines and all(line.strip().startswith("license") and len(line) < 400 for line in lines)
+
+
 def test_bioimageio_core_reproduces_the_test_output_with_every_weights_format(package, tmp_path,
                                                                               monkeypatch):
     core = pytest.importorskip("bioimageio.core", reason="bioimageio.core is not installed "
@@ -213,6 +229,24 @@ def test_bad_flags_exit_2_before_any_work(tmp_path, capsys):
         assert export_bioimageio.main(["--model", str(tmp_path / "run"), *argv]) == 2
         assert message in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_sample_image_is_read_and_fitted_to_a_square_the_package_accepts(tmp_path):
+    import tifffile
+    minimum, step = export_bioimageio.size_rule("unet")
+    planar = np.arange(2 * 600 * 1000, dtype=np.uint16).reshape(2, 600, 1000)  # C x H x W TIFF
+    tifffile.imwrite(tmp_path / "planar.tif", planar)
+    image = export_bioimageio.read_sample(tmp_path / "planar.tif", channels=2)
+    assert image.shape == (600, 1000, 2) and image.dtype == np.uint16
+    fitted = export_bioimageio.fit_to_size_rule(image, minimum, step)
+    assert fitted.shape == (512, 512, 2)  # MAX_TEST_SIDE, centred
+    np.testing.assert_array_equal(fitted, image[44:556, 244:756])
+    small = export_bioimageio.fit_to_size_rule(image[:256, :300], minimum, step)
+    assert small.shape == (minimum, minimum, 2)  # mirror-padded up to the smallest tile
+    np.testing.assert_array_equal(small[8:264, :, 0], image[:256, 14:286, 0])
+    expected = r"planar.tif: .*shape \(2, 600, 1000\)\), the model expects 3"
+    with pytest.raises(export_bioimageio.ExportError, match=expected):
+        export_bioimageio.read_sample(tmp_path / "planar.tif", channels=3)
 
 
 def test_yaml_writer_round_trips_through_a_yaml_parser():
