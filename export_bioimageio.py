@@ -422,7 +422,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
     """The rdf.yaml content as a dict.
 
     Args:
-      files: package file name -> sha256 for the weights and test tensors.
+      files: package file name -> sha256 of every file but rdf.yaml.
       test_shape: (H, W) of the test tensors.
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
     """
@@ -433,7 +433,10 @@ def build_rdf(run, config, files, test_shape, keras_weights):
     citations = config.cite or [ARCHITECTURE_CITATIONS[run.name]]
     cite = [{"text": text, ("url" if reference.startswith(("http://", "https://")) else "doi"): reference}
             for text, reference in citations]
-    space = lambda axis, size, **extra: {"type": "space", "id": axis, "size": size, **extra}  # noqa: E731
+
+    def space(axis, size, **extra):
+        return {"type": "space", "id": axis, "size": size, **extra}
+
     weights = {}
     if keras_weights:
         weights["keras_v3"] = {
