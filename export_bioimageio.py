@@ -5,7 +5,8 @@ napari and bioimage.io's own tools.
         --author "Ada Lovelace;Example Institute" --sample_image my_images/a.tif
 
 The package (one zip) holds:
-  rdf.yaml              the model description (format_version FORMAT_VERSION, type model)
+  rdf.yaml              the model description (type model, format_version FORMAT_VERSION, or
+                        KERAS_V3_FORMAT_VERSION with --keras_v3)
   README.md             generated documentation (inputs, outputs, use in napari/deepImageJ, validation)
   cover.png             the test input | its predicted class mask
   test_input.npy        float32 (1, C, H, W) raw image (before normalisation), batch-channel-y-x order
@@ -13,9 +14,11 @@ The package (one zip) holds:
                         predictor (the same code that segments images here)
   tf_saved_model.zip    TensorFlow SavedModel (serving signature "serve"/"serving_default":
                         float32 (B, C, H, W) "image" -> {"probabilities": float32 (B, K, H, W)})
-  model.keras           the same network as a Keras 3 file (weights format keras_v3); only for models
-                        built from stock Keras layers (UNet): SegNet's custom pooling layers would need
-                        this project's code to load, so its package carries the SavedModel alone
+  model.keras           with --keras_v3 only: the same network as a Keras 3 file (weights format
+                        keras_v3, which bioimageio.core runs). Not the default because readers older
+                        than bioimageio.spec 0.5.8 reject a package with keras_v3 weights, and deepImageJ
+                        runs only the SavedModel; not possible for SegNet, whose custom pooling layers
+                        need this project's code to load
 
 The exported network takes batch-channel-y-x tensors and ends in a softmax over the class channel:
 its output is per-class probabilities, and the class mask is their argmax over the channel axis (the
@@ -52,7 +55,11 @@ import tifffile
 import inference
 import models
 
-FORMAT_VERSION = "0.5.12"
+# The oldest 0.5 format that has everything the package uses, so that older bioimage.io readers
+# accept it too (newer ones read any 0.5.x): bioimageio.spec 0.5.11+ writes covers/documentation as
+# {source, sha256} entries that readers before 0.5.11 reject, and keras_v3 weights exist from 0.5.8.
+FORMAT_VERSION = "0.5.4"
+KERAS_V3_FORMAT_VERSION = "0.5.8"
 INPUT_ID = "image"
 OUTPUT_ID = "probabilities"
 SERVING_ENDPOINT = "serve"
@@ -94,7 +101,7 @@ class ExportConfig:
 
     ``authors`` are (name, affiliation or None) pairs, ``cite`` (text, DOI or URL) pairs; empty means
     the defaults (the login name; the architecture's paper). ``sample_image`` None -> a generated
-    image of bright disks on a noisy background.
+    image of bright disks on a noisy background. ``keras_v3`` adds model.keras next to the SavedModel.
     """
     model: str
     output: str
@@ -105,6 +112,7 @@ class ExportConfig:
     cite: tuple = ()
     tags: tuple = ()
     sample_image: str | None = None
+    keras_v3: bool = False
     validate: bool = True
 
 
@@ -422,7 +430,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
     """The rdf.yaml content as a dict.
 
     Args:
-      files: package file name -> sha256 of every file but rdf.yaml.
+      files: package file name -> sha256 for the weights and test tensors.
       test_shape: (H, W) of the test tensors.
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
     """
@@ -452,7 +460,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
                    f"'{SERVING_ENDPOINT}' (also 'serving_default'): input '{INPUT_ID}' float32 "
                    f"(B, C, H, W) -> dict with '{OUTPUT_ID}' float32 (B, K, H, W)."}
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": KERAS_V3_FORMAT_VERSION if keras_weights else FORMAT_VERSION,
         "type": "model",
         "name": config.name or default_name(run),
         "description": config.description or default_description(run),
@@ -461,8 +469,8 @@ def build_rdf(run, config, files, test_shape, keras_weights):
         "license": config.license,
         "tags": list(dict.fromkeys(["segmentation", "semantic-segmentation", "2d", run.name,
                                     "tensorflow", "keras", *config.tags])),
-        "documentation": {"source": "README.md", "sha256": files["README.md"]},
-        "covers": [{"source": "cover.png", "sha256": files["cover.png"]}],
+        "documentation": "README.md",
+        "covers": ["cover.png"],
         "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
         "inputs": [{
             "id": INPUT_ID,
@@ -512,9 +520,6 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
     description = config.description or default_description(run)
     formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
         f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})"]
-    no_keras = ("" if keras_weights else
-                f"\nThere is no Keras file: {DISPLAY_NAMES[run.name]} uses pooling layers of segtool's "
-                f"own, which a plain Keras installation cannot load; the SavedModel needs none.\n")
     return f"""# {title}
 
 {description}
@@ -545,7 +550,7 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
 {chr(10).join(f"- {line}" for line in formats)}
 - SavedModel endpoint `{SERVING_ENDPOINT}` (also signature `serving_default`): input `{INPUT_ID}`
   (B, C, H, W) float32, output dict key `{OUTPUT_ID}` (B, K, H, W).
-{no_keras}
+
 ## Use it
 - **deepImageJ (Fiji)**: Plugins > DeepImageJ > DeepImageJ Install Model, install a private model
   from this local zip, then DeepImageJ Run. deepImageJ runs the TensorFlow SavedModel weights with
@@ -565,7 +570,7 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
   least one block); without it the whole image is run at once, and H and W must then be
   multiples of {step}.
 - **Command line (bioimageio.core)**: `bioimageio test {package}` reruns the test tensors;
-  `bioimageio predict` segments files.
+  `bioimageio predict` segments image files (`bioimageio predict --help`).
 - **Plain TensorFlow**: unzip tf_saved_model.zip, then
   `tf.saved_model.load(folder).serve(x)["{OUTPUT_ID}"]`, `x` float32 (B, C, H, W) already normalised
   (zero mean, unit variance per image and channel), H and W multiples of {step}.
@@ -661,6 +666,11 @@ def export_package(config):
     """
     _check_flags(config)
     run = load_run(config.model)
+    package_model = build_package_model(run)
+    if config.keras_v3 and not uses_only_stock_layers(package_model):
+        raise ExportError(f"--keras_v3: the {run.name} of {run.folder} uses layers of segtool's own, "
+                          f"which a plain Keras installation cannot load; export it without "
+                          f"--keras_v3 (the SavedModel weights need no custom code)")
     minimum, step = size_rule(run.name)
     if config.sample_image:
         raw = read_sample(config.sample_image, run.input_channels)
@@ -678,8 +688,7 @@ def export_package(config):
         np.save(staging / "test_output.npy", probabilities.transpose(2, 0, 1)[np.newaxis])
         iio.imwrite(staging / "cover.png", cover_image(raw, probabilities))
 
-        package_model = build_package_model(run)
-        keras_weights = uses_only_stock_layers(package_model)
+        keras_weights = config.keras_v3
         names = ["rdf.yaml", "README.md", "cover.png", "test_input.npy", "test_output.npy",
                  "tf_saved_model.zip"] + (["model.keras"] if keras_weights else [])
         if keras_weights:
@@ -689,7 +698,7 @@ def export_package(config):
 
         (staging / "README.md").write_text(
             build_readme(run, config, keras_weights, sample_source, raw.shape[:2]), encoding="utf-8")
-        hashed = {name: sha256(staging / name) for name in names[1:]}
+        hashed = {name: sha256(staging / name) for name in names[3:]}
         rdf = build_rdf(run, config, hashed, raw.shape[:2], keras_weights)
         (staging / "rdf.yaml").write_text("\n".join(to_yaml(rdf)) + "\n", encoding="utf-8")
 
@@ -721,8 +730,8 @@ def build_parser():
     rules = {name: size_rule(name) for name in models.MODEL_NAMES}
     parser = argparse.ArgumentParser(
         description="Write a trained model as a bioimage.io model package (zip, model spec "
-                    f"{FORMAT_VERSION}) that deepImageJ (Fiji), napari and bioimage.io's tools can "
-                    "run: TensorFlow SavedModel weights (plus a Keras 3 file for UNet), batch-"
+                    "0.5) that deepImageJ (Fiji), napari and bioimage.io's tools can "
+                    "run: TensorFlow SavedModel weights (plus a Keras 3 file with --keras_v3), batch-"
                     "channel-y-x tensors, zero-mean-unit-variance preprocessing, softmax "
                     "probabilities out (argmax = class mask), test tensors, cover and README. "
                     f"Tiles: UNet {rules['unet'][0]} + n*{rules['unet'][1]} px with a "
@@ -747,6 +756,10 @@ def build_parser():
     parser.add_argument("--sample_image", help="an image like those the model segments (TIFF/PNG; "
                         "H x W or H x W x C): its centre becomes the test input and the cover "
                         "(default: a generated image of bright disks)")
+    parser.add_argument("--keras_v3", action="store_true", help="UNet only: also include the "
+                        "network as a Keras 3 file (weights format keras_v3, run by bioimageio.core); "
+                        "readers older than bioimageio.spec 0.5.8 then reject the package, deepImageJ "
+                        "uses the SavedModel either way")
     parser.add_argument("--no_validate", action="store_true", help="skip the bioimageio.spec "
                         "validation that otherwise runs before writing when the package is installed")
     return parser
@@ -758,7 +771,7 @@ def config_from_args(args):
                         authors=_pairs(args.author, "--author", optional_second=True),
                         license=args.license, cite=_pairs(args.cite, "--cite", optional_second=False),
                         tags=tuple(args.tag), sample_image=args.sample_image,
-                        validate=not args.no_validate)
+                        keras_v3=args.keras_v3, validate=not args.no_validate)
 
 
 def main(argv=None):

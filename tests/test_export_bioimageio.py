@@ -36,8 +36,8 @@ def make_run_folder(folder, name="unet", weights="keras"):
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
-    """(zip path, run folder, printed output) of one export made with bioimageio.spec hidden: the
-    export must work without it and then say how to validate."""
+    """(zip path, run folder, printed output) of one export with both weights formats, made with
+    bioimageio.spec hidden: the export must work without it and then say how to validate."""
     root = tmp_path_factory.mktemp("export")
     make_run_folder(root / "run")
     output = root / "colonies.zip"
@@ -46,7 +46,7 @@ def package(tmp_path_factory):
         patch.setitem(sys.modules, "bioimageio.spec", None)  # importing it now raises ImportError
         code = export_bioimageio.main(["--model", str(root / "run"), "--output", str(output),
                                        "--author", "Ada Lovelace;Example Institute",
-                                       "--cite", "A paper;10.1234/example.5678"])
+                                       "--cite", "A paper;10.1234/example.5678", "--keras_v3"])
     assert code == 0
     return output, root / "run", printed.getvalue()
 
@@ -100,7 +100,8 @@ def test_rdf_declares_axes_halo_size_rule_preprocessing_and_weights(package):
     ruyaml = pytest.importorskip("ruyaml", reason="ruyaml (a bioimageio.spec dependency) parses YAML")
     path, _, _ = package
     rdf = ruyaml.YAML(typ="safe").load(read_member(path, "rdf.yaml").decode())
-    assert rdf["format_version"].startswith("0.5.") and rdf["type"] == "model"
+    assert rdf["format_version"] == export_bioimageio.KERAS_V3_FORMAT_VERSION and rdf["type"] == "model"
+    assert rdf["covers"] == ["cover.png"] and rdf["documentation"] == "README.md"
     assert rdf["authors"] == [{"name": "Ada Lovelace", "affiliation": "Example Institute"}]
     assert rdf["cite"] == [{"text": "A paper", "doi": "10.1234/example.5678"}]
     assert rdf["license"] == "CC-BY-4.0"
@@ -174,16 +175,22 @@ def test_saved_model_alone_reproduces_the_test_output(package, tmp_path):
     assert loaded.serve(batch)["probabilities"].shape == (2, CLASSES, 288, 304)
 
 
-def test_segnet_checkpoint_export_has_saved_model_weights_only(tmp_path):
-    """SegNet's custom layers need this project's code, so no Keras file goes into its package;
-    the run has only a checkpoint (no model.keras), which is rebuilt from config.json."""
+def test_default_segnet_export_from_a_checkpoint_has_saved_model_weights_only(tmp_path):
+    """The default package carries the SavedModel alone and the oldest format version, so older
+    bioimage.io readers accept it; the run has only a checkpoint, rebuilt from config.json."""
     make_run_folder(tmp_path / "run", name="segnet", weights="checkpoint")
+    with pytest.raises(export_bioimageio.ExportError, match="--keras_v3: the segnet of .*layers of"):
+        export_bioimageio.export_package(export_bioimageio.ExportConfig(
+            model=str(tmp_path / "run"), output=str(tmp_path / "segnet.zip"), keras_v3=True))
+    assert not (tmp_path / "segnet.zip").exists()
+
     output, summary = export_bioimageio.export_package(export_bioimageio.ExportConfig(
-        model=str(tmp_path / "run"), output=str(tmp_path / "segnet.zip"), validate=False))
-    assert summary is None
+        model=str(tmp_path / "run"), output=str(tmp_path / "segnet.zip")))
+    assert summary is None or summary.status == "valid-format", summary.format()
     with zipfile.ZipFile(output) as archive:
         assert "model.keras" not in archive.namelist()
         rdf = archive.read("rdf.yaml").decode()
+    assert f'format_version: "{export_bioimageio.FORMAT_VERSION}"' in rdf
     assert "keras_v3" not in rdf and "tensorflow_saved_model_bundle:" in rdf
     minimum, step = export_bioimageio.size_rule("segnet")
     assert step == 32 and minimum == 2 * inference.halo_for("segnet") + 32
