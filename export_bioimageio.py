@@ -520,36 +520,38 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
     description = config.description or default_description(run)
     formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
         f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})"]
+    batch_norm = "on" if run.config["batch_norm"] else "off"
+    source = run.weights_source.relative_to(run.folder).as_posix()
     return f"""# {title}
 
 {description}
 
 ## Model
-- Architecture: {DISPLAY_NAMES[run.name]} ({run.config['base_filters']} base filters, batch norm
-  {'on' if run.config['batch_norm'] else 'off'}), {run.input_channels} input channel(s),
-  {run.number_classes} classes; receptive field {models.receptive_field(run.name)} px.
-- Trained with segtool (training tile size {run.config.get('tile_size')}); exported by
-  `export_bioimageio.py` from `{run.weights_source.relative_to(run.folder).as_posix()}`.
+- Architecture: {DISPLAY_NAMES[run.name]}, {run.config['base_filters']} base filters, batch norm \
+{batch_norm}; {run.input_channels} input channel(s), {run.number_classes} classes; receptive field \
+{models.receptive_field(run.name)} px.
+- Trained with segtool (training tile size {run.config.get('tile_size')}); exported by \
+`export_bioimageio.py` from `{source}`.
 
 ## Input `{INPUT_ID}`
 - float32 tensor with axes batch, channel, y, x: (B, {run.input_channels}, H, W), raw intensities.
-- Preprocessing `zero_mean_unit_variance` over y and x (each sample, each channel separately,
-  eps {ZMUV_EPS}); segtool normalises every whole image the same way before tiling it.
-- Tile sides H and W: {minimum} + n * {step} px (n = 0, 1, ...), the rule bioimage.io tools tile
-  images by, with a halo of {halo} px; the network itself accepts any multiple of {step}.
+- Preprocessing `zero_mean_unit_variance` over y and x (each sample and channel separately, eps \
+{ZMUV_EPS}); segtool normalises every whole image the same way before tiling it.
+- Tile sides H and W: {minimum} + n * {step} px (n = 0, 1, ...), the rule bioimage.io tools tile \
+images by, with a halo of {halo} px; the network itself accepts any multiple of {step}.
 
 ## Output `{OUTPUT_ID}`
-- float32 tensor (B, {run.number_classes}, H, W): per-class softmax probabilities, summing to 1
-  along the channel axis (the softmax is part of the weights; no post-processing step is needed).
-- Class mask: the argmax over the channel axis (class ids 0..{run.number_classes - 1}), which is
-  exactly what segtool's `inference.py` writes.
-- Halo: {halo} px on each side of a tile are to be cropped (they lack context); a tile of
-  side S keeps its central S - {2 * halo} px.
+- float32 tensor (B, {run.number_classes}, H, W): per-class softmax probabilities, summing to 1 along \
+the channel axis (the softmax is part of the weights; no post-processing step is needed).
+- Class mask: the argmax over the channel axis (class ids 0..{run.number_classes - 1}), which is \
+exactly what segtool's `inference.py` writes.
+- Halo: {halo} px on each side of a tile are to be cropped (they lack context); a tile of side S \
+keeps its central S - {2 * halo} px.
 
 ## Weights
 {chr(10).join(f"- {line}" for line in formats)}
-- SavedModel endpoint `{SERVING_ENDPOINT}` (also signature `serving_default`): input `{INPUT_ID}`
-  (B, C, H, W) float32, output dict key `{OUTPUT_ID}` (B, K, H, W).
+- SavedModel endpoint `{SERVING_ENDPOINT}` (also signature `serving_default`): input `{INPUT_ID}` \
+(B, C, H, W) float32, output dict key `{OUTPUT_ID}` (B, K, H, W).
 
 ## Use it
 - **deepImageJ (Fiji)**: Plugins > DeepImageJ > DeepImageJ Install Model, install a private model
