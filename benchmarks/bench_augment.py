@@ -19,9 +19,9 @@ for _variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", 
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT.parent / "shared" / "data" / "nist_colonies"
-NUM_IMAGES = 200
+NUM_IMAGES = 100
 WARMUP_IMAGES = 20
-ROUNDS = 5
+ROUNDS = 15
 
 
 def main():

@@ -240,6 +240,8 @@ def test_elastic_field_is_the_spline_of_its_grid_and_a_seed_reproduces_it():
                                                                       np.random.default_rng(5)))
     other = augment.elastic_displacement(shape, severity, points, np.random.default_rng(6))
     assert np.abs(other - field).max() > 1.0
+    with pytest.raises(ValueError, match="elastic grid_points must be an integer >= 2, got 1"):
+        augment.elastic_displacement(shape, severity, 1, np.random.default_rng(0))
 
 
 def test_elastic_field_smoothness_follows_grid_points():
@@ -346,6 +348,18 @@ def test_gamma_uses_each_channels_own_range_and_keeps_constant_channels():
         expected = ((image[..., channel] - low) / (high - low)) ** gamma * (high - low) + low
         np.testing.assert_allclose(out[..., channel], expected, rtol=1e-5, atol=0.01)
     np.testing.assert_array_equal(out[..., 2], 777.0)
+
+
+def test_gamma_lookup_for_integer_levels_matches_the_per_pixel_curve():
+    # ~600 grey levels over 64 x 64 pixels: integers take the lookup-table path, the same values as
+    # float32 the per-pixel path; both must give the same curve.
+    image = (textured_image() // 20).astype(np.uint16)
+    assert np.ptp(image) < image.size // 4
+    lookup = augment.augment_image(image, gamma_augmentation_severity=0.9, rng=np.random.default_rng(2))
+    direct = augment.augment_image(image.astype(np.float32), gamma_augmentation_severity=0.9,
+                                   rng=np.random.default_rng(2))
+    np.testing.assert_allclose(lookup, direct, rtol=1e-6)
+    assert np.abs(lookup - image).max() > 20
 
 
 def test_contrast_only_scales_deviations_from_the_mean():
