@@ -1,7 +1,8 @@
 """Benchmark: augment_image images/s on one core for the 256x256 uint16 nist_colonies images.
 
 Three settings, each timed on the same images and in interleaved rounds (so a busy moment on a shared
-machine slows all three alike):
+machine slows all three alike). Times are the process's CPU time, best of many short rounds: on a shared
+machine that excludes waiting for a core, which is not a cost of augmentation.
   original 7     the toolkit's defaults plus intensity 0.1: every transform that existed before elastic
   all but elastic  those 7 plus gamma 0.3 and contrast 0.25
   all 10         those 9 plus elastic 0.04 on a 3 x 3 grid, applied to every image
