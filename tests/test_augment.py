@@ -1,4 +1,4 @@
-"""Tests for augment.py: geometry, each transform on its own, masks, config/CLI and z-score."""
+"""Tests for augment.py: geometry, elastic fields, each transform on its own, masks, config/CLI, z-score."""
 import argparse
 import json
 
@@ -8,11 +8,14 @@ import scipy.ndimage as ndi
 
 import augment
 
-ALL_ON = dict(rotation_flag=True, reflection_flag=True, jitter_augmentation_severity=0.1,
-              noise_augmentation_severity=0.02, scale_augmentation_severity=0.1,
-              blur_augmentation_max_sigma=2.0, intensity_augmentation_severity=0.1)
+ORIGINAL_SEVEN = dict(rotation_flag=True, reflection_flag=True, jitter_augmentation_severity=0.1,
+                      noise_augmentation_severity=0.02, scale_augmentation_severity=0.1,
+                      blur_augmentation_max_sigma=2.0, intensity_augmentation_severity=0.1)
+ALL_ON = dict(ORIGINAL_SEVEN, elastic_augmentation_severity=0.05, elastic_augmentation_grid_points=3,
+              gamma_augmentation_severity=0.5, contrast_augmentation_severity=0.3)
 GEOMETRY_ONLY = dict(rotation_flag=True, reflection_flag=True, jitter_augmentation_severity=0.1,
                      scale_augmentation_severity=0.1)
+GEOMETRY_AND_ELASTIC = dict(GEOMETRY_ONLY, elastic_augmentation_severity=0.05)
 
 
 def block_mask(shape=(64, 64), block=16, labels=(0, 1, 2, 3), seed=0):
@@ -43,12 +46,14 @@ def test_mask_labels_preserved_and_dtype_kept():
         assert out_image.dtype == np.float32 and out_image.shape == image.shape
 
 
-def test_image_and_mask_stay_aligned():
+@pytest.mark.parametrize("geometry", [GEOMETRY_ONLY, GEOMETRY_AND_ELASTIC], ids=["affine", "elastic+affine"])
+def test_image_and_mask_stay_aligned(geometry):
+    # A mask-valued image must warp onto its own warped mask.
     mask = block_mask(shape=(96, 96), block=24)
     k = 100.0
     image = k * mask.astype(np.float32)
     for seed in range(10):
-        out_image, out_mask = augment.augment_image(image, mask, **GEOMETRY_ONLY,
+        out_image, out_mask = augment.augment_image(image, mask, **geometry,
                                                     rng=np.random.default_rng(seed))
         agree = np.rint(out_image / k) == out_mask
         # Tolerance: only a thin band along label boundaries may differ (bilinear vs nearest there);
@@ -209,6 +214,168 @@ def test_blur_only_keeps_mean_lowers_variance_and_matches_gaussian_filter():
 
 
 # ---------------------------------------------------------------------------------------------------
+# elastic deformation, gamma and contrast
+# ---------------------------------------------------------------------------------------------------
+
+def spline_field(grid, size_rows, size_cols):
+    """Independent reference: a natural cubic spline through the grid, along rows, then along columns."""
+    from scipy.interpolate import CubicSpline
+
+    points = grid.shape[0]
+    along_rows = CubicSpline(np.linspace(-0.5, size_rows - 0.5, points), grid, axis=0,
+                             bc_type="natural")(np.arange(size_rows))
+    return CubicSpline(np.linspace(-0.5, size_cols - 0.5, points), along_rows, axis=1,
+                       bc_type="natural")(np.arange(size_cols))
+
+
+def test_elastic_field_is_the_spline_of_its_grid_and_a_seed_reproduces_it():
+    shape, severity, points = (48, 64), 0.05, 4
+    field = augment.elastic_displacement(shape, severity, points, np.random.default_rng(5))
+    assert field.shape == (2, 48, 64) and field.dtype == np.float32
+    grid = np.random.default_rng(5).standard_normal((2, points, points))
+    np.testing.assert_allclose(field[0], spline_field(grid[0] * severity * 48, 48, 64), atol=1e-4)
+    np.testing.assert_allclose(field[1], spline_field(grid[1] * severity * 64, 48, 64), atol=1e-4)
+    # Same seed, same field; another seed, another field.
+    np.testing.assert_array_equal(field, augment.elastic_displacement(shape, severity, points,
+                                                                      np.random.default_rng(5)))
+    other = augment.elastic_displacement(shape, severity, points, np.random.default_rng(6))
+    assert np.abs(other - field).max() > 1.0
+    with pytest.raises(ValueError, match="elastic grid_points must be an integer >= 2, got 1"):
+        augment.elastic_displacement(shape, severity, 1, np.random.default_rng(0))
+
+
+def test_elastic_field_smoothness_follows_grid_points():
+    def roughness(points):
+        field = augment.elastic_displacement((96, 96), 0.05, points, np.random.default_rng(0))
+        return np.abs(np.diff(field, 2, axis=1)).mean()
+    # Pixel-to-pixel change is tiny next to the displacement itself (smooth, not per-pixel noise) and
+    # grows with the number of grid points.
+    field = augment.elastic_displacement((96, 96), 0.05, 3, np.random.default_rng(0))
+    assert np.abs(field).max() > 3 and np.abs(np.diff(field, axis=2)).max() < 0.1 * np.abs(field).max()
+    assert roughness(3) < roughness(6) < roughness(12)
+
+
+def test_elastic_with_affine_is_one_resampling_at_composed_coordinates():
+    image = textured_image(shape=(64, 80)).astype(np.float32)
+    mask = block_mask(shape=(64, 80))
+    seed = 9
+    out_image, out_mask = augment.augment_image(image, mask, **GEOMETRY_AND_ELASTIC,
+                                                rng=np.random.default_rng(seed))
+    # Replay the draws in the documented order: flips, angle, shift, scale, then the elastic grid.
+    rng = np.random.default_rng(seed)
+    flip_rows, flip_cols = rng.random(2) < 0.5
+    angle = rng.uniform(0, 360)
+    shift = rng.uniform(-0.1, 0.1, 2) * image.shape
+    scale = rng.uniform(0.9, 1.1, 2)
+    field = augment.elastic_displacement(image.shape, 0.05, 3, rng)
+    assert np.abs(field).max() > 2
+    matrix, offset = augment.inverse_affine(image.shape, flip_rows, flip_cols, angle, shift, scale)
+    rows, cols = np.mgrid[0:64, 0:80].astype(np.float64)
+    coords = np.stack([matrix[0, 0] * rows + matrix[0, 1] * cols + offset[0] + field[0],
+                       matrix[1, 0] * rows + matrix[1, 1] * cols + offset[1] + field[1]])
+    expected = ndi.map_coordinates(image, coords, order=1, mode="reflect")
+    np.testing.assert_allclose(out_image, expected, atol=0.5)  # values ~1e4: float32 coordinates
+    expected_mask = ndi.map_coordinates(mask, coords, order=0, mode="reflect")
+    assert (out_mask == expected_mask).mean() > 0.995
+    # Without the field the result is a different image: the field really was applied.
+    affine_only = ndi.map_coordinates(image, coords - np.stack([field[0], field[1]]), order=1,
+                                      mode="reflect")
+    assert np.abs(affine_only - out_image).max() > 100
+
+
+def test_elastic_keeps_class_ids_and_warps_the_mask():
+    mask = block_mask(labels=(0, 2, 5))
+    image = textured_image()
+    changed = 0
+    for seed in range(10):
+        _, out_mask = augment.augment_image(image, mask, elastic_augmentation_severity=0.08,
+                                            elastic_augmentation_grid_points=4,
+                                            rng=np.random.default_rng(seed))
+        assert out_mask.dtype == mask.dtype and set(np.unique(out_mask)) <= {0, 2, 5}
+        changed += not np.array_equal(out_mask, mask)
+    assert changed == 10
+
+
+def test_elastic_probability_and_off_switches_leave_the_other_draws_alone():
+    image, mask = textured_image(), block_mask()
+    # p = 0 (or severity 0) draws nothing: output is exactly that of the seven original transforms,
+    # whatever the other elastic settings are.
+    reference = augment.augment_image(image, mask, **ORIGINAL_SEVEN, rng=np.random.default_rng(4))
+    for extra in (dict(elastic_augmentation_severity=0.2, elastic_augmentation_probability=0.0),
+                  dict(elastic_augmentation_severity=0.0, elastic_augmentation_grid_points=7,
+                       elastic_augmentation_probability=0.3, gamma_augmentation_severity=0.0,
+                       contrast_augmentation_severity=0.0)):
+        out = augment.augment_image(image, mask, **ORIGINAL_SEVEN, **extra, rng=np.random.default_rng(4))
+        np.testing.assert_array_equal(out[0], reference[0])
+        np.testing.assert_array_equal(out[1], reference[1])
+    # p = 0.5: about half the images are deformed, the rest returned untouched.
+    deformed = sum(not np.array_equal(augment.augment_image(image, elastic_augmentation_severity=0.05,
+                                                            elastic_augmentation_probability=0.5,
+                                                            rng=np.random.default_rng(seed)),
+                                      image.astype(np.float32))
+                   for seed in range(60))
+    assert 15 <= deformed <= 45
+
+
+def test_gamma_only_is_the_power_curve_between_min_and_max():
+    image = textured_image()
+    mask = block_mask()
+    low, high = float(image.min()), float(image.max())
+    gammas = []
+    for seed in range(12):
+        limit = np.log1p(0.5)
+        gamma = np.exp(np.random.default_rng(seed).uniform(-limit, limit))
+        out_image, out_mask = augment.augment_image(image, mask, gamma_augmentation_severity=0.5,
+                                                    rng=np.random.default_rng(seed))
+        expected = ((image - low) / (high - low)) ** gamma * (high - low) + low
+        np.testing.assert_allclose(out_image, expected, rtol=1e-5, atol=0.05)
+        np.testing.assert_array_equal(out_mask, mask)
+        assert 1 / 1.5 <= gamma <= 1.5
+        gammas.append(gamma)
+    assert min(gammas) < 0.9 and max(gammas) > 1.1
+
+
+def test_gamma_uses_each_channels_own_range_and_keeps_constant_channels():
+    rng = np.random.default_rng(0)
+    image = np.stack([rng.integers(100, 200, (32, 32)), rng.integers(5000, 60000, (32, 32)),
+                      np.full((32, 32), 777)], axis=-1).astype(np.uint16)
+    seed = 3
+    gamma = np.exp(np.random.default_rng(seed).uniform(-np.log1p(0.8), np.log1p(0.8)))
+    assert abs(gamma - 1) > 0.2
+    out = augment.augment_image(image, gamma_augmentation_severity=0.8, rng=np.random.default_rng(seed))
+    for channel in range(2):
+        low, high = float(image[..., channel].min()), float(image[..., channel].max())
+        expected = ((image[..., channel] - low) / (high - low)) ** gamma * (high - low) + low
+        np.testing.assert_allclose(out[..., channel], expected, rtol=1e-5, atol=0.01)
+    np.testing.assert_array_equal(out[..., 2], 777.0)
+
+
+def test_gamma_lookup_for_integer_levels_matches_the_per_pixel_curve():
+    # ~600 grey levels over 64 x 64 pixels: integers take the lookup-table path, the same values as
+    # float32 the per-pixel path; both must give the same curve.
+    image = (textured_image() // 20).astype(np.uint16)
+    assert np.ptp(image) < image.size // 4
+    lookup = augment.augment_image(image, gamma_augmentation_severity=0.9, rng=np.random.default_rng(2))
+    direct = augment.augment_image(image.astype(np.float32), gamma_augmentation_severity=0.9,
+                                   rng=np.random.default_rng(2))
+    np.testing.assert_allclose(lookup, direct, rtol=1e-6)
+    assert np.abs(lookup - image).max() > 20
+
+
+def test_contrast_only_scales_deviations_from_the_mean():
+    image = textured_image()
+    mask = block_mask()
+    for seed in range(5):
+        factor = np.random.default_rng(seed).uniform(0.7, 1.3)
+        out_image, out_mask = augment.augment_image(image, mask, contrast_augmentation_severity=0.3,
+                                                    rng=np.random.default_rng(seed))
+        expected = (image - image.mean()) * factor + image.mean()
+        np.testing.assert_allclose(out_image, expected, rtol=1e-5, atol=0.05)
+        np.testing.assert_array_equal(out_mask, mask)
+    assert abs(factor - 1) > 0.02
+
+
+# ---------------------------------------------------------------------------------------------------
 # determinism, channels, dtypes
 # ---------------------------------------------------------------------------------------------------
 
@@ -273,6 +440,12 @@ def test_dtypes_all_transforms(dtype):
     (dict(scale_augmentation_severity=1.0), r"scale_augmentation_severity must be in \[0, 1\), got 1.0"),
     (dict(intensity_augmentation_severity=float("nan")), r"intensity_augmentation_severity must be a finite"),
     (dict(blur_augmentation_max_sigma=-1), r"blur_augmentation_max_sigma must be >= 0, got -1"),
+    (dict(elastic_augmentation_severity=2.0), r"elastic_augmentation_severity must be in \[0, 1\), got 2.0"),
+    (dict(elastic_augmentation_grid_points=True), r"elastic_augmentation_grid_points must be an integer >= 2"),
+    (dict(elastic_augmentation_probability=-0.5),
+     r"elastic_augmentation_probability must be in \[0, 1\], got -0.5"),
+    (dict(gamma_augmentation_severity=1.0), r"gamma_augmentation_severity must be in \[0, 1\), got 1.0"),
+    (dict(contrast_augmentation_severity=1.2), r"contrast_augmentation_severity must be in \[0, 1\), got 1.2"),
 ])
 def test_bad_severities_name_the_argument_and_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -296,12 +469,18 @@ def test_bad_shapes_and_rng():
 
 def test_config_defaults_kwargs_and_disabled():
     config = augment.AugmentationConfig()
+    # The original seven keep their defaults; the new transforms are off until measured.
     assert config.to_dict() == dict(reflection=True, rotation=True, jitter=0.1, noise=0.02, scale=0.1,
-                                    blur_max_sigma=2.0, intensity=0.0)
+                                    blur_max_sigma=2.0, intensity=0.0, elastic=0.0,
+                                    elastic_grid_points=3, elastic_probability=1.0, gamma=0.0,
+                                    contrast=0.0)
     kwargs = config.augment_kwargs()
     assert kwargs == dict(reflection_flag=True, rotation_flag=True, jitter_augmentation_severity=0.1,
                           noise_augmentation_severity=0.02, scale_augmentation_severity=0.1,
-                          blur_augmentation_max_sigma=2.0, intensity_augmentation_severity=0.0)
+                          blur_augmentation_max_sigma=2.0, intensity_augmentation_severity=0.0,
+                          elastic_augmentation_severity=0.0, elastic_augmentation_grid_points=3,
+                          elastic_augmentation_probability=1.0, gamma_augmentation_severity=0.0,
+                          contrast_augmentation_severity=0.0)
     image = textured_image()
     out = augment.augment_image(image, **augment.AugmentationConfig.disabled().augment_kwargs(),
                                 rng=np.random.default_rng(0))
@@ -314,6 +493,14 @@ def test_config_defaults_kwargs_and_disabled():
     ("noise", "0.1",
      r"noise_augmentation_severity \(config key 'noise'\) must be a finite number, got '0.1'"),
     ("rotation", 2, r"rotation_augmentation \(config key 'rotation'\) must be 0/1 or true/false, got 2"),
+    ("elastic", 1.0, r"elastic_augmentation_severity \(config key 'elastic'\) must be in \[0, 1\), got 1.0"),
+    ("elastic_grid_points", 1,
+     r"elastic_augmentation_grid_points \(config key 'elastic_grid_points'\) must be an integer >= 2, got 1"),
+    ("elastic_grid_points", 3.0, r"elastic_augmentation_grid_points .* must be an integer >= 2, got 3.0"),
+    ("elastic_probability", 1.5,
+     r"elastic_augmentation_probability \(config key 'elastic_probability'\) must be in \[0, 1\], got 1.5"),
+    ("gamma", -0.2, r"gamma_augmentation_severity \(config key 'gamma'\) must be in \[0, 1\), got -0.2"),
+    ("contrast", float("inf"), r"contrast_augmentation_severity \(config key 'contrast'\) must be a finite"),
 ])
 def test_config_validate_names_field_and_value(field, value, message):
     config = augment.AugmentationConfig(**{field: value})
@@ -323,9 +510,12 @@ def test_config_validate_names_field_and_value(field, value, message):
 
 def test_config_from_json(tmp_path):
     path = tmp_path / "aug.json"
-    path.write_text(json.dumps({"noise": 0.05, "rotation": 0}))
+    path.write_text(json.dumps({"noise": 0.05, "rotation": 0, "elastic": 0.04, "elastic_grid_points": 4,
+                                "gamma": 0.3, "contrast": 0.25}))
     config = augment.AugmentationConfig.from_json(path)
     assert config.noise == 0.05 and config.rotation is False
+    assert (config.elastic, config.elastic_grid_points, config.gamma, config.contrast) == (0.04, 4, 0.3, 0.25)
+    assert isinstance(config.elastic_grid_points, int) and config.elastic_probability == 1.0
     assert config.jitter == 0.1 and config.reflection is True  # missing keys keep defaults
     round_trip = tmp_path / "round.json"
     round_trip.write_text(json.dumps(config.to_dict()))
@@ -355,10 +545,23 @@ def test_cli_precedence_defaults_json_flags(tmp_path):
     path.write_text(json.dumps({"noise": 0.05, "scale": 0.2, "reflection": False}))
     args = parser.parse_args(["--augmentation_config", str(path), "--scale_augmentation_severity", "0.3",
                               "--rotation_augmentation", "0", "--blur_augmentation_max_sigma", "1.5",
-                              "--intensity_augmentation_severity", "0.1"])
+                              "--intensity_augmentation_severity", "0.1",
+                              "--elastic_augmentation_severity", "0.04", "--elastic_augmentation_grid_points",
+                              "5", "--elastic_augmentation_probability", "0.5",
+                              "--gamma_augmentation_severity", "0.3", "--contrast_augmentation_severity",
+                              "0.2"])
     config = augment.augmentation_config_from_args(args)
     assert config == augment.AugmentationConfig(reflection=False, rotation=False, jitter=0.1, noise=0.05,
-                                                 scale=0.3, blur_max_sigma=1.5, intensity=0.1)
+                                                 scale=0.3, blur_max_sigma=1.5, intensity=0.1, elastic=0.04,
+                                                 elastic_grid_points=5, elastic_probability=0.5, gamma=0.3,
+                                                 contrast=0.2)
+    # A flag overrides the JSON value for the new keys too.
+    path.write_text(json.dumps({"elastic": 0.1, "gamma": 0.5}))
+    config = augment.augmentation_config_from_args(parser.parse_args(
+        ["--augmentation_config", str(path), "--gamma_augmentation_severity", "0"]))
+    assert (config.elastic, config.gamma) == (0.1, 0.0)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--elastic_augmentation_grid_points", "2.5"])
 
     args = parser.parse_args(["--jitter_augmentation_severity", "1.5"])
     with pytest.raises(ValueError, match=r"jitter_augmentation_severity .* got 1.5"):
