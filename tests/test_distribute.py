@@ -57,11 +57,16 @@ def test_detect_cluster_from_tf_config_and_slurm():
     assert distribute._max_tasks_per_node("2(x3),1") == 2
 
 
-def test_check_xla():
+def test_check_xla_reads_the_model_registry(monkeypatch):
+    import models.unet
+
     distribute.check_xla(False, "segnet")
     distribute.check_xla(True, "unet")
-    with pytest.raises(distribute.DistributionError, match="no XLA kernel"):
+    with pytest.raises(distribute.DistributionError, match="--xla cannot compile segnet: .*no XLA kernel"):
         distribute.check_xla(True, "segnet")
+    monkeypatch.setattr(models.unet, "XLA_PROBLEM", "a reason of this model")
+    with pytest.raises(distribute.DistributionError, match="--xla cannot compile unet: a reason of this model"):
+        distribute.check_xla(True, "unet")
 
 
 # One TensorFlow process for every check that needs two logical CPU devices (they can only be
@@ -72,7 +77,7 @@ import numpy as np
 import distribute
 towers = distribute.configure_devices(cpu_towers=2)
 import keras, tensorflow as tf
-import models, trainer
+import models, steps
 
 def model_and_step(devices, reduce_to, learning_rate=0.5, jit_compile=False):
     strategy = distribute.build_strategy(devices, reduce_to)
@@ -81,7 +86,7 @@ def model_and_step(devices, reduce_to, learning_rate=0.5, jit_compile=False):
         model = models.build_model("unet", 3, input_channels=1, base_filters=2, batch_norm=False)
         optimizer = keras.optimizers.SGD(learning_rate)   # SGD: the update is proportional to the gradient
         optimizer.build(model.trainable_variables)
-    step = trainer.make_train_step(strategy, model, optimizer, "ce+dice", 3, global_batch_size=4,
+    step = steps.make_train_step(strategy, model, optimizer, "ce+dice", 3, global_batch_size=4,
                                    jit_compile=jit_compile)
     return strategy, model, step
 
@@ -93,9 +98,9 @@ two, model2, step2 = model_and_step(towers, "/cpu:0")
 one, model1, step1 = model_and_step(["/cpu:0"], "/cpu:0")
 model1.set_weights(model2.get_weights())
 initial = [w.copy() for w in model2.get_weights()]
-expected_loss = float(tf.reduce_mean(trainer.per_image_loss(model1(images), masks, "ce+dice", 3)))
-loss2 = float(step2(trainer.distribute_batches(two, [(images[:2], masks[:2]), (images[2:], masks[2:])])))
-loss1 = float(step1(trainer.distribute_batches(one, [(images, masks)])))
+expected_loss = float(tf.reduce_mean(steps.per_image_loss(model1(images), masks, "ce+dice", 3)))
+loss2 = float(step2(distribute.distribute_batches(two, [(images[:2], masks[:2]), (images[2:], masks[2:])])))
+loss1 = float(step1(distribute.distribute_batches(one, [(images, masks)])))
 w1, w2 = model1.get_weights(), model2.get_weights()
 result = {
     "loss_one": loss1, "loss_two": loss2, "expected_loss": expected_loss,
@@ -105,7 +110,7 @@ result = {
 
 def reduction_devices(reduce_to, jit_compile=False):
     strategy, model, step = model_and_step(towers, reduce_to, jit_compile=jit_compile)
-    batch = trainer.distribute_batches(strategy, [(images[:2], masks[:2]), (images[2:], masks[2:])])
+    batch = distribute.distribute_batches(strategy, [(images[:2], masks[:2]), (images[2:], masks[2:])])
     graph = step.get_concrete_function(batch).graph
     found = []
     for op in graph.get_operations():
@@ -129,11 +134,11 @@ with strategy.scope():
     bn_model = models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=True)
     bn_optimizer = keras.optimizers.SGD(0.1)
     bn_optimizer.build(bn_model.trainable_variables)
-bn_step = trainer.make_train_step(strategy, bn_model, bn_optimizer, "ce", 2, global_batch_size=4)
-bn_step(trainer.distribute_batches(strategy, [(images[:2], masks[:2] % 2), (images[2:] * 5 + 3, masks[2:] % 2)]))
+bn_step = steps.make_train_step(strategy, bn_model, bn_optimizer, "ce", 2, global_batch_size=4)
+bn_step(distribute.distribute_batches(strategy, [(images[:2], masks[:2] % 2), (images[2:] * 5 + 3, masks[2:] % 2)]))
 moving = bn_model.non_trainable_variables
 before = [[np.array(t) for t in strategy.experimental_local_results(v.value)] for v in moving]
-trainer.make_sync_statistics(strategy, bn_model)()
+distribute.make_sync_statistics(strategy, bn_model.non_trainable_variables)()
 after = [[np.array(t) for t in strategy.experimental_local_results(v.value)] for v in moving]
 result["bn_differed_before"] = any(not np.allclose(a, b) for a, b in before)
 result["bn_max_error_after"] = max(float(np.max(np.abs(x - (a + b) / 2))) for (a, b), pair in zip(before, after)

@@ -14,15 +14,15 @@ from conftest import free_ports, make_synthetic_db
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The worker process: train_unet.py's own entry point (trainer.main("unet", argv)), with
-# save_checkpoint wrapped to copy each saved model.weights.h5 aside. A non-chief worker deletes its
+# checkpoints.save_checkpoint wrapped to copy each saved model.weights.h5 aside. A non-chief worker deletes its
 # checkpoints right after writing them (only the chief keeps files), so this copy is the only way
 # to look at its weights after the run; it does not change what the trainer does.
 WORKER = r"""
 import os, shutil, sys
-import trainer
+import checkpoints, trainer
 
 dump = os.environ["WEIGHTS_DUMP"]
-original = trainer.save_checkpoint
+original = checkpoints.save_checkpoint
 
 def save_and_copy(directory, model, optimizer, state, config_dict):
     original(directory, model, optimizer, state, config_dict)
@@ -31,7 +31,7 @@ def save_and_copy(directory, model, optimizer, state, config_dict):
         shutil.copyfile(os.path.join(directory, "model.weights.h5"),
                         os.path.join(dump, "step%d.weights.h5" % state.step))
 
-trainer.save_checkpoint = save_and_copy
+checkpoints.save_checkpoint = save_and_copy
 sys.exit(trainer.main("unet", sys.argv[1:]))
 """
 

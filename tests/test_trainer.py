@@ -62,73 +62,9 @@ def test_metrics_from_a_hand_computed_confusion_matrix():
     assert list(row) == ["pixel_accuracy", "iou_0", "iou_1", "iou_2", "dice_0", "dice_1", "dice_2", "mean_iou"]
 
 
-def test_per_image_loss_ignores_masked_pixels():
-    import tensorflow as tf
-
-    masks = np.zeros((2, 4, 4), np.int32)
-    masks[0, :2] = 1                      # 8 foreground pixels
-    masks[0, 3] = -1                      # 4 ignored pixels
-    masks[1] = -1                         # a fully ignored (padding) image
-    logits = np.zeros((2, 4, 4, 2), np.float32)
-    logits[0, 3] = [100.0, -100.0]        # huge loss on ignored pixels must not count
-    ce = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "ce", 2).numpy()
-    np.testing.assert_allclose(ce, [math.log(2), 0.0], rtol=1e-6)
-    dice = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "dice", 2).numpy()
-    # probabilities 0.5 on the 12 valid pixels: intersection 4, prob sum 6, label sum 8
-    np.testing.assert_allclose(dice[0], 1 - (2 * 4 + 1) / (6 + 8 + 1), rtol=1e-6)
-    both = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "ce+dice", 2).numpy()
-    np.testing.assert_allclose(both, ce + dice, rtol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------
 # Flags and validation
 # ---------------------------------------------------------------------------------------------
-
-def test_parser_has_every_flag_with_help():
-    parser = trainer.build_parser("unet")
-    flags = {option for action in parser._actions for option in action.option_strings}
-    for flag in ["--train_database", "--test_database", "--output_dir", "--batch_size", "--number_classes",
-                 "--tile_size", "--learning_rate", "--test_every_n_steps", "--early_stopping",
-                 "--gradient_update_location", "--restore_checkpoint_filepath", "--reader_count",
-                 "--use_augmentation", "--balance_classes", "--seed", "--base_filters", "--max_epochs",
-                 "--gpus", "--cpu_towers", "--mixed_precision", "--xla", "--loss",
-                 "--augmentation_config", "--noise_augmentation_severity"]:
-        assert flag in flags
-    assert all(action.help for action in parser._actions)
-    args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c",
-                              "--noise_augmentation_severity", "0.3", "--use_augmentation", "0"])
-    config = trainer.config_from_args("unet", args)
-    assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
-    assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-4, 10)
-
-
-def test_validate_config_messages(tmp_path):
-    import records
-
-    make_synthetic_db(tmp_path / "four", num_records=3, shape=(32, 32), number_classes=4, seed=0)
-    meta = records.read_metadata(str(tmp_path / "four"))
-    config = trainer.TrainConfig("unet", str(tmp_path / "four"), str(tmp_path / "four"), str(tmp_path / "o"),
-                                 tile_size=32)
-    with pytest.raises(trainer.ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 1, 2, 3\]"):
-        trainer.validate_config(config, meta, meta)
-    config.number_classes = 4
-    trainer.validate_config(config, meta, meta)
-    config.tile_size = 64
-    with pytest.raises(trainer.ConfigError, match=r"as small as 32 px, smaller than --tile_size 64"):
-        trainer.validate_config(config, meta, meta)
-    config.tile_size = 24
-    with pytest.raises(trainer.ConfigError, match=r"--tile_size 24.*16"):
-        trainer.validate_config(config, meta, meta)
-    config.tile_size, config.model = 32, "segnet"
-    trainer.validate_config(config, meta, meta)
-    config.batch_size = 0
-    with pytest.raises(trainer.ConfigError, match=r"--batch_size 0: expected an integer >= 1"):
-        trainer.validate_config(config, meta, meta)
-    with pytest.raises(trainer.ConfigError, match=r"--train_database .*missing.*not an LMDB database"):
-        trainer.read_database_metadata(str(tmp_path / "missing"), "train")
-    with pytest.raises(trainer.ConfigError, match="no checkpoint there"):
-        trainer.find_checkpoint(str(tmp_path))
-
 
 def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path):
     result = run_trainer("unet", ["--train_database", tmp_path / "nowhere", *dbs[2:], "--output_dir", tmp_path / "o"])
