@@ -51,16 +51,24 @@ def write_json(path, value):
 # Save
 # ----------------------------------------------------------------------------------------------
 
+def _keras_class_name(optimizer):
+    """The Keras optimizer class ``optimizer`` is or derives from (e.g. LossScaleOptimizer)."""
+    for cls in type(optimizer).__mro__:
+        if cls.__module__.startswith("keras."):
+            return cls.__name__
+    return type(optimizer).__name__
+
+
 def optimizer_arrays(optimizer):
     """{key: numpy array} of the optimizer's variables, keyed by variable path with each optimizer's
-    own (possibly auto-numbered, e.g. ``adam_1``) name replaced by its class name."""
+    own (possibly auto-numbered, e.g. ``adam_1``) name replaced by its Keras class name."""
     owners = [optimizer] + ([optimizer.inner_optimizer] if hasattr(optimizer, "inner_optimizer") else [])
     arrays = {}
     for variable in optimizer.variables:
         key = variable.path
         for owner in owners:
             if key.startswith(owner.name + "/"):
-                key = type(owner).__name__ + key[len(owner.name):]
+                key = _keras_class_name(owner) + key[len(owner.name):]
                 break
         if key in arrays:
             raise TrainingError(f"two optimizer variables share the path {key}; cannot checkpoint them by name")

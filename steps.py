@@ -18,6 +18,9 @@ import distribute
 LOSS_TERMS = {"ce": ("ce",), "dice": ("dice",), "ce+dice": ("ce", "dice")}
 LOSSES = tuple(LOSS_TERMS)
 DICE_SMOOTH = 1.0
+# --mixed_precision choices and their Keras policies (None: float32 throughout).
+_POLICIES = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+MIXED_PRECISIONS = ("float16", "bfloat16")
 
 
 class PixelSums(typing.NamedTuple):
@@ -93,15 +96,43 @@ def per_image_loss(logits, masks, loss_name, number_classes):
     return loss_from_sums(pixel_sums(logits, masks, number_classes, LOSS_TERMS[loss_name]), loss_name)
 
 
+def precision_policy(mixed_precision):
+    """The Keras dtype policy of a --mixed_precision value (None, "float16" or "bfloat16")."""
+    return _POLICIES[mixed_precision]
+
+
 def make_optimizer(config):
-    """The optimizer of a run (created under the strategy's scope by the caller)."""
+    """The optimizer of a run (created under the strategy's scope by the caller).
+
+    float16 needs dynamic loss scaling (its range ends at 65504, small gradients underflow);
+    bfloat16 has float32's range and needs none.
+    """
     import keras
 
     # Explicit names: checkpoints key optimizer variables by their paths (see checkpoints.py).
     optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, name="adam")
-    if config.mixed_precision:
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer, name="loss_scale_optimizer")
+    if config.mixed_precision == "float16":
+        optimizer = _agreed_loss_scale_optimizer_class()(optimizer, name="loss_scale_optimizer")
     return optimizer
+
+
+def _agreed_loss_scale_optimizer_class():
+    """keras.optimizers.LossScaleOptimizer whose skip/apply decision is the same on every replica.
+
+    Keras checks each tower's own, not yet summed gradients for inf/NaN and (in Keras 3.15) lets
+    each replica act on its own answer: when only one tower overflowed, the others applied a step
+    whose all-reduced gradients were not finite, and the loss scale was not lowered; with several
+    workers, one worker would skip while the others waited for it in the all-reduce. Combining the
+    flag over every replica of every worker first makes all of them skip (and halve the scale)
+    together.
+    """
+    import keras
+
+    class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+        def check_finite(self, grads):
+            return distribute.all_replicas_true(super().check_finite(grads))
+
+    return AgreedLossScaleOptimizer
 
 
 def make_train_step(strategy, model, optimizer, loss_name, number_classes, global_batch_size,

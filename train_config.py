@@ -26,7 +26,7 @@ class TrainingError(RuntimeError):
     """Training stopped on an error (non-finite loss, unusable checkpoint)."""
 
 
-def flag(help, default=None, *, required=False, kind=None, choices=None, action=None):
+def flag(help, default=None, *, required=False, kind=None, choices=None, action=None, const=None):
     """A TrainConfig field that is also a command-line flag.
 
     Args:
@@ -36,8 +36,10 @@ def flag(help, default=None, *, required=False, kind=None, choices=None, action=
       required: the flag must be given (the field then has no default).
       kind: the argparse type (int, float; None = str), or "binary" for a 0/1 flag stored as bool.
       choices, action: passed to argparse.
+      const: the value of the flag given bare (``--flag`` without a value).
     """
-    metadata = {"help": help, "kind": kind, "choices": choices, "action": action, "required": required}
+    metadata = {"help": help, "kind": kind, "choices": choices, "action": action, "required": required,
+                "const": const}
     if required:
         return dataclasses.field(metadata={"flag": metadata})
     return dataclasses.field(default=default, metadata={"flag": metadata})
@@ -78,13 +80,24 @@ class TrainConfig:
     gpus: str = flag("GPUs to train on: 'all' (default), 'none' or indices like '0,1'")
     cpu_towers: int = flag("train on the CPU split into N logical devices, one tower each (ignores GPUs)",
                            kind=int)
-    mixed_precision: bool = flag("float16 compute with dynamic loss scaling", False, action="store_true")
+    mixed_precision: str = flag(
+        "compute in float16 with dynamic loss scaling (also what a bare --mixed_precision means), or in "
+        "bfloat16 (no loss scaling needed; what Ampere/Hopper GPUs and recent CPUs run fastest); the "
+        "weights and the loss stay float32 (default: float32 throughout)",
+        choices=steps.MIXED_PRECISIONS, const="float16")
     xla: bool = flag("compile the replica step with XLA (not for {no_xla})", False, action="store_true")
     loss: str = flag("cross-entropy, soft Dice over the foreground classes, or their sum (default "
                      "%(default)s)", "ce", choices=steps.LOSSES)
     log_every_n_steps: int = flag("print one progress line every N steps (default %(default)s)", 10, kind=int)
     # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
     augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
+
+    def __post_init__(self):
+        # Code written when --mixed_precision was an on/off switch passes True / False.
+        if self.mixed_precision is True:
+            self.mixed_precision = "float16"
+        elif self.mixed_precision is False:
+            self.mixed_precision = None
 
 
 def _flag_fields():
@@ -108,6 +121,8 @@ def build_parser(model_name):
         else:
             options["type"] = int if spec["kind"] == "binary" else spec["kind"]
             options["choices"] = (0, 1) if spec["kind"] == "binary" else spec["choices"]
+            if spec["const"] is not None:
+                options.update(nargs="?", const=spec["const"])
             if spec["required"]:
                 options["required"] = True
             else:
@@ -153,6 +168,9 @@ def validate_config(config, train_metadata, test_metadata):
             raise ConfigError(f"--{name} {value}: expected an integer >= {minimum}")
     if not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
         raise ConfigError(f"--learning_rate {config.learning_rate}: expected a finite number >= 0")
+    if config.mixed_precision not in (None,) + steps.MIXED_PRECISIONS:
+        raise ConfigError(f"--mixed_precision {config.mixed_precision!r}: expected one of "
+                          f"{', '.join(steps.MIXED_PRECISIONS)}")
     if config.loss not in steps.LOSSES:
         raise ConfigError(f"--loss {config.loss!r}: expected one of {', '.join(steps.LOSSES)}")
     try:

@@ -100,7 +100,7 @@ def train(config):
     info = distribute.cluster_info(strategy)
 
     import keras
-    keras.mixed_precision.set_global_policy("mixed_float16" if config.mixed_precision else "float32")
+    keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     input_channels = train_metadata["channels"]
     global_batch = config.batch_size * len(towers) * info.num_workers

@@ -155,3 +155,32 @@ def test_global_batch_is_workers_times_towers_times_batch_size(two_workers):
         in two_workers[0]["log"]
     # Across workers the gradients are summed by a collective all-reduce (RING on CPUs).
     assert "2 worker(s), collective all-reduce across workers (RING)" in two_workers[0]["log"]
+
+
+def test_float16_overflow_on_one_worker_is_skipped_by_both():
+    # tests/distributed_checks.py worker_overflow: one float16 step in which only worker 1's batch
+    # overflows. Both workers must skip it and halve the loss scale; a worker that applied it would
+    # wait alone in the gradient all-reduce and fail on the 60 s collective timeout.
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                   CUDA_VISIBLE_DEVICES="")
+        processes.append(subprocess.Popen([sys.executable, "tests/distributed_checks.py", "worker_overflow"],
+                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    outcomes = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-4000:]
+            outcomes.append(json.loads([l for l in stdout.splitlines() if l.startswith("RESULT ")][-1][7:]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert sorted(o["worker"] for o in outcomes) == [0, 1] and all(o["workers"] == 2 for o in outcomes)
+    for outcome in outcomes:
+        assert (outcome["scale"], outcome["weights_finite"], outcome["max_weight_change"]) == (2.0 ** 14, True, 0.0)

@@ -73,3 +73,21 @@ def test_validate_config_messages(tmp_path):
         train_config.read_database_metadata(str(tmp_path / "missing"), "train")
     with pytest.raises(ConfigError, match="no checkpoint there"):
         trainer.find_restore_checkpoint(str(tmp_path))
+
+
+def test_mixed_precision_flag_takes_float16_bare_or_a_named_dtype():
+    parser = train_config.build_parser("unet")
+    required = ["--train_database", "a", "--test_database", "b", "--output_dir", "c"]
+
+    def parsed(*flags):
+        return train_config.config_from_args("unet", parser.parse_args([*required, *flags])).mixed_precision
+
+    assert parsed() is None
+    assert parsed("--mixed_precision") == "float16"           # the flag's meaning before it took a value
+    assert parsed("--mixed_precision", "bfloat16") == "bfloat16"
+    assert parsed("--mixed_precision", "float16", "--xla") == "float16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--mixed_precision", "float8"])
+    # Code that passed the old on/off value keeps working.
+    assert TrainConfig("unet", "a", "b", "c", mixed_precision=True).mixed_precision == "float16"
+    assert TrainConfig("unet", "a", "b", "c", mixed_precision=False).mixed_precision is None
