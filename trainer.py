@@ -212,9 +212,8 @@ class Run:
         run_start, wall_before = time.perf_counter(), state.wall_time_s
         starvation_mark = self.train_reader.starvation_seconds
         while True:
-            # ---- train up to the next multiple of steps_per_epoch: a run resumed from a mid-epoch
-            # (SIGTERM) checkpoint finishes that epoch, so test passes stay at the same steps
-            epoch_end = (state.step // self.steps_per_epoch + 1) * self.steps_per_epoch
+            # ---- train up to the step of the next test pass
+            epoch_end = next_test_step(state, self.steps_per_epoch)
             while state.step < epoch_end and not self.stop_requested():
                 if not self.train_one_step(state):
                     break
@@ -318,6 +317,15 @@ class Run:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         self.last_checkpoint = state.step
+
+
+def next_test_step(state, steps_per_epoch):
+    """The step after which the next test pass runs: the next multiple of ``steps_per_epoch``, so
+    test passes stay at the same steps whatever the interruptions. A run resumed mid-epoch finishes
+    that epoch; one stopped after an epoch's last step but before its test pass owes that pass,
+    which then comes first (without it every later pass would shift by an epoch)."""
+    owed = state.step > 0 and state.step % steps_per_epoch == 0 and state.epoch < state.step // steps_per_epoch
+    return state.step if owed else (state.step // steps_per_epoch + 1) * steps_per_epoch
 
 
 def run_test_pass(strategy, test_step, test_reader, model, config, local_replicas):

@@ -115,6 +115,43 @@ def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path):
     assert json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"] == steps[-1]
 
 
+def _tiny_config(dbs, output_dir, **overrides):
+    """A TrainConfig of a tiny in-process run: one CPU tower, 2 steps per epoch, 2 epochs."""
+    values = dict(batch_size=2, tile_size=32, base_filters=2, test_every_n_steps=2, max_epochs=2,
+                  log_every_n_steps=100, use_augmentation=False)
+    values.update(overrides)
+    return trainer.TrainConfig("unet", str(dbs[1]), str(dbs[3]), str(output_dir), **values)
+
+
+def _test_steps(output_dir):
+    return [(int(r["epoch"]), int(r["step"])) for r in read_csv(output_dir / "test_metrics.csv")]
+
+
+def test_test_passes_stay_at_the_same_steps_whatever_the_interruptions(dbs, tmp_path, monkeypatch):
+    reference = trainer.train(_tiny_config(dbs, tmp_path / "reference"))
+    assert (reference["exit_code"], reference["step"]) == (0, 4)
+    assert _test_steps(tmp_path / "reference") == [(1, 2), (2, 4)]
+
+    # SIGTERM (a real one, to this process) right after step k, for every k, then a resume.
+    original = trainer.Run.train_one_step
+    for k in range(1, 5):
+        def train_then_signal(self, state, k=k):
+            done = original(self, state)
+            if state.step == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return done
+
+        out = tmp_path / f"stopped_at_{k}"
+        monkeypatch.setattr(trainer.Run, "train_one_step", train_then_signal)
+        stopped = trainer.train(_tiny_config(dbs, out))
+        monkeypatch.undo()
+        assert (stopped["exit_code"], stopped["step"]) == (143, k)
+        resumed = trainer.train(_tiny_config(dbs, out, restore_checkpoint_filepath=str(out)))
+        assert (resumed["exit_code"], resumed["step"], resumed["epoch"]) == (0, 4, 2), k
+        assert _test_steps(out) == [(1, 2), (2, 4)], k
+        assert [int(r["step"]) for r in read_csv(out / "train_loss.csv")] == [1, 2, 3, 4], k
+
+
 def _children(pid):
     found = []
     for entry in pathlib.Path("/proc").iterdir():
