@@ -222,12 +222,16 @@ class Run:
                 self.sync_statistics()
             if stop.requested:
                 self.checkpoint(state, best=False)
-                return "sigterm" if stop.signal_number == signal.SIGTERM else "sigint"
+                return stop.reason
 
             # ---- test pass, logging, checkpoints, early stopping
             test_start = time.perf_counter()
-            row, examples = run_test_pass(self.strategy, self.test_step, self.test_reader, self.model,
-                                          self.config, self.local_replicas)
+            result = run_test_pass(self.strategy, self.test_step, self.test_reader, self.model, self.config,
+                                   self.local_replicas, stop)
+            if result is None:  # stopped during the test pass: the resumed run repeats it first
+                self.checkpoint(state, best=False)
+                return stop.reason
+            row, examples = result
             state.epoch += 1
             state.history.append(row["loss"])
             improved = row["loss"] < state.best_loss
@@ -328,25 +332,34 @@ def next_test_step(state, steps_per_epoch):
     return state.step if owed else (state.step // steps_per_epoch + 1) * steps_per_epoch
 
 
-def run_test_pass(strategy, test_step, test_reader, model, config, local_replicas):
-    """Evaluate every test pixel exactly once.
+def run_test_pass(strategy, test_step, test_reader, model, config, local_replicas, stop=None):
+    """Evaluate every test pixel exactly once, unless a stop signal comes first.
 
     Batches are fed ``local_replicas`` at a time; the last group is padded with all-ignored
     batches. Workers may hold different numbers of test batches, which is fine because the test
-    step runs no collective; the sums are added across workers once at the end.
+    step runs no collective; the sums are added across workers once at the end, together with
+    whether any worker was stopped (then every worker drops the pass).
     Returns:
       (metrics row dict with loss, pixel_accuracy, iou_k, dice_k, mean_iou;
-       (images, true masks, predicted masks) of up to 3 test tiles for TensorBoard).
+       (images, true masks, predicted masks) of up to 3 test tiles for TensorBoard),
+      or None when ``stop`` was requested on any worker before the pass was complete.
     """
     totals, examples, finished = None, None, False
     while not finished:
         group = []
-        while len(group) < local_replicas:
-            batch = test_reader.get_batch()
+        while len(group) < local_replicas and not (stop is not None and stop.requested):
+            try:
+                batch = test_reader.get_batch()
+            except _reader_error_types():
+                if stop is not None and stop.requested:  # the readers died from the signal too
+                    break
+                raise
             if batch is None:
                 finished = True
                 break
             group.append(batch)
+        if stop is not None and stop.requested:
+            break
         if not group:
             break
         if examples is None:
@@ -359,7 +372,15 @@ def run_test_pass(strategy, test_step, test_reader, model, config, local_replica
         k = config.number_classes
         totals = steps.TestSums(steps.PixelSums(np.zeros(()), np.zeros(()), np.zeros(k), np.zeros(k), np.zeros(k)),
                                 np.zeros((k, k)))
-    totals = distribute.sum_across_workers(strategy, totals)
+    stopped = np.array([1.0 if stop is not None and stop.requested else 0.0])
+    totals, stopped = distribute.sum_across_workers(strategy, (totals, stopped))
+    if stopped[0] > 0:
+        if stop is not None and not stop.requested:  # another worker was signalled
+            stop.signal_number = signal.SIGTERM
+        if distribute.cluster_info(strategy).is_chief:
+            print("stopped during the test pass: it runs again, first thing, when the run is resumed",
+                  file=sys.stderr, flush=True)
+        return None
     loss = float(steps.loss_from_sums(totals.pixel, config.loss))
     row = {"loss": loss, **metrics.summarize(np.rint(totals.confusion).astype(np.int64))}
     if examples is None:
@@ -397,6 +418,11 @@ class StopSignals:
     @property
     def requested(self):
         return self.signal_number is not None
+
+    @property
+    def reason(self):
+        """The stop reason train() reports: "sigterm" or "sigint"."""
+        return "sigint" if self.signal_number == signal.SIGINT else "sigterm"
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():

@@ -165,32 +165,45 @@ def _children(pid):
     return found
 
 
-def _alive(pid):
-    try:
-        status = pathlib.Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in status
+def _group_members(pgid):
+    """Live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
 
 
-def _start_training_until_first_step(out, dbs, stderr):
-    """Popen a long training run and return it once it printed its first step line."""
+def _wait_until_group_is_gone(pgid, seconds=20):
+    deadline = time.time() + seconds
+    while _group_members(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    return _group_members(pgid)
+
+
+def _start_training_until(out, dbs, stderr, line_start="step", extra=("--test_every_n_steps", "100000")):
+    """Popen a training run in its own process group (as Slurm runs a job step) and return it once
+    it printed a line starting with ``line_start``."""
     process = subprocess.Popen(
-        [sys.executable, "train_unet.py", *map(str, dbs), *TINY, "--output_dir", str(out),
-         "--test_every_n_steps", "100000"],
+        [sys.executable, "train_unet.py", *map(str, dbs), *TINY, "--output_dir", str(out), *map(str, extra)],
         cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE, stderr=stderr,
-        text=True)
-    deadline = time.time() + 120
+        text=True, start_new_session=True)
+    deadline = time.time() + 240
     while time.time() < deadline:
         line = process.stdout.readline()
-        if (line.startswith("step") and "loss" in line) or not line:
+        if line.startswith(line_start) or not line:
             break
     return process
 
 
 def test_reader_crash_stops_training_with_exit_1(dbs, tmp_path):
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = _start_training_until_first_step(tmp_path / "crash", dbs, stderr)
+        process = _start_training_until(tmp_path / "crash", dbs, stderr)
         workers = [pid for pid in _children(process.pid)
                    if b"resource_tracker" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert workers, "the trainer should run reader processes"
@@ -201,20 +214,17 @@ def test_reader_crash_stops_training_with_exit_1(dbs, tmp_path):
     assert "an image reader failed" in message and f"pid {workers[0]}" in message
 
 
-def test_sigterm_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path):
     out = tmp_path / "sig"
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = _start_training_until_first_step(out, dbs, stderr)
-        readers = _children(process.pid)
-        assert readers, "the trainer should run reader processes"
-        process.send_signal(signal.SIGTERM)
+        process = _start_training_until(out, dbs, stderr)
+        assert _children(process.pid), "the trainer should run reader processes"
+        # Slurm signals every process of the job step: the trainer and its readers.
+        os.killpg(process.pid, signal.SIGTERM)
         remaining, _ = process.communicate(timeout=120)
     assert process.returncode == 143, (tmp_path / "stderr.txt").read_text()[-3000:]
     assert "SIGTERM" in remaining and "resume with --restore_checkpoint_filepath" in remaining
-    deadline = time.time() + 10
-    while any(_alive(pid) for pid in readers) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in readers)
+    assert not _wait_until_group_is_gone(process.pid)
     state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
     assert state["step"] >= 1 and state["epoch"] == 0
     assert not (out / "model.keras").exists()
@@ -249,6 +259,34 @@ def test_sigterm_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, t
             pixels += mask.size
     env.close()
     assert float(rows[0]["loss"]) == pytest.approx(total / pixels, rel=1e-4)
+
+
+def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path):
+    # A test set of 400 records makes the pass long enough to be signalled in the middle of it.
+    make_synthetic_db(tmp_path / "big_test", num_records=400, shape=(32, 32), seed=2)
+    run = [*dbs[:2], "--test_database", tmp_path / "big_test"]
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        # The test pass starts right after step 3, the last of the first epoch.
+        process = _start_training_until(out, run, stderr, line_start="step       3",
+                                        extra=("--test_every_n_steps", 3, "--max_epochs", 1))
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=180)
+    message = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, message[-3000:]
+    assert "stopped during the test pass" in message
+    assert not _wait_until_group_is_gone(process.pid)
+    state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
+    assert (state["step"], state["epoch"]) == (3, 0)
+    assert read_csv(out / "test_metrics.csv") == []
+
+    # The resubmitted run (same command plus the restore flag) tests first, then stops at max_epochs.
+    resumed = run_trainer("unet", [*run, *TINY, "--output_dir", out, "--test_every_n_steps", 3, "--max_epochs", 1,
+                                   "--restore_checkpoint_filepath", out])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [(r["epoch"], r["step"]) for r in read_csv(out / "test_metrics.csv")] == [("1", "3")]
+    assert [r["step"] for r in read_csv(out / "train_loss.csv")] == ["1", "2", "3"]
 
 
 # ---------------------------------------------------------------------------------------------
