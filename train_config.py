@@ -10,6 +10,7 @@ parser is generated from the fields, so a new flag is one field and its default 
 import argparse
 import dataclasses
 import math
+import os
 
 import augment
 import records
@@ -166,6 +167,9 @@ def validate_config(config, train_metadata, test_metadata):
         value = getattr(config, name)
         if value is not None and value < minimum:
             raise ConfigError(f"--{name} {value}: expected an integer >= {minimum}")
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise ConfigError(f"--output_dir {config.output_dir} is an existing file, not a folder; give the path "
+                          "of a folder (it is created if missing)")
     if not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
         raise ConfigError(f"--learning_rate {config.learning_rate}: expected a finite number >= 0")
     if config.mixed_precision not in (None,) + steps.MIXED_PRECISIONS:

@@ -85,10 +85,15 @@ def train(config):
       ConfigError / distribute.DistributionError for unusable settings, TrainingError on a
       non-finite loss, imagereader.ImageReaderError when a reader fails.
     """
+    # Everything that can refuse the run comes before anything is written: a refused run
+    # creates nothing.
     train_metadata = read_database_metadata(config.train_database, "train")
     test_metadata = read_database_metadata(config.test_database, "test")
     validate_config(config, train_metadata, test_metadata)
+    input_channels = train_metadata["channels"]
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
+    if checkpoint_dir:
+        checkpoints.check_compatible(checkpoint_dir, checkpoints.read_config(checkpoint_dir), config, input_channels)
 
     # Devices and strategy come before any other TensorFlow work (see distribute.py).
     cluster = distribute.detect_cluster(os.environ)
@@ -102,22 +107,11 @@ def train(config):
     import keras
     keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
-    input_channels = train_metadata["channels"]
     global_batch = config.batch_size * len(towers) * info.num_workers
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
     config_dict = dict(dataclasses.asdict(config), input_channels=input_channels, effective_batch=global_batch,
                        towers=towers, num_workers=info.num_workers, reduction=reduce_to,
                        steps_per_epoch=steps_per_epoch, tool_version=records.TOOL_VERSION)
-    if info.is_chief:
-        os.makedirs(config.output_dir, exist_ok=True)
-        checkpoints.write_json(os.path.join(config.output_dir, "config.json"), config_dict)
-        print("configuration:\n" + json.dumps(config_dict, indent=2, sort_keys=True, default=str), flush=True)
-        print(distribute.describe(strategy, towers, reduce_to, info), flush=True)
-        if distribute.env_summary():
-            print(f"environment: {distribute.env_summary()}", flush=True)
-        print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
-              f"{info.num_workers} worker(s) = {global_batch}", flush=True)
-
     with strategy.scope():
         model = build_model(config, input_channels)
         optimizer = steps.make_optimizer(config)
@@ -125,11 +119,19 @@ def train(config):
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
-    source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
-    if resumed and info.is_chief and os.path.abspath(config.output_dir) != source_dir:
-        checkpoints.copy_history(source_dir, config.output_dir)
-
     train_reader, test_reader = make_readers(config, len(towers), info, state.step)
+
+    if info.is_chief:
+        _create_output_dir(config.output_dir, config_dict)
+        print("configuration:\n" + json.dumps(config_dict, indent=2, sort_keys=True, default=str), flush=True)
+        print(distribute.describe(strategy, towers, reduce_to, info), flush=True)
+        if distribute.env_summary():
+            print(f"environment: {distribute.env_summary()}", flush=True)
+        print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
+              f"{info.num_workers} worker(s) = {global_batch}", flush=True)
+        source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
+        if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
+            checkpoints.copy_history(source_dir, config.output_dir)
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
                                   state if resumed else None)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, test_reader, run_outputs,
@@ -149,6 +151,15 @@ def train(config):
             "best_loss": state.best_loss, "best_epoch": state.best_epoch, "history": list(state.history),
             "effective_batch": global_batch, "output_dir": config.output_dir, "model_path": model_path,
             "is_chief": info.is_chief, "num_workers": info.num_workers, "towers": towers}
+
+
+def _create_output_dir(output_dir, config_dict):
+    """Create --output_dir (ConfigError when impossible) and write its config.json."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--output_dir {output_dir}: cannot create the folder ({error.strerror})") from None
+    checkpoints.write_json(os.path.join(output_dir, "config.json"), config_dict)
 
 
 def find_restore_checkpoint(path):

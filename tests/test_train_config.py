@@ -91,3 +91,4 @@ def test_mixed_precision_flag_takes_float16_bare_or_a_named_dtype():
     # Code that passed the old on/off value keeps working.
     assert TrainConfig("unet", "a", "b", "c", mixed_precision=True).mixed_precision == "float16"
     assert TrainConfig("unet", "a", "b", "c", mixed_precision=False).mixed_precision is None
+

@@ -74,6 +74,30 @@ def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path):
     assert result.returncode == 2 and "invalid choice: 'focal'" in result.stderr
 
 
+def test_refused_runs_create_nothing(dbs, tmp_path, capsys):
+    # A SegNet checkpoint given to train_unet.py is refused before the output folder exists.
+    checkpoint = tmp_path / "segnet_run" / "checkpoints" / "latest"
+    checkpoint.mkdir(parents=True)
+    for name in trainer.CHECKPOINT_FILES:
+        (checkpoint / name).write_text("{}")
+    (checkpoint / "config.json").write_text(json.dumps(
+        {"model": "segnet", "number_classes": 2, "input_channels": 1, "base_filters": 2, "batch_norm": True}))
+    out = tmp_path / "new_run"
+    code = trainer.main("unet", [*map(str, dbs), "--tile_size", "32", "--output_dir", str(out),
+                                 "--restore_checkpoint_filepath", str(tmp_path / "segnet_run")])
+    assert code == 2
+    assert f"--restore_checkpoint_filepath {checkpoint} holds a segnet model, not unet" in capsys.readouterr().err
+    assert not out.exists()
+
+    # An --output_dir that is an existing file: a clear error, exit 2, the file untouched.
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    code = trainer.main("unet", [*map(str, dbs), "--tile_size", "32", "--output_dir", str(existing)])
+    assert code == 2
+    assert f"--output_dir {existing} is an existing file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
+
+
 # ---------------------------------------------------------------------------------------------
 # Training runs
 # ---------------------------------------------------------------------------------------------
