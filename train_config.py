@@ -187,9 +187,13 @@ def validate_config(config, train_metadata, test_metadata):
             raise ConfigError(f"--{role}_database {path}: the database holds no records")
         found = [k for k, n in enumerate(metadata.get("class_pixel_counts", [])) if n > 0]
         if found and max(found) >= config.number_classes:
+            hint = ""
+            if 255 in found:
+                hint = ("; label 255 usually means binary masks saved as 0/255 images: convert them to 0/1 "
+                        "(e.g. mask // 255) and rebuild the database, rather than raising --number_classes")
             raise ConfigError(
                 f"--number_classes {config.number_classes} is too small for --{role}_database {path}: "
-                f"it holds labels {found}; use --number_classes {max(found) + 1} or more")
+                f"it holds labels {found}; use --number_classes {max(found) + 1} or more{hint}")
         smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
         if smallest < config.tile_size:
             raise ConfigError(

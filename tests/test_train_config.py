@@ -1,6 +1,7 @@
 """train_config.py: the parser generated from TrainConfig's fields, and the validation messages."""
 import dataclasses
 
+import numpy as np
 import pytest
 
 import train_config
@@ -92,3 +93,15 @@ def test_mixed_precision_flag_takes_float16_bare_or_a_named_dtype():
     assert TrainConfig("unet", "a", "b", "c", mixed_precision=True).mixed_precision == "float16"
     assert TrainConfig("unet", "a", "b", "c", mixed_precision=False).mixed_precision is None
 
+
+def test_too_few_classes_for_0_255_masks_names_the_likely_cause(tmp_path):
+    import records
+
+    probabilities = np.zeros(256)
+    probabilities[[0, 255]] = 0.5
+    make_synthetic_db(tmp_path / "binary", num_records=2, shape=(32, 32), number_classes=256, seed=0,
+                      class_probabilities=probabilities)
+    meta = records.read_metadata(str(tmp_path / "binary"))
+    config = TrainConfig("unet", str(tmp_path / "binary"), str(tmp_path / "binary"), str(tmp_path / "o"), tile_size=32)
+    with pytest.raises(ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 255\].*0/255.*0/1"):
+        train_config.validate_config(config, meta, meta)
