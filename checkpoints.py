@@ -12,6 +12,7 @@ A checkpoint is a folder (``<output_dir>/checkpoints/latest`` or ``.../best``) h
     export_model(output_dir, config_dict)                               model.keras from the best checkpoint
 """
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -265,11 +266,49 @@ def export_model(output_dir, config_dict):
     return path
 
 
-def copy_history(source_dir, output_dir):
-    """Resuming into a new output folder: start its CSVs from the old run's (truncated later)."""
-    if source_dir is None:
-        return
+def copy_previous_run(source_dir, output_dir):
+    """Resuming into a new output folder: start its CSVs from the old run's (truncated later) and
+    take its checkpoints/best, so the exported model.keras is the best of the whole history even if
+    this run never beats it. Nothing already in ``output_dir`` is replaced."""
     os.makedirs(output_dir, exist_ok=True)
     for name in ("train_loss.csv", "test_metrics.csv"):
         if os.path.exists(os.path.join(source_dir, name)) and not os.path.exists(os.path.join(output_dir, name)):
             shutil.copyfile(os.path.join(source_dir, name), os.path.join(output_dir, name))
+    best = find_checkpoint(os.path.join(source_dir, "checkpoints", "best"))
+    target = os.path.join(output_dir, "checkpoints", "best")
+    if best is not None and find_checkpoint(target) is None:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # Copied beside the target and renamed into place, like save_checkpoint.
+        temporary = tempfile.mkdtemp(prefix=".best.tmp-", dir=os.path.dirname(target))
+        shutil.copytree(best, temporary, dirs_exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(temporary, target)
+
+
+def database_fingerprint(metadata):
+    """A short hash of a database's metadata (records, shapes, classes, sources): equal for copies of
+    one database, different for another one."""
+    return hashlib.sha1(json.dumps(metadata, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def database_differences(checkpoint_dir, saved, config, fingerprints):
+    """Warnings for the databases of this run that are not those the checkpoint was trained on.
+
+    Args:
+      saved: the checkpoint's config.json; fingerprints: {"train": ..., "test": ...} of this run.
+    Compared by fingerprint (a copy elsewhere, e.g. on node-local scratch, is the same database);
+    checkpoints written before fingerprints were recorded are compared by path.
+    """
+    warnings = []
+    for role in ("train", "test"):
+        path, old_path = getattr(config, f"{role}_database"), saved.get(f"{role}_database")
+        old_fingerprint = saved.get(f"{role}_database_fingerprint")
+        if old_fingerprint is not None:
+            differs = old_fingerprint != fingerprints[role]
+        else:
+            differs = old_path is not None and os.path.abspath(old_path) != os.path.abspath(path)
+        if differs:
+            warnings.append(f"warning: --{role}_database {path} is not the database the checkpoint was trained "
+                            f"on ({old_path}, recorded in {os.path.join(checkpoint_dir, 'config.json')}); "
+                            "resuming with the new one")
+    return warnings

@@ -92,8 +92,13 @@ def train(config):
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
+    fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
+                    "test": checkpoints.database_fingerprint(test_metadata)}
+    database_warnings = []
     if checkpoint_dir:
-        checkpoints.check_compatible(checkpoint_dir, checkpoints.read_config(checkpoint_dir), config, input_channels)
+        saved = checkpoints.read_config(checkpoint_dir)
+        checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
+        database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
 
     # Devices and strategy come before any other TensorFlow work (see distribute.py).
     cluster = distribute.detect_cluster(os.environ)
@@ -111,7 +116,9 @@ def train(config):
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
     config_dict = dict(dataclasses.asdict(config), input_channels=input_channels, effective_batch=global_batch,
                        towers=towers, num_workers=info.num_workers, reduction=reduce_to,
-                       steps_per_epoch=steps_per_epoch, tool_version=records.TOOL_VERSION)
+                       steps_per_epoch=steps_per_epoch, tool_version=records.TOOL_VERSION,
+                       train_database_fingerprint=fingerprints["train"],
+                       test_database_fingerprint=fingerprints["test"])
     with strategy.scope():
         model = build_model(config, input_channels)
         optimizer = steps.make_optimizer(config)
@@ -131,7 +138,10 @@ def train(config):
               f"{info.num_workers} worker(s) = {global_batch}", flush=True)
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
         if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
-            checkpoints.copy_history(source_dir, config.output_dir)
+            checkpoints.copy_previous_run(source_dir, config.output_dir)
+        if resumed:
+            for warning in database_warnings:
+                print(warning, file=sys.stderr, flush=True)
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
                                   state if resumed else None)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, test_reader, run_outputs,
