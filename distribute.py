@@ -17,7 +17,8 @@ are summed on the device named by ``--gradient_update_location`` (``ReductionToO
 all-reduced with NCCL between GPUs. Several machines (``TF_CONFIG`` set, or a Slurm step with more
 than one task): ``MultiWorkerMirroredStrategy``, whose gradients are summed by a collective
 all-reduce over all replicas of all workers (RING over gRPC on CPUs, NCCL on GPUs); the reduction
-device does not apply there.
+device does not apply there (the trainer warns when --gradient_update_location is given, and
+config.json records the reduction really used: ``reduction_in_use``).
 """
 import dataclasses
 import json
@@ -278,11 +279,21 @@ def local_replica_count(strategy):
     return len(strategy.extended.worker_devices)
 
 
+def reduction_in_use(towers, reduce_to, num_workers):
+    """How the replicas' gradients are really summed, as config.json records it: the
+    --gradient_update_location device ("/cpu:0", "/gpu:N") or "nccl" on one worker; with several
+    workers "collective all-reduce (NCCL)" on GPUs or "collective all-reduce (RING)" on CPUs,
+    whatever --gradient_update_location said (MultiWorkerMirroredStrategy has no reduction device)."""
+    if num_workers > 1:
+        return "collective all-reduce (NCCL)" if towers[0].startswith("/gpu") else "collective all-reduce (RING)"
+    return reduce_to
+
+
 def describe(strategy, towers, reduce_to, info):
     """One line saying how training is distributed, for the start-up printout."""
+    reduction = reduction_in_use(towers, reduce_to, info.num_workers)
     if info.num_workers > 1:
-        how = ("collective all-reduce across workers (NCCL)" if towers[0].startswith("/gpu")
-               else "collective all-reduce across workers (RING)")
+        how = reduction.replace("all-reduce", "all-reduce across workers")
     elif reduce_to == "nccl":
         how = "NCCL all-reduce between GPUs"
     else:

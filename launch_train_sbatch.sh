@@ -28,11 +28,12 @@
 # Several nodes (or several tasks per node): every task runs the trainer through `srun`. The
 # trainer sees SLURM_STEP_NUM_TASKS > 1 and builds tf.distribute.MultiWorkerMirroredStrategy
 # from tf.distribute.cluster_resolver.SlurmClusterResolver (rank 0 is the chief: it alone writes
-# logs, CSVs, plots, checkpoints and the exported model). Within a node the towers are the node's
-# GPUs; across nodes the gradients of all replicas are summed by a collective all-reduce, chosen
-# through tf.distribute.experimental.CommunicationOptions: NCCL when training on GPUs, RING (over
-# gRPC) on CPUs. --gradient_update_location only applies to single-node runs. Every task reads its
-# own shard of the training stream from the node-local copy of the databases.
+# logs, CSVs, plots, checkpoints and the exported model). A task's towers are its GPUs; the
+# gradients of all replicas of all tasks are summed by one collective all-reduce, chosen through
+# tf.distribute.experimental.CommunicationOptions: NCCL when training on GPUs, RING (over gRPC) on
+# CPUs. --gradient_update_location only applies to jobs with a single task: with several tasks it
+# is not used (the trainer warns if it is given; config.json's "reduction" records the all-reduce).
+# Every task reads its own shard of the training stream from the node-local copy of the databases.
 #
 #SBATCH --job-name=segtrain
 #SBATCH --nodes=1

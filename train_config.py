@@ -65,7 +65,8 @@ class TrainConfig:
     early_stopping: int = flag("stop after this many epochs without a lower test loss (default "
                                "%(default)s)", 10, kind=int)
     gradient_update_location: str = flag("where tower gradients are summed: cpu, gpu:N or nccl (default "
-                                         "gpu:0 with GPUs, else cpu)")
+                                         "gpu:0 with GPUs, else cpu); one worker only: several workers "
+                                         "always sum with a collective all-reduce")
     restore_checkpoint_filepath: str = flag(
         "resume from a checkpoint folder or an output folder (its checkpoints/latest); a checkpoint with "
         "another number_classes is used for transfer learning (all layers but 'logits')")

@@ -115,7 +115,8 @@ def train(config):
     global_batch = config.batch_size * len(towers) * info.num_workers
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
     config_dict = dict(dataclasses.asdict(config), input_channels=input_channels, effective_batch=global_batch,
-                       towers=towers, num_workers=info.num_workers, reduction=reduce_to,
+                       towers=towers, num_workers=info.num_workers,
+                       reduction=distribute.reduction_in_use(towers, reduce_to, info.num_workers),
                        steps_per_epoch=steps_per_epoch, tool_version=records.TOOL_VERSION,
                        train_database_fingerprint=fingerprints["train"],
                        test_database_fingerprint=fingerprints["test"])
@@ -132,6 +133,10 @@ def train(config):
         _create_output_dir(config.output_dir, config_dict)
         print("configuration:\n" + json.dumps(config_dict, indent=2, sort_keys=True, default=str), flush=True)
         print(distribute.describe(strategy, towers, reduce_to, info), flush=True)
+        if info.num_workers > 1 and config.gradient_update_location is not None:
+            print(f"warning: --gradient_update_location {config.gradient_update_location} is not used with "
+                  f"{info.num_workers} workers: the gradients of all replicas are summed by a "
+                  f"{config_dict['reduction']}", file=sys.stderr, flush=True)
         if distribute.env_summary():
             print(f"environment: {distribute.env_summary()}", flush=True)
         print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "

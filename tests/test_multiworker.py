@@ -67,7 +67,9 @@ def two_workers(tmp_path_factory):
                 # Each worker gets its own output folder so the test can see what each one wrote.
                 "--output_dir", str(folder / "out"), "--batch_size", str(BATCH_SIZE), "--tile_size", "32",
                 "--base_filters", "2", "--test_every_n_steps", str(STEPS_PER_EPOCH),
-                "--max_epochs", str(EPOCHS), "--gpus", "none", "--log_every_n_steps", "1"]
+                "--max_epochs", str(EPOCHS), "--gpus", "none", "--log_every_n_steps", "1",
+                # Not used with several workers: the trainer says so and records what is used.
+                "--gradient_update_location", "cpu"]
         processes.append(subprocess.Popen([sys.executable, "-c", WORKER, *argv], cwd=ROOT, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         workers.append({"dir": folder})
@@ -153,8 +155,12 @@ def test_global_batch_is_workers_times_towers_times_batch_size(two_workers):
     assert config["effective_batch"] == 2 * 1 * BATCH_SIZE
     assert f"effective batch: {BATCH_SIZE} per tower x 1 tower(s) x 2 worker(s) = {2 * BATCH_SIZE}" \
         in two_workers[0]["log"]
-    # Across workers the gradients are summed by a collective all-reduce (RING on CPUs).
+    # Across workers the gradients are summed by a collective all-reduce (RING on CPUs), whatever
+    # --gradient_update_location says; config.json records what was used.
     assert "2 worker(s), collective all-reduce across workers (RING)" in two_workers[0]["log"]
+    assert config["reduction"] == "collective all-reduce (RING)"
+    assert ("warning: --gradient_update_location cpu is not used with 2 workers: the gradients of all "
+            "replicas are summed by a collective all-reduce (RING)") in two_workers[0]["log"]
 
 
 def test_float16_overflow_on_one_worker_is_skipped_by_both():
