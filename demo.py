@@ -19,7 +19,6 @@ before TensorFlow initialises, and a child also shows exactly what a user's own 
 Re-running replaces the previous training, predictions and figure.
 """
 import argparse
-import csv
 import dataclasses
 import os
 import re
@@ -34,6 +33,7 @@ import numpy as np
 import build_lmdb
 import demo_data
 import metrics
+import plots
 import records
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -263,7 +263,6 @@ def make_figure(config, test_images, evaluation):
     import tifffile
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
 
     names = demo_data.CLASS_NAMES
     colors = ListedColormap(["#1b1b1b", "#ff9f1c", "#2ec4b6"][:len(names)])
@@ -289,27 +288,10 @@ def make_figure(config, test_images, evaluation):
     fig.legend(handles=[Patch(color=colors(k), label=f"{k} {name}") for k, name in names.items()],
                loc="upper center", ncol=len(names), frameon=False)
 
-    train_rows = _read_csv(os.path.join(config.training_dir, "train_loss.csv"))
     test_rows = _read_csv(os.path.join(config.training_dir, "test_metrics.csv"))
-    ax = fig.add_subplot(grid[rows, 0:3])
-    ax.plot([int(r["step"]) for r in train_rows], [float(r["loss"]) for r in train_rows], lw=0.8,
-            label="train (per step)")
-    ax.plot([int(r["step"]) for r in test_rows], [float(r["loss"]) for r in test_rows], "o-",
-            label="test (per epoch)")
-    losses = [float(r["loss"]) for r in train_rows + test_rows]
-    # Early test losses can be 100 x the final ones (batch-norm statistics still settling).
-    wide = min(losses) > 0 and max(losses) / min(losses) > 20
-    ax.set(xlabel="step", ylabel="loss", yscale="log" if wide else "linear", title="training loss")
-    ax.legend(fontsize="small")
-    ax = fig.add_subplot(grid[rows, 3:6])
-    epochs = [int(r["epoch"]) for r in test_rows]
-    curves = [("pixel_accuracy", "pixel accuracy"), ("mean_iou", "mean IoU")]
-    curves += [(f"dice_{k}", f"Dice {name}") for k, name in names.items()]
-    for column, label in curves:
-        ax.plot(epochs, [float(r[column]) for r in test_rows], "o-", label=label)
-    ax.set(xlabel="epoch", ylabel="test metric", ylim=(0, 1.02), title="test metrics")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.legend(fontsize="small", loc="lower right")
+    plots.plot_loss(fig.add_subplot(grid[rows, 0:3]),
+                    _read_csv(os.path.join(config.training_dir, "train_loss.csv")), test_rows)
+    plots.plot_metrics(fig.add_subplot(grid[rows, 3:6]), test_rows, plots.metric_curves(names))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))
     fig.savefig(config.figure_path, dpi=80)
     plt.close(fig)
@@ -351,8 +333,7 @@ def _remove_previous(path):
 def _read_csv(path):
     if not os.path.exists(path):
         raise DemoError(f"{path} is missing: the training run did not write it")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    return plots.read_csv(path)
 
 
 def best_test_row(training_dir):

@@ -1,6 +1,9 @@
 """Distribution: which devices train, where gradients are averaged, and multi-worker clusters.
 
-This is the one place that talks to ``tf.distribute``. The trainer calls, in this order and before
+This is the one place that talks to ``tf.distribute``: besides building the strategy, it runs
+replica functions (``make_distributed_step``), feeds them (``distribute_batches``), combines values
+across replicas and workers (``all_replicas_true``, ``sum_across_workers``, ``sum_local_results``)
+and averages BatchNormalization statistics (``make_sync_statistics``). The trainer calls, in this order and before
 any other TensorFlow work (logical devices and visible GPUs can only be set before TensorFlow
 initialises its devices, and a MultiWorkerMirroredStrategy must exist before any other op runs):
 
@@ -14,12 +17,15 @@ are summed on the device named by ``--gradient_update_location`` (``ReductionToO
 all-reduced with NCCL between GPUs. Several machines (``TF_CONFIG`` set, or a Slurm step with more
 than one task): ``MultiWorkerMirroredStrategy``, whose gradients are summed by a collective
 all-reduce over all replicas of all workers (RING over gRPC on CPUs, NCCL on GPUs); the reduction
-device does not apply there.
+device does not apply there (the trainer warns when --gradient_update_location is given, and
+config.json records the reduction really used: ``reduction_in_use``).
 """
 import dataclasses
 import json
 import os
 import re
+
+import numpy as np
 
 SLURM_PORT_BASE = 8888
 
@@ -242,12 +248,14 @@ def build_strategy(towers, reduce_to, cluster=None, communication_timeout_s=300)
 
 
 def check_xla(xla, model_name):
-    """Refuse --xla where it cannot work. (Only each tower's forward and backward pass is compiled:
-    see trainer.make_train_step; the gradient reduction stays on its chosen device.)"""
-    if xla and model_name == "segnet":
-        raise DistributionError(
-            "--xla cannot compile SegNet: its argmax max-pooling (tf.nn.max_pool_with_argmax) has no "
-            "XLA kernel; train SegNet without --xla")
+    """Refuse --xla for a model the registry says XLA cannot compile. (Only each tower's forward and
+    backward pass is compiled: see steps.make_train_step; the gradient reduction stays on its chosen
+    device.)"""
+    import models
+
+    problem = models.xla_problem(model_name)
+    if xla and problem:
+        raise DistributionError(f"--xla cannot compile {model_name}: {problem}")
 
 
 def cluster_info(strategy):
@@ -271,11 +279,21 @@ def local_replica_count(strategy):
     return len(strategy.extended.worker_devices)
 
 
+def reduction_in_use(towers, reduce_to, num_workers):
+    """How the replicas' gradients are really summed, as config.json records it: the
+    --gradient_update_location device ("/cpu:0", "/gpu:N") or "nccl" on one worker; with several
+    workers "collective all-reduce (NCCL)" on GPUs or "collective all-reduce (RING)" on CPUs,
+    whatever --gradient_update_location said (MultiWorkerMirroredStrategy has no reduction device)."""
+    if num_workers > 1:
+        return "collective all-reduce (NCCL)" if towers[0].startswith("/gpu") else "collective all-reduce (RING)"
+    return reduce_to
+
+
 def describe(strategy, towers, reduce_to, info):
     """One line saying how training is distributed, for the start-up printout."""
+    reduction = reduction_in_use(towers, reduce_to, info.num_workers)
     if info.num_workers > 1:
-        how = ("collective all-reduce across workers (NCCL)" if towers[0].startswith("/gpu")
-               else "collective all-reduce across workers (RING)")
+        how = reduction.replace("all-reduce", "all-reduce across workers")
     elif reduce_to == "nccl":
         how = "NCCL all-reduce between GPUs"
     else:
@@ -289,3 +307,111 @@ def env_summary():
     """Environment variables relevant to distribution, for the start-up printout."""
     keys = ("TF_CONFIG", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS", "CUDA_VISIBLE_DEVICES")
     return {k: os.environ[k] for k in keys if k in os.environ}
+
+
+# ----------------------------------------------------------------------------------------------
+# Running replica functions and combining their values
+# ----------------------------------------------------------------------------------------------
+
+def make_distributed_step(strategy, replica_fn, reduce_sum=False):
+    """A tf.function running ``replica_fn(*distributed_batch)`` on every local replica.
+
+    Returns:
+      step(distributed_batch) -> the per-replica results, or with ``reduce_sum`` their sum over all
+      replicas of all workers (a scalar for a scalar result).
+    """
+    import tensorflow as tf
+
+    @tf.function
+    def step(distributed_batch):
+        results = strategy.run(replica_fn, args=distributed_batch)
+        if reduce_sum:
+            return strategy.reduce(tf.distribute.ReduceOp.SUM, results, axis=None)
+        return results
+
+    return step
+
+
+def distribute_batches(strategy, batches):
+    """Feed one whole (images, masks) numpy batch to each local replica."""
+    import tensorflow as tf
+
+    def value_fn(context):
+        # replica_id_in_sync_group counts replicas over all workers; this worker's are consecutive.
+        images, masks = batches[context.replica_id_in_sync_group % len(batches)]
+        return tf.constant(images, tf.float32), tf.constant(masks, tf.int32)
+
+    return strategy.experimental_distribute_values_from_function(value_fn)
+
+
+def all_replicas_true(flag):
+    """Inside a replica function: whether ``flag`` (a scalar bool tensor) is true on every replica of
+    every worker. Every replica gets the same answer, so all of them take the same branch after it."""
+    import tensorflow as tf
+
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return flag
+    # ReduceOp has no MIN: count the replicas where the flag is false.
+    dissent = context.all_reduce(tf.distribute.ReduceOp.SUM, 1.0 - tf.cast(flag, tf.float32))
+    return dissent < 0.5
+
+
+def sum_local_results(strategy, per_replica):
+    """A nested structure of per-replica tensors summed over this worker's replicas, as float64 numpy."""
+    import tensorflow as tf
+
+    def local_sum(value):
+        return sum(np.asarray(v.numpy(), dtype=np.float64) for v in strategy.experimental_local_results(value))
+
+    return tf.nest.map_structure(local_sum, per_replica)
+
+
+def sum_across_workers(strategy, structure):
+    """Element-wise sum of a nested structure of float64 numpy arrays over all workers (one
+    collective call; on one worker the structure itself)."""
+    import tensorflow as tf
+
+    if cluster_info(strategy).num_workers == 1:
+        return structure
+    leaves = [np.asarray(leaf, dtype=np.float64) for leaf in tf.nest.flatten(structure)]
+    vector = np.concatenate([leaf.ravel() for leaf in leaves])
+    local_replicas = local_replica_count(strategy)
+
+    def value_fn(context):
+        is_first_local = context.replica_id_in_sync_group % local_replicas == 0
+        return tf.constant(vector if is_first_local else np.zeros_like(vector), tf.float64)
+
+    values = strategy.experimental_distribute_values_from_function(value_fn)
+    total = strategy.reduce(tf.distribute.ReduceOp.SUM, values, axis=None).numpy()
+    sizes = np.cumsum([leaf.size for leaf in leaves])[:-1]
+    pieces = [piece.reshape(leaf.shape) for piece, leaf in zip(np.split(total, sizes), leaves)]
+    return tf.nest.pack_sequence_as(structure, pieces)
+
+
+def make_sync_statistics(strategy, variables):
+    """A function setting every replica's copy of ``variables`` (a model's non-trainable
+    variables: BatchNormalization moving statistics) to their mean over all replicas of all
+    workers, or None when there is nothing to average.
+
+    Keras 3 keeps one copy of each moving statistic per replica, each updated from its own tower's
+    batches only, and saves replica 0's. Averaging them before every test pass and checkpoint makes
+    all replicas evaluate, and every file hold, the same model, using the statistics of all towers.
+    """
+    import tensorflow as tf
+
+    variables = list(variables)
+    if not variables or strategy.num_replicas_in_sync == 1:
+        return None
+
+    def replica_fn():
+        context = tf.distribute.get_replica_context()
+        means = context.all_reduce(tf.distribute.ReduceOp.MEAN, [tf.identity(v.value) for v in variables])
+        for variable, mean in zip(variables, means):
+            variable.assign(mean)
+
+    @tf.function
+    def sync():
+        strategy.run(replica_fn)
+
+    return sync

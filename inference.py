@@ -33,11 +33,12 @@ import tensorflow as tf
 import tifffile
 
 import augment
+import checkpoints
 import models
 
 DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg")
 DEFAULT_TILE_SIZE = 256
-CONFIG_KEYS = ("model", "number_classes", "input_channels", "base_filters", "batch_norm")
+CONFIG_KEYS = models.CONFIG_KEYS
 PROBABILITIES_SUFFIX = "_probabilities.npy"
 
 
@@ -113,32 +114,32 @@ def _read_training_config(folders):
     return None, None
 
 
-def _model_name_from_layers(model, source):
-    """Architecture name of a loaded model that came without config.json (needed for the halo)."""
-    if any("MaxPoolingWithArgmax" in type(layer).__name__ for layer in model.layers):
-        return "segnet"
-    for name in models.MODEL_NAMES:
-        if name in model.name.lower():
-            return name
+def _model_name(training_config, config_path, model, source):
+    """Registry name of a model: the training config's "model", else the name the builder gave the
+    saved model (every registered builder names its keras.Model after itself)."""
+    if training_config is not None and "model" in training_config:
+        name = training_config["model"]
+        if name not in models.MODEL_NAMES:
+            raise InferenceError(f"{config_path}: model {name!r} is not one of {', '.join(models.MODEL_NAMES)}")
+        return name
+    if model is not None and model.name in models.MODEL_NAMES:
+        return model.name
     raise InferenceError(
-        f"cannot tell whether {source} is a {' or a '.join(models.MODEL_NAMES)}: put the training "
-        f"config.json (with its \"model\" key) next to it")
+        f"cannot tell which model {source} is: it has no training config.json beside it and its name "
+        f"{getattr(model, 'name', None)!r} is not one of {', '.join(models.MODEL_NAMES)}; put the "
+        f"training config.json (with its \"model\" key) next to it")
 
 
 def _resolve_checkpoint_dir(path):
     """A directory holding model.weights.h5: ``path`` itself or, for an output folder, its best
     checkpoint (the one model.keras is exported from), else its latest."""
-    path = pathlib.Path(path)
-    if (path / "model.weights.h5").is_file():
-        return path
-    for which in ("best", "latest"):
-        candidate = path / "checkpoints" / which
-        if (candidate / "model.weights.h5").is_file():
-            return candidate
-    raise InferenceError(
-        f"checkpoint not found: {path} holds neither model.weights.h5 nor "
-        f"checkpoints/best|latest/model.weights.h5 (expected a checkpoint directory or a training "
-        f"output folder)")
+    found = checkpoints.find_checkpoint(str(path), prefer="best", required=(checkpoints.WEIGHTS_FILE,))
+    if found is None:
+        raise InferenceError(
+            f"checkpoint not found: {path} holds neither model.weights.h5 nor "
+            f"checkpoints/best|latest/model.weights.h5 (expected a checkpoint directory or a training "
+            f"output folder)")
+    return pathlib.Path(found)
 
 
 def load_model(config):
@@ -158,18 +159,12 @@ def load_model(config):
                     if (path / "checkpoints").is_dir() else "")
             raise InferenceError(f"model not found: {keras_path} (expected a .keras file or a training "
                                  f"output folder holding model.keras){hint}")
-        training_config, _ = _read_training_config([keras_path.parent])
+        training_config, config_path = _read_training_config([keras_path.parent])
         try:
             model = keras.saving.load_model(str(keras_path), compile=False)
         except Exception as exc:  # Keras raises many types for corrupt or foreign files.
             raise InferenceError(f"cannot load model {keras_path}: {exc}") from exc
-        if training_config is not None and "model" in training_config:
-            name = training_config["model"]
-            if name not in models.MODEL_NAMES:
-                raise InferenceError(f"{keras_path.parent / 'config.json'}: model {name!r} is not one "
-                                     f"of {models.MODEL_NAMES}")
-        else:
-            name = _model_name_from_layers(model, keras_path)
+        name = _model_name(training_config, config_path, model, keras_path)
         source = str(keras_path)
     else:
         checkpoint = _resolve_checkpoint_dir(config.checkpoint_filepath)
@@ -182,15 +177,10 @@ def load_model(config):
         missing = [key for key in CONFIG_KEYS if key not in training_config]
         if missing:
             raise InferenceError(f"{config_path} lacks {', '.join(missing)} (needed to rebuild the model)")
-        name = training_config["model"]
-        if name not in models.MODEL_NAMES:
-            raise InferenceError(f"{config_path}: model {name!r} is not one of {models.MODEL_NAMES}")
-        weights = checkpoint / "model.weights.h5"
+        name = _model_name(training_config, config_path, None, checkpoint)
+        weights = checkpoint / checkpoints.WEIGHTS_FILE
         try:
-            model = models.build_model(name, int(training_config["number_classes"]),
-                                       input_channels=int(training_config["input_channels"]),
-                                       base_filters=int(training_config["base_filters"]),
-                                       batch_norm=bool(training_config["batch_norm"]))
+            model = models.build_from_config(training_config)
             model.load_weights(str(weights))
         except Exception as exc:  # h5py/Keras errors for truncated or mismatched weight files.
             raise InferenceError(f"cannot load weights {weights} into the {name} described by "

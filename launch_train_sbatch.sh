@@ -28,11 +28,12 @@
 # Several nodes (or several tasks per node): every task runs the trainer through `srun`. The
 # trainer sees SLURM_STEP_NUM_TASKS > 1 and builds tf.distribute.MultiWorkerMirroredStrategy
 # from tf.distribute.cluster_resolver.SlurmClusterResolver (rank 0 is the chief: it alone writes
-# logs, CSVs, plots, checkpoints and the exported model). Within a node the towers are the node's
-# GPUs; across nodes the gradients of all replicas are summed by a collective all-reduce, chosen
-# through tf.distribute.experimental.CommunicationOptions: NCCL when training on GPUs, RING (over
-# gRPC) on CPUs. --gradient_update_location only applies to single-node runs. Every task reads its
-# own shard of the training stream from the node-local copy of the databases.
+# logs, CSVs, plots, checkpoints and the exported model). A task's towers are its GPUs; the
+# gradients of all replicas of all tasks are summed by one collective all-reduce, chosen through
+# tf.distribute.experimental.CommunicationOptions: NCCL when training on GPUs, RING (over gRPC) on
+# CPUs. --gradient_update_location only applies to jobs with a single task: with several tasks it
+# is not used (the trainer warns if it is given; config.json's "reduction" records the all-reduce).
+# Every task reads its own shard of the training stream from the node-local copy of the databases.
 #
 #SBATCH --job-name=segtrain
 #SBATCH --nodes=1
@@ -51,7 +52,7 @@
 : "${TEST_DATABASE:=data/test.lmdb}"
 : "${OUTPUT_ROOT:=results}"             # each experiment gets a folder under it
 : "${EXPERIMENT_NAME:=}"                # empty: <model>_<date>-<time>_job<id>; an existing folder resumes
-: "${MODEL:=unet}"                      # unet | segnet
+: "${MODEL:=unet}"                      # a model of models/__init__.py: unet | segnet
 : "${BATCH_SIZE:=8}"                    # per tower (GPU); the effective batch is x towers x tasks
 : "${TEST_EVERY_N_STEPS:=}"             # empty: one test pass per pass over the training data
 : "${NUMBER_CLASSES:=2}"
@@ -101,7 +102,21 @@ SCRIPT=$(realpath "$0")   # the copy of this script that runs (Slurm's spool cop
 [ -n "$CODE_DIR" ] || CODE_DIR=$(find_code_dir) ||
   die "cannot find the repository (train_unet.py): submit from the repository root or set CODE_DIR"
 CODE_DIR=$(cd "$CODE_DIR" && pwd)
-case "$MODEL" in unet | segnet) ;; *) die "MODEL=$MODEL: expected unet or segnet" ;; esac
+if [ -z "$PYTHON" ]; then
+  if [ -x "$CODE_DIR/.venv/bin/python" ]; then PYTHON=$CODE_DIR/.venv/bin/python; else PYTHON=python3; fi
+fi
+command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON: not found"
+# The model names come from the registry, models.MODEL_NAMES. It is read from the source rather than
+# imported: importing models loads TensorFlow, which takes seconds.
+# shellcheck disable=SC2016
+registered=$("$PYTHON" -c '
+import ast, sys
+for node in ast.parse(open(sys.argv[1]).read()).body:
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODEL_NAMES":
+        print(" ".join(ast.literal_eval(node.value)))
+' "$CODE_DIR/models/__init__.py") && [ -n "$registered" ] ||
+  die "cannot read MODEL_NAMES from $CODE_DIR/models/__init__.py with PYTHON=$PYTHON"
+[[ " $registered " == *" $MODEL "* ]] || die "MODEL=$MODEL: expected ${registered// / or }"
 for name in BATCH_SIZE NUMBER_CLASSES TILE_SIZE GPUS_PER_NODE REQUEUE MAX_RESUBMISSIONS RESUBMISSION; do
   [[ ${!name} =~ ^[0-9]+$ ]] || die "$name=${!name}: expected a whole number"
 done
@@ -112,10 +127,6 @@ for name in TRAIN_DATABASE TEST_DATABASE; do
   [ -f "${!name}/data.mdb" ] || die "$name=${!name}: not an LMDB database (expected a folder holding data.mdb)"
   printf -v "$name" '%s' "$(cd "${!name}" && pwd)"
 done
-if [ -z "$PYTHON" ]; then
-  if [ -x "$CODE_DIR/.venv/bin/python" ]; then PYTHON=$CODE_DIR/.venv/bin/python; else PYTHON=python3; fi
-fi
-command -v "$PYTHON" >/dev/null || die "PYTHON=$PYTHON: not found"
 
 JOB_ID=${SLURM_JOB_ID:-local$$}
 NNODES=${SLURM_JOB_NUM_NODES:-1}

@@ -1,13 +1,12 @@
 """Training images/s of the trainer's step loop against a plain Keras model.fit of the same model.
 
 Both sides train build_unet(2 classes, base_filters 16) on 128 x 128 tiles, batch 8, Adam 1e-4, the
-trainer's cross-entropy (trainer.per_image_loss), on the CPU:
-  - trainer: the step loop of trainer._run, line for line with the trainer's own pieces: the
-    MirroredStrategy of distribute.py (one CPU tower, as `train_unet.py` builds it on this machine),
-    trainer.make_train_step, batches from the real ImageReader made by trainer._make_readers
-    (augmentation on, --reader_count worker processes), trainer.distribute_batches, the finite-loss
-    check and trainer._log_step (train_loss.csv every step, a progress line and TensorBoard scalars
-    every 10 steps). Reader cost is included, as in real training: the workers share the CPU with
+trainer's cross-entropy (steps.per_image_loss), on the CPU:
+  - trainer: the trainer's own step, trainer.Run.train_one_step: the MirroredStrategy of
+    distribute.py (one CPU tower, as `train_unet.py` builds it on this machine), steps.make_train_step,
+    batches from the real ImageReader made by trainer.make_readers (augmentation on, --reader_count
+    worker processes), distribute.distribute_batches, the finite-loss check and Run.log_step
+    (train_loss.csv every step, a progress line and TensorBoard scalars every 10 steps). Reader cost is included, as in real training: the workers share the CPU with
     TensorFlow.
   - model.fit: the same network built outside any strategy, compiled with the same loss and
     optimizer (jit_compile=False: Keras' "auto" also disables XLA on CPU-only machines), fed the
@@ -40,7 +39,9 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import distribute  # noqa: E402
+import outputs  # noqa: E402
 import records  # noqa: E402
+import steps  # noqa: E402
 import trainer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nist_colonies"
@@ -93,28 +94,22 @@ class TrainerLoop:
         info = distribute.cluster_info(strategy)
         with strategy.scope():
             model = trainer.build_model(self.config, input_channels=1)
-            optimizer = trainer.make_optimizer(self.config)
+            optimizer = steps.make_optimizer(self.config)
             optimizer.build(model.trainable_variables)
-        train_step = trainer.make_train_step(strategy, model, optimizer, "ce", NUMBER_CLASSES, BATCH)
-        train_reader, test_reader = trainer._make_readers(self.config, len(towers), info, 0)
-        outputs = trainer.Outputs(str(output_dir), NUMBER_CLASSES, enabled=True)
-        self.context = trainer._RunContext(
-            self.config, dataclasses.asdict(self.config), strategy, info, model, optimizer, train_step,
-            None, train_reader, test_reader, outputs, steps_per_epoch=10 ** 9, global_batch=BATCH)
-        self.stop = trainer.StopSignals()
-        self.step = 0
+        train_reader, test_reader = trainer.make_readers(self.config, len(towers), info, 0)
+        run_outputs = outputs.Outputs(str(output_dir), NUMBER_CLASSES, enabled=True)
+        self.run = trainer.Run(self.config, dataclasses.asdict(self.config), strategy, info, model, optimizer,
+                               train_reader, test_reader, run_outputs, steps_per_epoch=10 ** 9,
+                               global_batch=BATCH)
+        self.stop = self.run.stop = trainer.StopSignals()
+        self.state = trainer.TrainState()
 
     def run_steps(self, count):
-        """``count`` steps exactly as trainer._run does them; returns a Mark after each."""
-        c, marks = self.context, []
+        """``count`` steps exactly as trainer.Run.loop does them; returns a Mark after each."""
+        marks = []
         for _ in range(count):
-            step_start = time.perf_counter()
-            batches = trainer._next_batches(c.train_reader, 1, self.stop)
-            loss = float(c.train_step(trainer.distribute_batches(c.strategy, batches)))
-            trainer._check_finite(loss, self.step + 1, None, self.config.output_dir)
-            self.step += 1
-            trainer._log_step(c, self.step, loss, time.perf_counter() - step_start)
-            marks.append(Mark.now(c.train_reader.worker_pids))
+            self.run.train_one_step(self.state)
+            marks.append(Mark.now(self.run.train_reader.worker_pids))
         return marks
 
 
@@ -161,7 +156,7 @@ def build_fit_model():
     model = models.build_model(MODEL, NUMBER_CLASSES, input_channels=1, base_filters=BASE_FILTERS)
 
     def loss(y_true, y_pred):
-        return trainer.per_image_loss(y_pred, tf.cast(y_true, tf.int32), "ce", NUMBER_CLASSES)
+        return steps.per_image_loss(y_pred, tf.cast(y_true, tf.int32), "ce", NUMBER_CLASSES)
 
     model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=loss, jit_compile=False)
     return model
@@ -187,7 +182,7 @@ def run(config):
             loop = TrainerLoop(config, database, pathlib.Path(tmp) / "run")
             fit_model = build_fit_model()
             trainer_results, fit_results, waits = [], [], []
-            with loop.stop, loop.context.train_reader as reader:
+            with loop.stop, loop.run.train_reader as reader:
                 # The same augmented batches, recorded once from the trainer's reader, feed model.fit.
                 recorded = [reader.get_batch() for _ in range(1 + config.steps)]
                 images = np.concatenate([b[0] for b in recorded])
@@ -204,7 +199,7 @@ def run(config):
                     fit_model.fit(images, masks, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
                                   callbacks=[timer])
                     fit_results.append(measure(timer.marks))
-            loop.context.outputs.close()
+            loop.run.outputs.close()
     return trainer_results, fit_results, waits, data_label
 
 

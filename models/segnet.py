@@ -18,6 +18,9 @@ from models.layers import (MaxPoolingWithArgmax2D, MaxUnpooling2D, conv_bn_relu,
 BLOCK_CONVS = (2, 2, 3, 3, 3)
 BLOCK_WIDTHS = (1, 2, 4, 8, 8)
 SIZE_DIVISOR = 2 ** len(BLOCK_CONVS)
+# Registry entry (see models/__init__.py): why --xla is refused for this model.
+XLA_PROBLEM = ("its argmax max-pooling (tf.nn.max_pool_with_argmax) has no XLA kernel; train SegNet "
+               "without --xla")
 
 
 def build_segnet(number_classes, input_channels=1, base_filters=64, input_size=None, batch_norm=True):
@@ -101,3 +104,6 @@ def receptive_field():
         lo, hi = decoder((position, position), 1)
         sizes.append(hi - lo + 1)
     return max(sizes)
+
+
+build = build_segnet

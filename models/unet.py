@@ -12,6 +12,8 @@ from models.layers import (conv_bn_relu, interval_conv, interval_pool, interval_
 
 DEPTH = 4
 SIZE_DIVISOR = 2 ** DEPTH
+# Registry entries (see models/__init__.py): every op of a UNet has an XLA kernel.
+XLA_PROBLEM = None
 
 
 def build_unet(number_classes, input_channels=1, base_filters=64, input_size=None, batch_norm=True):
@@ -93,3 +95,6 @@ def receptive_field():
         lo, hi = decoder((position, position), 1)
         sizes.append(hi - lo + 1)
     return max(sizes)
+
+
+build = build_unet

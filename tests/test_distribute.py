@@ -1,6 +1,8 @@
 """distribute.py and the distributed train step: flag parsing, cluster detection, and (in one
-subprocess with two logical CPU towers) tower equivalence, loss scaling and the reduction device."""
+subprocess with two logical CPU towers, tests/distributed_checks.py) tower equivalence, loss
+scaling, the reduction device and mixed precision."""
 import json
+import math
 import subprocess
 import sys
 
@@ -57,95 +59,23 @@ def test_detect_cluster_from_tf_config_and_slurm():
     assert distribute._max_tasks_per_node("2(x3),1") == 2
 
 
-def test_check_xla():
+def test_check_xla_reads_the_model_registry(monkeypatch):
+    import models.unet
+
     distribute.check_xla(False, "segnet")
     distribute.check_xla(True, "unet")
-    with pytest.raises(distribute.DistributionError, match="no XLA kernel"):
+    with pytest.raises(distribute.DistributionError, match="--xla cannot compile segnet: .*no XLA kernel"):
         distribute.check_xla(True, "segnet")
-
-
-# One TensorFlow process for every check that needs two logical CPU devices (they can only be
-# configured once per process, and each start costs seconds).
-TOWER_SCRIPT = r"""
-import json, sys
-import numpy as np
-import distribute
-towers = distribute.configure_devices(cpu_towers=2)
-import keras, tensorflow as tf
-import models, trainer
-
-def model_and_step(devices, reduce_to, learning_rate=0.5, jit_compile=False):
-    strategy = distribute.build_strategy(devices, reduce_to)
-    with strategy.scope():
-        keras.utils.set_random_seed(0)
-        model = models.build_model("unet", 3, input_channels=1, base_filters=2, batch_norm=False)
-        optimizer = keras.optimizers.SGD(learning_rate)   # SGD: the update is proportional to the gradient
-        optimizer.build(model.trainable_variables)
-    step = trainer.make_train_step(strategy, model, optimizer, "ce+dice", 3, global_batch_size=4,
-                                   jit_compile=jit_compile)
-    return strategy, model, step
-
-rng = np.random.default_rng(0)
-images = rng.normal(size=(4, 32, 32, 1)).astype(np.float32)
-masks = rng.integers(0, 3, size=(4, 32, 32)).astype(np.int32)
-masks[1, :8] = -1                                      # ignored pixels
-two, model2, step2 = model_and_step(towers, "/cpu:0")
-one, model1, step1 = model_and_step(["/cpu:0"], "/cpu:0")
-model1.set_weights(model2.get_weights())
-initial = [w.copy() for w in model2.get_weights()]
-expected_loss = float(tf.reduce_mean(trainer.per_image_loss(model1(images), masks, "ce+dice", 3)))
-loss2 = float(step2(trainer.distribute_batches(two, [(images[:2], masks[:2]), (images[2:], masks[2:])])))
-loss1 = float(step1(trainer.distribute_batches(one, [(images, masks)])))
-w1, w2 = model1.get_weights(), model2.get_weights()
-result = {
-    "loss_one": loss1, "loss_two": loss2, "expected_loss": expected_loss,
-    "max_weight_diff": max(float(np.max(np.abs(a - b))) for a, b in zip(w1, w2)),
-    "max_update": max(float(np.max(np.abs(a - b))) for a, b in zip(w1, initial)),
-}
-
-def reduction_devices(reduce_to, jit_compile=False):
-    strategy, model, step = model_and_step(towers, reduce_to, jit_compile=jit_compile)
-    batch = trainer.distribute_batches(strategy, [(images[:2], masks[:2]), (images[2:], masks[2:])])
-    graph = step.get_concrete_function(batch).graph
-    found = []
-    for op in graph.get_operations():
-        if op.type != "AddN":
-            continue
-        input_devices = {tf.DeviceSpec.from_string(t.op.device or "/cpu:0").device_index for t in op.inputs}
-        if input_devices == {0, 1}:                    # sums values coming from both towers
-            spec = tf.DeviceSpec.from_string(op.device)
-            found.append(f"{spec.device_type}:{spec.device_index}")
-    return found, len(model.trainable_variables)
-
-for name in ("/cpu:0", "/cpu:1"):
-    devices, variables = reduction_devices(name)
-    result["reduce " + name] = {d: devices.count(d) for d in set(devices)}
-    result["variables"] = variables
-devices, _ = reduction_devices("/cpu:1", jit_compile=True)
-result["reduce xla /cpu:1"] = {d: devices.count(d) for d in set(devices)}
-# BatchNormalization moving statistics: per tower after a step, averaged by make_sync_statistics.
-strategy = distribute.build_strategy(towers, "/cpu:0")
-with strategy.scope():
-    bn_model = models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=True)
-    bn_optimizer = keras.optimizers.SGD(0.1)
-    bn_optimizer.build(bn_model.trainable_variables)
-bn_step = trainer.make_train_step(strategy, bn_model, bn_optimizer, "ce", 2, global_batch_size=4)
-bn_step(trainer.distribute_batches(strategy, [(images[:2], masks[:2] % 2), (images[2:] * 5 + 3, masks[2:] % 2)]))
-moving = bn_model.non_trainable_variables
-before = [[np.array(t) for t in strategy.experimental_local_results(v.value)] for v in moving]
-trainer.make_sync_statistics(strategy, bn_model)()
-after = [[np.array(t) for t in strategy.experimental_local_results(v.value)] for v in moving]
-result["bn_differed_before"] = any(not np.allclose(a, b) for a, b in before)
-result["bn_max_error_after"] = max(float(np.max(np.abs(x - (a + b) / 2))) for (a, b), pair in zip(before, after)
-                                   for x in pair)
-print("RESULT " + json.dumps(result))
-"""
+    monkeypatch.setattr(models.unet, "XLA_PROBLEM", "a reason of this model")
+    with pytest.raises(distribute.DistributionError, match="--xla cannot compile unet: a reason of this model"):
+        distribute.check_xla(True, "unet")
 
 
 @pytest.fixture(scope="module")
 def tower_results():
-    process = subprocess.run([sys.executable, "-c", TOWER_SCRIPT], cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
+    """tests/distributed_checks.py towers: every check needing two logical CPU towers, in one process."""
+    process = subprocess.run([sys.executable, "tests/distributed_checks.py", "towers"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=900)
     assert process.returncode == 0, process.stderr[-4000:]
     line = [l for l in process.stdout.splitlines() if l.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
@@ -179,3 +109,18 @@ def test_batch_norm_statistics_are_averaged_over_towers(tower_results):
     # Each tower updates its own copy from its own batches; syncing sets every copy to their mean.
     assert tower_results["bn_differed_before"]
     assert tower_results["bn_max_error_after"] < 1e-6
+
+
+def test_float16_step_is_skipped_on_every_tower_when_one_overflows(tower_results):
+    # Whichever tower overflows, the step is skipped everywhere: weights unchanged and finite, loss
+    # scale halved from Keras' initial 2**15. (Keras alone applied the step when only tower 1
+    # overflowed, leaving the scale at 32768 and the weights non-finite.)
+    for tower in (0, 1):
+        outcome = tower_results[f"overflow on tower {tower}"]
+        assert outcome == {"scale": 2.0 ** 14, "weights_finite": True, "max_weight_change": 0.0}, tower
+
+
+def test_bfloat16_computes_in_bfloat16_without_loss_scaling(tower_results):
+    outcome = tower_results["bfloat16"]
+    assert outcome["optimizer"] == "Adam" and outcome["compute_dtype"] == "bfloat16"
+    assert outcome["variable_dtype"] == "float32" and math.isfinite(outcome["loss"])

@@ -217,3 +217,24 @@ def test_receptive_field_matches_gradient_experiment(name, size, position):
         assert analytic - models.SIZE_DIVISOR[name] <= extent <= analytic
         if name == "unet":
             assert extent == analytic
+
+
+def test_every_registered_model_module_exports_the_registry_contract():
+    import importlib
+
+    for name in models.MODEL_NAMES:
+        module = importlib.import_module(f"models.{name}")
+        assert models.SIZE_DIVISOR[name] == module.SIZE_DIVISOR and module.SIZE_DIVISOR in (16, 32)
+        assert models.receptive_field(name) == module.receptive_field()
+        assert models.xla_problem(name) == module.XLA_PROBLEM
+        assert models.build_model(name, 2, base_filters=2).name == name
+    assert models.xla_problem("unet") is None and "no XLA kernel" in models.xla_problem("segnet")
+
+
+def test_build_from_config_needs_every_config_key():
+    config = {"model": "segnet", "number_classes": 3, "input_channels": 2, "base_filters": 2, "batch_norm": False}
+    model = models.build_from_config(config)
+    assert model.name == "segnet" and model.input_shape[-1] == 2 and model.output_shape[-1] == 3
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
+    with pytest.raises(KeyError, match="lacks base_filters"):
+        models.build_from_config({k: v for k, v in config.items() if k != "base_filters"})

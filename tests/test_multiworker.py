@@ -14,15 +14,15 @@ from conftest import free_ports, make_synthetic_db
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 # The worker process: train_unet.py's own entry point (trainer.main("unet", argv)), with
-# save_checkpoint wrapped to copy each saved model.weights.h5 aside. A non-chief worker deletes its
+# checkpoints.save_checkpoint wrapped to copy each saved model.weights.h5 aside. A non-chief worker deletes its
 # checkpoints right after writing them (only the chief keeps files), so this copy is the only way
 # to look at its weights after the run; it does not change what the trainer does.
 WORKER = r"""
 import os, shutil, sys
-import trainer
+import checkpoints, trainer
 
 dump = os.environ["WEIGHTS_DUMP"]
-original = trainer.save_checkpoint
+original = checkpoints.save_checkpoint
 
 def save_and_copy(directory, model, optimizer, state, config_dict):
     original(directory, model, optimizer, state, config_dict)
@@ -31,7 +31,7 @@ def save_and_copy(directory, model, optimizer, state, config_dict):
         shutil.copyfile(os.path.join(directory, "model.weights.h5"),
                         os.path.join(dump, "step%d.weights.h5" % state.step))
 
-trainer.save_checkpoint = save_and_copy
+checkpoints.save_checkpoint = save_and_copy
 sys.exit(trainer.main("unet", sys.argv[1:]))
 """
 
@@ -67,7 +67,9 @@ def two_workers(tmp_path_factory):
                 # Each worker gets its own output folder so the test can see what each one wrote.
                 "--output_dir", str(folder / "out"), "--batch_size", str(BATCH_SIZE), "--tile_size", "32",
                 "--base_filters", "2", "--test_every_n_steps", str(STEPS_PER_EPOCH),
-                "--max_epochs", str(EPOCHS), "--gpus", "none", "--log_every_n_steps", "1"]
+                "--max_epochs", str(EPOCHS), "--gpus", "none", "--log_every_n_steps", "1",
+                # Not used with several workers: the trainer says so and records what is used.
+                "--gradient_update_location", "cpu"]
         processes.append(subprocess.Popen([sys.executable, "-c", WORKER, *argv], cwd=ROOT, env=env,
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         workers.append({"dir": folder})
@@ -153,5 +155,38 @@ def test_global_batch_is_workers_times_towers_times_batch_size(two_workers):
     assert config["effective_batch"] == 2 * 1 * BATCH_SIZE
     assert f"effective batch: {BATCH_SIZE} per tower x 1 tower(s) x 2 worker(s) = {2 * BATCH_SIZE}" \
         in two_workers[0]["log"]
-    # Across workers the gradients are summed by a collective all-reduce (RING on CPUs).
+    # Across workers the gradients are summed by a collective all-reduce (RING on CPUs), whatever
+    # --gradient_update_location says; config.json records what was used.
     assert "2 worker(s), collective all-reduce across workers (RING)" in two_workers[0]["log"]
+    assert config["reduction"] == "collective all-reduce (RING)"
+    assert ("warning: --gradient_update_location cpu is not used with 2 workers: the gradients of all "
+            "replicas are summed by a collective all-reduce (RING)") in two_workers[0]["log"]
+
+
+def test_float16_overflow_on_one_worker_is_skipped_by_both():
+    # tests/distributed_checks.py worker_overflow: one float16 step in which only worker 1's batch
+    # overflows. Both workers must skip it and halve the loss scale; a worker that applied it would
+    # wait alone in the gradient all-reduce and fail on the 60 s collective timeout.
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                   CUDA_VISIBLE_DEVICES="")
+        processes.append(subprocess.Popen([sys.executable, "tests/distributed_checks.py", "worker_overflow"],
+                                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                          text=True))
+    outcomes = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=600)
+            assert process.returncode == 0, stderr[-4000:]
+            outcomes.append(json.loads([l for l in stdout.splitlines() if l.startswith("RESULT ")][-1][7:]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert sorted(o["worker"] for o in outcomes) == [0, 1] and all(o["workers"] == 2 for o in outcomes)
+    for outcome in outcomes:
+        assert (outcome["scale"], outcome["weights_finite"], outcome["max_weight_change"]) == (2.0 ** 14, True, 0.0)

@@ -7,6 +7,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -66,7 +67,7 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, settings, messag
 
     make_synthetic_db(tmp_path / "db", num_records=2)
     defaults = {"TRAIN_DATABASE": str(tmp_path / "db"), "TEST_DATABASE": str(tmp_path / "db"),
-                "CODE_DIR": str(ROOT)}
+                "CODE_DIR": str(ROOT), "PYTHON": sys.executable}
     result = run_outside_slurm(tmp_path, **{**defaults, **settings})
     assert result.returncode == 2
     assert message in result.stderr
@@ -134,7 +135,7 @@ def job_settings(tmp_path, databases, extra_train_args="--max_epochs 2", **overr
     settings = {
         "TRAIN_DATABASE": str(databases[0]), "TEST_DATABASE": str(databases[1]),
         "OUTPUT_ROOT": str(tmp_path / "results"), "SCRATCH_DIR": str(tmp_path / "scratch"),
-        "MODEL": "unet", "BATCH_SIZE": "4", "TILE_SIZE": "32", "NUMBER_CLASSES": "2", "GPUS_PER_NODE": "0",
+        "MODEL": "unet", "PYTHON": sys.executable, "BATCH_SIZE": "4", "TILE_SIZE": "32", "NUMBER_CLASSES": "2", "GPUS_PER_NODE": "0",
         "TEST_EVERY_N_STEPS": str(TEST_EVERY_N_STEPS),
         "EXTRA_TRAIN_ARGS": f"--base_filters 2 --log_every_n_steps 1 --use_augmentation 0 {extra_train_args}",
         # The trainer's temporary files (a non-chief worker's checkpoints) go here, to be checked.

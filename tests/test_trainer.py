@@ -6,6 +6,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,73 +63,9 @@ def test_metrics_from_a_hand_computed_confusion_matrix():
     assert list(row) == ["pixel_accuracy", "iou_0", "iou_1", "iou_2", "dice_0", "dice_1", "dice_2", "mean_iou"]
 
 
-def test_per_image_loss_ignores_masked_pixels():
-    import tensorflow as tf
-
-    masks = np.zeros((2, 4, 4), np.int32)
-    masks[0, :2] = 1                      # 8 foreground pixels
-    masks[0, 3] = -1                      # 4 ignored pixels
-    masks[1] = -1                         # a fully ignored (padding) image
-    logits = np.zeros((2, 4, 4, 2), np.float32)
-    logits[0, 3] = [100.0, -100.0]        # huge loss on ignored pixels must not count
-    ce = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "ce", 2).numpy()
-    np.testing.assert_allclose(ce, [math.log(2), 0.0], rtol=1e-6)
-    dice = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "dice", 2).numpy()
-    # probabilities 0.5 on the 12 valid pixels: intersection 4, prob sum 6, label sum 8
-    np.testing.assert_allclose(dice[0], 1 - (2 * 4 + 1) / (6 + 8 + 1), rtol=1e-6)
-    both = trainer.per_image_loss(tf.constant(logits), tf.constant(masks), "ce+dice", 2).numpy()
-    np.testing.assert_allclose(both, ce + dice, rtol=1e-6)
-
-
 # ---------------------------------------------------------------------------------------------
 # Flags and validation
 # ---------------------------------------------------------------------------------------------
-
-def test_parser_has_every_flag_with_help():
-    parser = trainer.build_parser("unet")
-    flags = {option for action in parser._actions for option in action.option_strings}
-    for flag in ["--train_database", "--test_database", "--output_dir", "--batch_size", "--number_classes",
-                 "--tile_size", "--learning_rate", "--test_every_n_steps", "--early_stopping",
-                 "--gradient_update_location", "--restore_checkpoint_filepath", "--reader_count",
-                 "--use_augmentation", "--balance_classes", "--seed", "--base_filters", "--max_epochs",
-                 "--gpus", "--cpu_towers", "--mixed_precision", "--xla", "--loss",
-                 "--augmentation_config", "--noise_augmentation_severity"]:
-        assert flag in flags
-    assert all(action.help for action in parser._actions)
-    args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c",
-                              "--noise_augmentation_severity", "0.3", "--use_augmentation", "0"])
-    config = trainer.config_from_args("unet", args)
-    assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
-    assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-4, 10)
-
-
-def test_validate_config_messages(tmp_path):
-    import records
-
-    make_synthetic_db(tmp_path / "four", num_records=3, shape=(32, 32), number_classes=4, seed=0)
-    meta = records.read_metadata(str(tmp_path / "four"))
-    config = trainer.TrainConfig("unet", str(tmp_path / "four"), str(tmp_path / "four"), str(tmp_path / "o"),
-                                 tile_size=32)
-    with pytest.raises(trainer.ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 1, 2, 3\]"):
-        trainer.validate_config(config, meta, meta)
-    config.number_classes = 4
-    trainer.validate_config(config, meta, meta)
-    config.tile_size = 64
-    with pytest.raises(trainer.ConfigError, match=r"as small as 32 px, smaller than --tile_size 64"):
-        trainer.validate_config(config, meta, meta)
-    config.tile_size = 24
-    with pytest.raises(trainer.ConfigError, match=r"--tile_size 24.*16"):
-        trainer.validate_config(config, meta, meta)
-    config.tile_size, config.model = 32, "segnet"
-    trainer.validate_config(config, meta, meta)
-    config.batch_size = 0
-    with pytest.raises(trainer.ConfigError, match=r"--batch_size 0: expected an integer >= 1"):
-        trainer.validate_config(config, meta, meta)
-    with pytest.raises(trainer.ConfigError, match=r"--train_database .*missing.*not an LMDB database"):
-        trainer.read_database_metadata(str(tmp_path / "missing"), "train")
-    with pytest.raises(trainer.ConfigError, match="no checkpoint there"):
-        trainer.find_checkpoint(str(tmp_path))
-
 
 def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path):
     result = run_trainer("unet", ["--train_database", tmp_path / "nowhere", *dbs[2:], "--output_dir", tmp_path / "o"])
@@ -136,6 +73,30 @@ def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path):
     assert f"--train_database {tmp_path / 'nowhere'}" in result.stderr and "not an LMDB database" in result.stderr
     result = run_trainer("unet", [*dbs, "--output_dir", tmp_path / "o", "--loss", "focal"])
     assert result.returncode == 2 and "invalid choice: 'focal'" in result.stderr
+
+
+def test_refused_runs_create_nothing(dbs, tmp_path, capsys):
+    # A SegNet checkpoint given to train_unet.py is refused before the output folder exists.
+    checkpoint = tmp_path / "segnet_run" / "checkpoints" / "latest"
+    checkpoint.mkdir(parents=True)
+    for name in trainer.CHECKPOINT_FILES:
+        (checkpoint / name).write_text("{}")
+    (checkpoint / "config.json").write_text(json.dumps(
+        {"model": "segnet", "number_classes": 2, "input_channels": 1, "base_filters": 2, "batch_norm": True}))
+    out = tmp_path / "new_run"
+    code = trainer.main("unet", [*map(str, dbs), "--tile_size", "32", "--output_dir", str(out),
+                                 "--restore_checkpoint_filepath", str(tmp_path / "segnet_run")])
+    assert code == 2
+    assert f"--restore_checkpoint_filepath {checkpoint} holds a segnet model, not unet" in capsys.readouterr().err
+    assert not out.exists()
+
+    # An --output_dir that is an existing file: a clear error, exit 2, the file untouched.
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep me")
+    code = trainer.main("unet", [*map(str, dbs), "--tile_size", "32", "--output_dir", str(existing)])
+    assert code == 2
+    assert f"--output_dir {existing} is an existing file, not a folder" in capsys.readouterr().err
+    assert existing.read_text() == "keep me"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,6 +140,73 @@ def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path):
     assert json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"] == steps[-1]
 
 
+def _tiny_config(dbs, output_dir, **overrides):
+    """A TrainConfig of a tiny in-process run: one CPU tower, 2 steps per epoch, 2 epochs."""
+    values = dict(batch_size=2, tile_size=32, base_filters=2, test_every_n_steps=2, max_epochs=2,
+                  log_every_n_steps=100, use_augmentation=False)
+    values.update(overrides)
+    return trainer.TrainConfig("unet", str(dbs[1]), str(dbs[3]), str(output_dir), **values)
+
+
+def _test_steps(output_dir):
+    return [(int(r["epoch"]), int(r["step"])) for r in read_csv(output_dir / "test_metrics.csv")]
+
+
+def test_test_passes_stay_at_the_same_steps_whatever_the_interruptions(dbs, tmp_path, monkeypatch):
+    reference = trainer.train(_tiny_config(dbs, tmp_path / "reference"))
+    assert (reference["exit_code"], reference["step"]) == (0, 4)
+    assert _test_steps(tmp_path / "reference") == [(1, 2), (2, 4)]
+
+    # One run stopped by SIGTERM (a real one, to this process) after each of its steps in turn, every
+    # time resumed: mid-epoch, after an epoch's last step (before its test pass), after the last step.
+    original = trainer.Run.train_one_step
+    out = tmp_path / "interrupted"
+    for k in range(1, 5):
+        def train_then_signal(self, state, k=k):
+            done = original(self, state)
+            if state.step == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return done
+
+        monkeypatch.setattr(trainer.Run, "train_one_step", train_then_signal)
+        restore = str(out) if k > 1 else None
+        stopped = trainer.train(_tiny_config(dbs, out, restore_checkpoint_filepath=restore))
+        monkeypatch.undo()
+        assert (stopped["exit_code"], stopped["step"]) == (143, k)
+        assert _test_steps(out) == [(1, 2), (2, 4)][:(k - 1) // 2], k
+    resumed = trainer.train(_tiny_config(dbs, out, restore_checkpoint_filepath=str(out)))
+    assert (resumed["exit_code"], resumed["step"], resumed["epoch"]) == (0, 4, 2)
+    assert _test_steps(out) == _test_steps(tmp_path / "reference")
+    assert [int(r["step"]) for r in read_csv(out / "train_loss.csv")] == [1, 2, 3, 4]
+
+
+def test_resuming_into_another_folder_keeps_the_best_checkpoint_and_names_other_databases(dbs, tmp_path, capsys):
+    first = tmp_path / "first"
+    assert trainer.train(_tiny_config(dbs, first, max_epochs=1, batch_norm=False))["exit_code"] == 0
+    # Resume into a new folder with learning rate 0 (no batch norm): the weights stay, so the new run
+    # never beats the first one's best test loss, and model.keras must come from that best checkpoint.
+    # A copy of the test database is the same database; another training database is not.
+    shutil.copytree(dbs[3], tmp_path / "test_copy")
+    make_synthetic_db(tmp_path / "other_train", num_records=12, shape=(64, 64), seed=5)
+    second = tmp_path / "second"
+    capsys.readouterr()
+    summary = trainer.train(_tiny_config([None, tmp_path / "other_train", None, tmp_path / "test_copy"], second,
+                                         batch_norm=False, learning_rate=0.0, restore_checkpoint_filepath=str(first)))
+    err = capsys.readouterr().err
+    assert summary["exit_code"] == 0 and summary["best_epoch"] == 1
+    assert (f"--train_database {tmp_path / 'other_train'} is not the database the checkpoint was trained on "
+            f"({dbs[1]}, recorded in {first / 'checkpoints' / 'latest' / 'config.json'})") in err
+    assert "--test_database" not in err
+    best = json.loads((second / "checkpoints" / "best" / "state.json").read_text())
+    assert (best["step"], best["epoch"]) == (2, 1)
+    import keras
+    exported = keras.saving.load_model(second / "model.keras")
+    reference = trainer.build_model(_tiny_config(dbs, first, batch_norm=False), 1)
+    reference.load_weights(first / "checkpoints" / "best" / "model.weights.h5")
+    for a, b in zip(exported.get_weights(), reference.get_weights()):
+        np.testing.assert_array_equal(a, b)
+
+
 def _children(pid):
     found = []
     for entry in pathlib.Path("/proc").iterdir():
@@ -192,32 +220,45 @@ def _children(pid):
     return found
 
 
-def _alive(pid):
-    try:
-        status = pathlib.Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "State:\tZ" not in status
+def _group_members(pgid):
+    """Live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in pathlib.Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
 
 
-def _start_training_until_first_step(out, dbs, stderr):
-    """Popen a long training run and return it once it printed its first step line."""
+def _wait_until_group_is_gone(pgid, seconds=20):
+    deadline = time.time() + seconds
+    while _group_members(pgid) and time.time() < deadline:
+        time.sleep(0.2)
+    return _group_members(pgid)
+
+
+def _start_training_until(out, dbs, stderr, line_start="step", extra=("--test_every_n_steps", "100000")):
+    """Popen a training run in its own process group (as Slurm runs a job step) and return it once
+    it printed a line starting with ``line_start``."""
     process = subprocess.Popen(
-        [sys.executable, "train_unet.py", *map(str, dbs), *TINY, "--output_dir", str(out),
-         "--test_every_n_steps", "100000"],
+        [sys.executable, "train_unet.py", *map(str, dbs), *TINY, "--output_dir", str(out), *map(str, extra)],
         cwd=ROOT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), stdout=subprocess.PIPE, stderr=stderr,
-        text=True)
-    deadline = time.time() + 120
+        text=True, start_new_session=True)
+    deadline = time.time() + 240
     while time.time() < deadline:
         line = process.stdout.readline()
-        if (line.startswith("step") and "loss" in line) or not line:
+        if line.startswith(line_start) or not line:
             break
     return process
 
 
 def test_reader_crash_stops_training_with_exit_1(dbs, tmp_path):
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = _start_training_until_first_step(tmp_path / "crash", dbs, stderr)
+        process = _start_training_until(tmp_path / "crash", dbs, stderr)
         workers = [pid for pid in _children(process.pid)
                    if b"resource_tracker" not in pathlib.Path(f"/proc/{pid}/cmdline").read_bytes()]
         assert workers, "the trainer should run reader processes"
@@ -228,20 +269,17 @@ def test_reader_crash_stops_training_with_exit_1(dbs, tmp_path):
     assert "an image reader failed" in message and f"pid {workers[0]}" in message
 
 
-def test_sigterm_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path):
     out = tmp_path / "sig"
     with open(tmp_path / "stderr.txt", "w") as stderr:
-        process = _start_training_until_first_step(out, dbs, stderr)
-        readers = _children(process.pid)
-        assert readers, "the trainer should run reader processes"
-        process.send_signal(signal.SIGTERM)
+        process = _start_training_until(out, dbs, stderr)
+        assert _children(process.pid), "the trainer should run reader processes"
+        # Slurm signals every process of the job step: the trainer and its readers.
+        os.killpg(process.pid, signal.SIGTERM)
         remaining, _ = process.communicate(timeout=120)
     assert process.returncode == 143, (tmp_path / "stderr.txt").read_text()[-3000:]
     assert "SIGTERM" in remaining and "resume with --restore_checkpoint_filepath" in remaining
-    deadline = time.time() + 10
-    while any(_alive(pid) for pid in readers) and time.time() < deadline:
-        time.sleep(0.2)
-    assert not any(_alive(pid) for pid in readers)
+    assert not _wait_until_group_is_gone(process.pid)
     state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
     assert state["step"] >= 1 and state["epoch"] == 0
     assert not (out / "model.keras").exists()
@@ -276,6 +314,34 @@ def test_sigterm_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, t
             pixels += mask.size
     env.close()
     assert float(rows[0]["loss"]) == pytest.approx(total / pixels, rel=1e-4)
+
+
+def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path):
+    # A test set of 400 records makes the pass long enough to be signalled in the middle of it.
+    make_synthetic_db(tmp_path / "big_test", num_records=400, shape=(32, 32), seed=2)
+    run = [*dbs[:2], "--test_database", tmp_path / "big_test"]
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        # The test pass starts right after step 3, the last of the first epoch.
+        process = _start_training_until(out, run, stderr, line_start="step       3",
+                                        extra=("--test_every_n_steps", 3, "--max_epochs", 1))
+        time.sleep(1)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=180)
+    message = (tmp_path / "stderr.txt").read_text()
+    assert process.returncode == 143, message[-3000:]
+    assert "stopped during the test pass" in message
+    assert not _wait_until_group_is_gone(process.pid)
+    state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
+    assert (state["step"], state["epoch"]) == (3, 0)
+    assert read_csv(out / "test_metrics.csv") == []
+
+    # The resubmitted run (same command plus the restore flag) tests first, then stops at max_epochs.
+    resumed = run_trainer("unet", [*run, *TINY, "--output_dir", out, "--test_every_n_steps", 3, "--max_epochs", 1,
+                                   "--restore_checkpoint_filepath", out])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert [(r["epoch"], r["step"]) for r in read_csv(out / "test_metrics.csv")] == [("1", "3")]
+    assert [r["step"] for r in read_csv(out / "train_loss.csv")] == ["1", "2", "3"]
 
 
 # ---------------------------------------------------------------------------------------------

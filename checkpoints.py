@@ -1,0 +1,314 @@
+"""Checkpoints: save, find, resume, transfer, export.
+
+A checkpoint is a folder (``<output_dir>/checkpoints/latest`` or ``.../best``) holding
+  model.weights.h5   the model's weights (Keras' format, keyed by layer and variable name)
+  optimizer.npz      the optimizer's variables, keyed by variable path (e.g. Adam/enc1_conv1_kernel_momentum)
+  state.json         TrainState: step, epoch, best loss, early-stopping counters, history
+  config.json        the run's resolved configuration (model name, classes, channels, ...)
+
+    save_checkpoint(directory, model, optimizer, state, config_dict)    atomic
+    find_checkpoint(path, prefer="latest" | "best", required=...)       the one lookup (trainer, inference)
+    restore_checkpoint(directory, model, optimizer, config, channels)   resume, or transfer learning
+    export_model(output_dir, config_dict)                               model.keras from the best checkpoint
+"""
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+
+import numpy as np
+
+from train_config import ConfigError, TrainingError
+
+CHECKPOINT_FILES = ("model.weights.h5", "optimizer.npz", "state.json", "config.json")
+WEIGHTS_FILE = "model.weights.h5"
+
+
+@dataclasses.dataclass
+class TrainState:
+    """What a checkpoint restores besides the weights (saved as state.json)."""
+    step: int = 0
+    epoch: int = 0
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    epochs_without_improvement: int = 0
+    wall_time_s: float = 0.0
+    history: list = dataclasses.field(default_factory=list)  # test loss per epoch
+
+
+def write_json(path, value):
+    """``value`` as indented JSON, written beside ``path`` and renamed over it."""
+    temporary = f"{path}.tmp-{os.getpid()}"
+    with open(temporary, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True, default=str)
+        f.write("\n")
+    os.replace(temporary, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Save
+# ----------------------------------------------------------------------------------------------
+
+def _keras_class_name(optimizer):
+    """The Keras optimizer class ``optimizer`` is or derives from (e.g. LossScaleOptimizer)."""
+    for cls in type(optimizer).__mro__:
+        if cls.__module__.startswith("keras."):
+            return cls.__name__
+    return type(optimizer).__name__
+
+
+def optimizer_arrays(optimizer):
+    """{key: numpy array} of the optimizer's variables, keyed by variable path with each optimizer's
+    own (possibly auto-numbered, e.g. ``adam_1``) name replaced by its Keras class name."""
+    owners = [optimizer] + ([optimizer.inner_optimizer] if hasattr(optimizer, "inner_optimizer") else [])
+    arrays = {}
+    for variable in optimizer.variables:
+        key = variable.path
+        for owner in owners:
+            if key.startswith(owner.name + "/"):
+                key = _keras_class_name(owner) + key[len(owner.name):]
+                break
+        if key in arrays:
+            raise TrainingError(f"two optimizer variables share the path {key}; cannot checkpoint them by name")
+        arrays[key] = np.asarray(variable.numpy())
+    return arrays
+
+
+def save_checkpoint(directory, model, optimizer, state, config_dict):
+    """Write a checkpoint folder atomically: build it beside ``directory``, then swap it in.
+
+    The previous checkpoint is renamed to ``.<name>.old`` only once the new one is complete and
+    removed after the swap, so a kill at any moment leaves a complete checkpoint (``find_checkpoint``
+    falls back to ``.old`` if the kill came between the two renames).
+    """
+    parent, name = os.path.split(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+    model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
+    np.savez(os.path.join(temporary, "optimizer.npz"), **optimizer_arrays(optimizer))
+    state_dict = dataclasses.asdict(state)
+    if not math.isfinite(state.best_loss):  # no test pass yet; keep state.json strict JSON
+        state_dict["best_loss"] = None
+    write_json(os.path.join(temporary, "state.json"), state_dict)
+    write_json(os.path.join(temporary, "config.json"), config_dict)
+    old = os.path.join(parent, f".{name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(directory):
+        os.rename(directory, old)
+    os.rename(temporary, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Find
+# ----------------------------------------------------------------------------------------------
+
+def find_checkpoint(path, prefer="latest", required=CHECKPOINT_FILES):
+    """The checkpoint folder meant by ``path``, or None.
+
+    ``path`` is a checkpoint folder itself or an output folder; in an output folder
+    ``checkpoints/<prefer>`` comes first, then the other one, each followed by its ``.old`` copy
+    (left by a kill between the two renames of ``save_checkpoint``). The trainer resumes from
+    ``latest``; inference and the export use ``best``.
+
+    Args:
+      required: the files a folder must hold to count.
+    """
+    other = {"latest": "best", "best": "latest"}[prefer]
+    parent, name = os.path.split(os.path.abspath(path))
+    candidates = [path, os.path.join(parent, f".{name}.old")]
+    for which in (prefer, other):
+        candidates += [os.path.join(path, "checkpoints", which), os.path.join(path, "checkpoints", f".{which}.old")]
+    for candidate in candidates:
+        if all(os.path.isfile(os.path.join(candidate, f)) for f in required):
+            return candidate
+    return None
+
+
+def output_dir_of(checkpoint_dir):
+    """The output folder holding ``checkpoint_dir`` (…/checkpoints/<name>), or None."""
+    parent = os.path.dirname(os.path.abspath(checkpoint_dir))
+    return os.path.dirname(parent) if os.path.basename(parent) == "checkpoints" else None
+
+
+def read_config(directory):
+    """The config.json of a checkpoint folder as a dict."""
+    with open(os.path.join(directory, "config.json")) as f:
+        return json.load(f)
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume and transfer learning
+# ----------------------------------------------------------------------------------------------
+
+def restore_checkpoint(directory, model, optimizer, config, input_channels):
+    """Restore a checkpoint into ``model``/``optimizer``.
+
+    Same number_classes: resume (weights, optimizer state, TrainState). Different number_classes:
+    transfer learning (every layer but 'logits', fresh optimizer, fresh TrainState).
+    Returns:
+      (TrainState, resumed: bool)
+    """
+    import models
+
+    saved = read_config(directory)
+    check_compatible(directory, saved, config, input_channels)
+    weights = os.path.join(directory, WEIGHTS_FILE)
+    if saved["number_classes"] == config.number_classes:
+        model.load_weights(weights)
+        load_optimizer(os.path.join(directory, "optimizer.npz"), optimizer)
+        # The restored state includes the old learning rate; the flag of this run wins.
+        optimizer.learning_rate = config.learning_rate
+        with open(os.path.join(directory, "state.json")) as f:
+            state = TrainState(**json.load(f))
+        state.best_loss = math.inf if state.best_loss is None else state.best_loss
+        print(f"resumed from {directory}: step {state.step}, epoch {state.epoch}, "
+              f"best test loss {state.best_loss:.4g}", flush=True)
+        return state, True
+    source = models.build_from_config(dict(saved, input_channels=input_channels))
+    source.load_weights(weights)
+    restored, skipped = transfer_weights(source, model)
+    print(f"transfer learning from {directory} ({saved['number_classes']} -> {config.number_classes} "
+          f"classes): restored {len(restored)} layers; not restored (fresh weights): {', '.join(skipped)}; "
+          "optimizer, step and early-stopping history start fresh", flush=True)
+    return TrainState(), False
+
+
+def check_compatible(directory, saved, config, input_channels):
+    """ConfigError unless the checkpoint's network (config.json ``saved``) fits this run."""
+    if saved.get("model") != config.model:
+        raise ConfigError(f"--restore_checkpoint_filepath {directory} holds a {saved.get('model')} model, "
+                          f"not {config.model}")
+    wanted = {"base_filters": config.base_filters, "batch_norm": config.batch_norm, "input_channels": input_channels}
+    mismatched = {k: saved.get(k) for k, v in wanted.items() if saved.get(k) != v}
+    if mismatched:
+        raise ConfigError(
+            f"--restore_checkpoint_filepath {directory} was trained with "
+            + ", ".join(f"{k}={v}" for k, v in mismatched.items()) + "; the same values are needed to restore it")
+
+
+def load_optimizer(path, optimizer):
+    """Assign optimizer.npz's arrays to the optimizer's variables by key; TrainingError naming the
+    keys that differ (another optimizer, or --mixed_precision changed) before anything is assigned."""
+    with np.load(path) as values:
+        saved = {key: values[key] for key in values.files}
+    current = optimizer_arrays(optimizer)
+    variables = dict(zip(current, optimizer.variables))
+    if saved and all(key.startswith("arr_") for key in saved):
+        # Checkpoints written before optimizer variables were keyed by path: positional.
+        arrays = [saved[f"arr_{i}"] for i in range(len(saved))]
+        if [a.shape for a in arrays] != [v.shape for v in current.values()]:
+            raise TrainingError(f"{path} does not match this optimizer ({len(arrays)} arrays for "
+                                f"{len(current)} variables); was --mixed_precision changed? Resume with "
+                                "the original flags")
+        saved = dict(zip(current, arrays))
+    missing = sorted(set(current) - set(saved))
+    unexpected = sorted(set(saved) - set(current))
+    reshaped = sorted(k for k in set(current) & set(saved) if saved[k].shape != current[k].shape)
+    if missing or unexpected or reshaped:
+        parts = []
+        for label, keys in (("missing from the file", missing), ("not in this optimizer", unexpected),
+                            ("of another shape", reshaped)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
+        raise TrainingError(f"{path} does not match this optimizer: variables " + "; ".join(parts)
+                            + ". Was --mixed_precision changed? Resume with the original flags")
+    for key, variable in variables.items():
+        variable.assign(saved[key])
+
+
+def transfer_weights(source, model):
+    """Copy every layer's weights from ``source`` to the same-named layer of ``model`` except
+    ``logits`` and layers whose shapes differ. Returns (restored names, skipped names)."""
+    restored, skipped = [], []
+    for layer in model.layers:
+        if not layer.weights:
+            continue
+        try:
+            source_layer = source.get_layer(layer.name)
+        except ValueError:
+            source_layer = None
+        source_weights = source_layer.get_weights() if source_layer is not None else None
+        if (layer.name == "logits" or source_weights is None
+                or [w.shape for w in source_weights] != [tuple(w.shape) for w in layer.weights]):
+            skipped.append(layer.name)
+            continue
+        layer.set_weights(source_weights)
+        restored.append(layer.name)
+    return restored, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Export
+# ----------------------------------------------------------------------------------------------
+
+def export_model(output_dir, config_dict):
+    """Save the best checkpoint's weights (else latest's) as output_dir/model.keras: float32, loads
+    without the training code after ``import models``, named after its registry model (the model's
+    name, and ``config.json`` beside it, say which model it is). Returns its path."""
+    import keras
+
+    import models
+
+    checkpoint = find_checkpoint(output_dir, prefer="best", required=(WEIGHTS_FILE,))
+    # Build outside the strategy and in float32 so the file holds plain variables that load
+    # anywhere, whatever --mixed_precision and towers were used for training.
+    keras.mixed_precision.set_global_policy("float32")
+    model = models.build_from_config(config_dict)
+    model.load_weights(os.path.join(checkpoint, WEIGHTS_FILE))
+    path = os.path.join(output_dir, "model.keras")
+    temporary = os.path.join(output_dir, ".model.tmp.keras")
+    model.save(temporary)
+    os.replace(temporary, path)
+    return path
+
+
+def copy_previous_run(source_dir, output_dir):
+    """Resuming into a new output folder: start its CSVs from the old run's (truncated later) and
+    take its checkpoints/best, so the exported model.keras is the best of the whole history even if
+    this run never beats it. Nothing already in ``output_dir`` is replaced."""
+    os.makedirs(output_dir, exist_ok=True)
+    for name in ("train_loss.csv", "test_metrics.csv"):
+        if os.path.exists(os.path.join(source_dir, name)) and not os.path.exists(os.path.join(output_dir, name)):
+            shutil.copyfile(os.path.join(source_dir, name), os.path.join(output_dir, name))
+    best = find_checkpoint(os.path.join(source_dir, "checkpoints", "best"))
+    target = os.path.join(output_dir, "checkpoints", "best")
+    if best is not None and find_checkpoint(target) is None:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        # Copied beside the target and renamed into place, like save_checkpoint.
+        temporary = tempfile.mkdtemp(prefix=".best.tmp-", dir=os.path.dirname(target))
+        shutil.copytree(best, temporary, dirs_exist_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(temporary, target)
+
+
+def database_fingerprint(metadata):
+    """A short hash of a database's metadata (records, shapes, classes, sources): equal for copies of
+    one database, different for another one."""
+    return hashlib.sha1(json.dumps(metadata, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def database_differences(checkpoint_dir, saved, config, fingerprints):
+    """Warnings for the databases of this run that are not those the checkpoint was trained on.
+
+    Args:
+      saved: the checkpoint's config.json; fingerprints: {"train": ..., "test": ...} of this run.
+    Compared by fingerprint (a copy elsewhere, e.g. on node-local scratch, is the same database);
+    checkpoints written before fingerprints were recorded are compared by path.
+    """
+    warnings = []
+    for role in ("train", "test"):
+        path, old_path = getattr(config, f"{role}_database"), saved.get(f"{role}_database")
+        old_fingerprint = saved.get(f"{role}_database_fingerprint")
+        if old_fingerprint is not None:
+            differs = old_fingerprint != fingerprints[role]
+        else:
+            differs = old_path is not None and os.path.abspath(old_path) != os.path.abspath(path)
+        if differs:
+            warnings.append(f"warning: --{role}_database {path} is not the database the checkpoint was trained "
+                            f"on ({old_path}, recorded in {os.path.join(checkpoint_dir, 'config.json')}); "
+                            "resuming with the new one")
+    return warnings

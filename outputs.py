@@ -1,0 +1,99 @@
+"""The training output folder: CSVs, TensorBoard logs and plots (written by the chief only).
+
+Layout: config.json, train_loss.csv, test_metrics.csv, plots/{loss,metrics}.png, tensorboard/,
+checkpoints/{latest,best}/ (checkpoints.py), model.keras (checkpoints.export_model).
+"""
+import csv
+import os
+
+import numpy as np
+
+import plots
+
+
+class Outputs:
+    """The output folder. Only the chief writes; on other workers every method does nothing."""
+    TRAIN_COLUMNS = ["step", "loss", "step_time_s", "images_per_s"]
+
+    def __init__(self, output_dir, number_classes, enabled, resume_state=None):
+        self.dir = output_dir
+        self.enabled = enabled
+        self.number_classes = number_classes
+        self.test_columns = (["epoch", "step", "loss", "pixel_accuracy"]
+                             + [f"iou_{k}" for k in range(number_classes)]
+                             + [f"dice_{k}" for k in range(number_classes)]
+                             + ["mean_iou", "starvation_s", "wall_time_s"])
+        self.train_csv = os.path.join(output_dir, "train_loss.csv")
+        self.test_csv = os.path.join(output_dir, "test_metrics.csv")
+        self._train_file = self._writer = None
+        if not enabled:
+            return
+        os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
+        # Resuming continues the CSVs; rows past the restored step (written after the checkpoint
+        # by a run that then died) are dropped so the files describe exactly one history.
+        keep_step = resume_state.step if resume_state else 0
+        keep_epoch = resume_state.epoch if resume_state else 0
+        truncate_csv(self.train_csv, self.TRAIN_COLUMNS, lambda row: int(row["step"]) <= keep_step)
+        truncate_csv(self.test_csv, self.test_columns, lambda row: int(row["epoch"]) <= keep_epoch)
+        self._train_file = open(self.train_csv, "a", newline="")
+        self._train_rows = csv.writer(self._train_file)
+        import tensorflow as tf
+        self._writer = tf.summary.create_file_writer(os.path.join(output_dir, "tensorboard"))
+
+    def log_step(self, step, loss, step_time, images_per_s):
+        if self.enabled:
+            self._train_rows.writerow([step, f"{loss:.6g}", f"{step_time:.4f}", f"{images_per_s:.2f}"])
+
+    def log_scalars(self, step, scalars):
+        if self.enabled:
+            import tensorflow as tf
+            with self._writer.as_default(step=step):
+                for name, value in scalars.items():
+                    tf.summary.scalar(name, float(value))
+
+    def log_test(self, row, examples):
+        """Append one test_metrics.csv row, write TensorBoard scalars and images (``examples`` =
+        (images, true masks, predicted masks) or None), redraw the plots."""
+        if not self.enabled:
+            return
+        import tensorflow as tf
+
+        with open(self.test_csv, "a", newline="") as f:
+            csv.DictWriter(f, self.test_columns).writerow({k: _format(row[k]) for k in self.test_columns})
+        self._train_file.flush()
+        with self._writer.as_default(step=row["step"]):
+            for name in self.test_columns[2:]:
+                tf.summary.scalar(f"test/{name}", float(row[name]))
+            if examples is not None:
+                images, true_masks, predicted_masks = examples
+                channel = images[..., :3] if images.shape[-1] == 3 else images[..., :1]
+                low, high = channel.min(), channel.max()
+                count = len(images)
+                tf.summary.image("test/image", ((channel - low) / max(high - low, 1e-6)).astype(np.float32),
+                                 max_outputs=count)
+                scale = 1.0 / max(self.number_classes - 1, 1)
+                tf.summary.image("test/true_mask", (np.clip(true_masks, 0, None)[..., None] * scale).astype(np.float32),
+                                 max_outputs=count)
+                tf.summary.image("test/predicted_mask", (predicted_masks[..., None] * scale).astype(np.float32),
+                                 max_outputs=count)
+        self._writer.flush()
+        plots.save_training_plots(self.dir, self.number_classes)
+
+    def close(self):
+        if self._train_file is not None:
+            self._train_file.close()
+            self._writer.close()
+            self._train_file = None
+
+
+def _format(value):
+    return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def truncate_csv(path, columns, keep):
+    """Rewrite ``path`` with a header and only the rows ``keep`` accepts (create it if missing)."""
+    rows = [row for row in plots.read_csv(path) if keep(row)]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)

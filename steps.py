@@ -1,0 +1,187 @@
+"""Losses and the per-replica train and test steps.
+
+Both steps start from the same additive per-pixel sums (``pixel_sums``): the train step per image
+(each image's loss is averaged over its own pixels, then over the global batch), the test step
+over whole batches (added up over the test set, so the test loss is exact). ``loss_from_sums``
+turns either into the loss, so a loss is written once:
+
+    ce   = ce_sum / pixels                                        (mean cross-entropy)
+    dice = 1 - mean over classes 1..K-1 of (2 I + 1) / (P + L + 1) (soft Dice, foreground classes)
+
+Distribution (running the replica functions, reducing their results) is in distribute.py.
+"""
+import typing
+
+import distribute
+
+# The additive terms each loss needs.
+LOSS_TERMS = {"ce": ("ce",), "dice": ("dice",), "ce+dice": ("ce", "dice")}
+LOSSES = tuple(LOSS_TERMS)
+DICE_SMOOTH = 1.0
+# --mixed_precision choices and their Keras policies (None: float32 throughout).
+_POLICIES = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
+MIXED_PRECISIONS = ("float16", "bfloat16")
+
+
+class PixelSums(typing.NamedTuple):
+    """Sums over the valid pixels (label >= 0) of an image or a set of images.
+
+    pixels: valid pixel count; ce_sum: summed cross-entropy; intersection, prob_sum, label_sum:
+    per-class [..., K] sums of softmax x one-hot, softmax, one-hot (soft Dice). A term a loss
+    does not need is None.
+    """
+    pixels: object
+    ce_sum: object = None
+    intersection: object = None
+    prob_sum: object = None
+    label_sum: object = None
+
+
+class TestSums(typing.NamedTuple):
+    """What one test batch adds to the test-set totals: the loss sums and the confusion matrix
+    [K, K] (rows true, columns predicted)."""
+    pixel: PixelSums
+    confusion: object
+
+
+def pixel_sums(logits, masks, number_classes, terms=("ce", "dice"), axis=(1, 2), dtype="float32"):
+    """Additive loss sums of ``logits`` against ``masks`` over ``axis`` (label -1 = ignore).
+
+    Args:
+      logits: float [B, H, W, K]; masks: int32 [B, H, W].
+      terms: which of "ce", "dice" to compute.
+      axis: the axes summed: (1, 2) gives per-image sums [B] / [B, K], (0, 1, 2) batch totals.
+      dtype: dtype of the per-pixel terms before summing (float64 keeps test-set totals exact).
+    Returns:
+      PixelSums.
+    """
+    import tensorflow as tf
+
+    logits = tf.cast(logits, tf.float32)
+    valid = tf.cast(masks >= 0, tf.float32)
+    labels = tf.maximum(masks, 0)
+    axis = list(axis)
+    sums = {"pixels": tf.reduce_sum(tf.cast(valid, dtype), axis=axis)}
+    if "ce" in terms:
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(labels=labels, logits=logits)
+        sums["ce_sum"] = tf.reduce_sum(tf.cast(ce * valid, dtype), axis=axis)
+    if "dice" in terms:
+        probs = tf.nn.softmax(logits) * valid[..., None]
+        onehot = tf.one_hot(labels, number_classes) * valid[..., None]
+        sums["intersection"] = tf.reduce_sum(tf.cast(probs * onehot, dtype), axis=axis)
+        sums["prob_sum"] = tf.reduce_sum(tf.cast(probs, dtype), axis=axis)
+        sums["label_sum"] = tf.reduce_sum(tf.cast(onehot, dtype), axis=axis)
+    return PixelSums(**sums)
+
+
+def loss_from_sums(sums, loss_name):
+    """The loss ``loss_name`` from PixelSums of any leading shape (per image, or totals).
+
+    A set with no valid pixel (an all-ignored padding image) has cross-entropy 0, not 0/0.
+    """
+    import tensorflow as tf
+
+    terms = []
+    if "ce" in LOSS_TERMS[loss_name]:
+        terms.append(sums.ce_sum / tf.maximum(sums.pixels, 1))
+    if "dice" in LOSS_TERMS[loss_name]:
+        dice = (2.0 * sums.intersection + DICE_SMOOTH) / (sums.prob_sum + sums.label_sum + DICE_SMOOTH)
+        terms.append(1.0 - tf.reduce_mean(dice[..., 1:], axis=-1))
+    return tf.add_n(terms)
+
+
+def per_image_loss(logits, masks, loss_name, number_classes):
+    """Loss of each image, averaged over its valid pixels: float32 [B] from logits [B, H, W, K]
+    and int32 masks [B, H, W] (label -1 = ignore)."""
+    return loss_from_sums(pixel_sums(logits, masks, number_classes, LOSS_TERMS[loss_name]), loss_name)
+
+
+def precision_policy(mixed_precision):
+    """The Keras dtype policy of a --mixed_precision value (None, "float16" or "bfloat16")."""
+    return _POLICIES[mixed_precision]
+
+
+def make_optimizer(config):
+    """The optimizer of a run (created under the strategy's scope by the caller).
+
+    float16 needs dynamic loss scaling (its range ends at 65504, small gradients underflow);
+    bfloat16 has float32's range and needs none.
+    """
+    import keras
+
+    # Explicit names: checkpoints key optimizer variables by their paths (see checkpoints.py).
+    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, name="adam")
+    if config.mixed_precision == "float16":
+        optimizer = _agreed_loss_scale_optimizer_class()(optimizer, name="loss_scale_optimizer")
+    return optimizer
+
+
+def _agreed_loss_scale_optimizer_class():
+    """keras.optimizers.LossScaleOptimizer whose skip/apply decision is the same on every replica.
+
+    Keras checks each tower's own, not yet summed gradients for inf/NaN and (in Keras 3.15) lets
+    each replica act on its own answer: when only one tower overflowed, the others applied a step
+    whose all-reduced gradients were not finite, and the loss scale was not lowered; with several
+    workers, one worker would skip while the others waited for it in the all-reduce. Combining the
+    flag over every replica of every worker first makes all of them skip (and halve the scale)
+    together.
+    """
+    import keras
+
+    class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+        def check_finite(self, grads):
+            return distribute.all_replicas_true(super().check_finite(grads))
+
+    return AgreedLossScaleOptimizer
+
+
+def make_train_step(strategy, model, optimizer, loss_name, number_classes, global_batch_size,
+                    jit_compile=False):
+    """A tf.function running one optimizer step on a distributed (images, masks) batch.
+
+    Returns:
+      step(distributed_batch) -> scalar loss: the mean over all images of all towers and workers.
+    """
+    import tensorflow as tf
+
+    def loss_and_gradients(images, masks):
+        with tf.GradientTape() as tape:
+            logits = model(images, training=True)
+            # Divide by the GLOBAL batch exactly once. The all-reduce then *sums* the replicas'
+            # gradients, which gives the gradient of the mean over every image of every tower.
+            # Keras 3 losses already scale by 1/num_replicas inside a strategy, so they are not
+            # used here: combining them with this division would shrink the loss twice.
+            loss = tf.nn.compute_average_loss(
+                per_image_loss(logits, masks, loss_name, number_classes), global_batch_size=global_batch_size)
+            scaled_loss = optimizer.scale_loss(loss)  # identity unless --mixed_precision
+        return loss, tape.gradient(scaled_loss, model.trainable_variables)
+
+    if jit_compile:
+        # Compile the forward and backward pass only. The cross-tower gradient sum and the update
+        # stay outside XLA, so they still run on the --gradient_update_location device (an
+        # all-reduce inside XLA would bypass it) and towers on logical CPU devices keep working.
+        loss_and_gradients = tf.function(loss_and_gradients, jit_compile=True)
+
+    def replica_step(images, masks):
+        loss, gradients = loss_and_gradients(images, masks)
+        optimizer.apply(gradients, model.trainable_variables)
+        return loss
+
+    return distribute.make_distributed_step(strategy, replica_step, reduce_sum=True)
+
+
+def make_test_step(strategy, model, number_classes):
+    """A tf.function returning, per replica, the TestSums of a distributed (images, masks) batch
+    (float64 sums over all its valid pixels)."""
+    import tensorflow as tf
+
+    def replica_step(images, masks):
+        logits = tf.cast(model(images, training=False), tf.float32)
+        valid = masks >= 0
+        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
+        confusion = tf.math.confusion_matrix(tf.boolean_mask(tf.maximum(masks, 0), valid),
+                                             tf.boolean_mask(predicted, valid),
+                                             num_classes=number_classes, dtype=tf.float64)
+        return TestSums(pixel_sums(logits, masks, number_classes, axis=(0, 1, 2), dtype=tf.float64), confusion)
+
+    return distribute.make_distributed_step(strategy, replica_step)

@@ -1,0 +1,107 @@
+"""train_config.py: the parser generated from TrainConfig's fields, and the validation messages."""
+import dataclasses
+
+import numpy as np
+import pytest
+
+import train_config
+import trainer
+from conftest import make_synthetic_db
+from train_config import ConfigError, TrainConfig
+
+
+def test_every_field_flag_is_declared_once_with_its_default():
+    parser = train_config.build_parser("unet")
+    actions = {action.dest: action for action in parser._actions}
+    for field in dataclasses.fields(TrainConfig):
+        if "flag" not in field.metadata:
+            continue
+        action = actions[field.name]
+        assert action.help and "{" not in action.help, field.name
+        if not action.required:
+            expected = int(field.default) if field.metadata["flag"]["kind"] == "binary" else field.default
+            assert action.default == expected, field.name
+    assert "divisible by 16 for unet, 32 for segnet" in actions["tile_size"].help
+    assert "(not for segnet)" in actions["xla"].help
+    # Defaults come from the dataclass: a config built from no flags equals TrainConfig's defaults.
+    args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c"])
+    config = train_config.config_from_args("unet", args)
+    assert config == TrainConfig("unet", "a", "b", "c", augmentation=config.augmentation)
+    assert "default 4)" in parser.format_help() and "(default 0.0001)" in parser.format_help()
+
+
+def test_parser_has_every_flag_with_help():
+    parser = train_config.build_parser("unet")
+    flags = {option for action in parser._actions for option in action.option_strings}
+    for flag in ["--train_database", "--test_database", "--output_dir", "--batch_size", "--number_classes",
+                 "--tile_size", "--learning_rate", "--test_every_n_steps", "--early_stopping",
+                 "--gradient_update_location", "--restore_checkpoint_filepath", "--reader_count",
+                 "--use_augmentation", "--balance_classes", "--seed", "--base_filters", "--max_epochs",
+                 "--gpus", "--cpu_towers", "--mixed_precision", "--xla", "--loss",
+                 "--augmentation_config", "--noise_augmentation_severity"]:
+        assert flag in flags
+    assert all(action.help for action in parser._actions)
+    args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c",
+                              "--noise_augmentation_severity", "0.3", "--use_augmentation", "0"])
+    config = train_config.config_from_args("unet", args)
+    assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
+    assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-4, 10)
+
+
+def test_validate_config_messages(tmp_path):
+    import records
+
+    make_synthetic_db(tmp_path / "four", num_records=3, shape=(32, 32), number_classes=4, seed=0)
+    meta = records.read_metadata(str(tmp_path / "four"))
+    config = TrainConfig("unet", str(tmp_path / "four"), str(tmp_path / "four"), str(tmp_path / "o"),
+                                 tile_size=32)
+    with pytest.raises(ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 1, 2, 3\]"):
+        train_config.validate_config(config, meta, meta)
+    config.number_classes = 4
+    train_config.validate_config(config, meta, meta)
+    config.tile_size = 64
+    with pytest.raises(ConfigError, match=r"as small as 32 px, smaller than --tile_size 64"):
+        train_config.validate_config(config, meta, meta)
+    config.tile_size = 24
+    with pytest.raises(ConfigError, match=r"--tile_size 24.*16"):
+        train_config.validate_config(config, meta, meta)
+    config.tile_size, config.model = 32, "segnet"
+    train_config.validate_config(config, meta, meta)
+    config.batch_size = 0
+    with pytest.raises(ConfigError, match=r"--batch_size 0: expected an integer >= 1"):
+        train_config.validate_config(config, meta, meta)
+    with pytest.raises(ConfigError, match=r"--train_database .*missing.*not an LMDB database"):
+        train_config.read_database_metadata(str(tmp_path / "missing"), "train")
+    with pytest.raises(ConfigError, match="no checkpoint there"):
+        trainer.find_restore_checkpoint(str(tmp_path))
+
+
+def test_mixed_precision_flag_takes_float16_bare_or_a_named_dtype():
+    parser = train_config.build_parser("unet")
+    required = ["--train_database", "a", "--test_database", "b", "--output_dir", "c"]
+
+    def parsed(*flags):
+        return train_config.config_from_args("unet", parser.parse_args([*required, *flags])).mixed_precision
+
+    assert parsed() is None
+    assert parsed("--mixed_precision") == "float16"           # the flag's meaning before it took a value
+    assert parsed("--mixed_precision", "bfloat16") == "bfloat16"
+    assert parsed("--mixed_precision", "float16", "--xla") == "float16"
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--mixed_precision", "float8"])
+    # Code that passed the old on/off value keeps working.
+    assert TrainConfig("unet", "a", "b", "c", mixed_precision=True).mixed_precision == "float16"
+    assert TrainConfig("unet", "a", "b", "c", mixed_precision=False).mixed_precision is None
+
+
+def test_too_few_classes_for_0_255_masks_names_the_likely_cause(tmp_path):
+    import records
+
+    probabilities = np.zeros(256)
+    probabilities[[0, 255]] = 0.5
+    make_synthetic_db(tmp_path / "binary", num_records=2, shape=(32, 32), number_classes=256, seed=0,
+                      class_probabilities=probabilities)
+    meta = records.read_metadata(str(tmp_path / "binary"))
+    config = TrainConfig("unet", str(tmp_path / "binary"), str(tmp_path / "binary"), str(tmp_path / "o"), tile_size=32)
+    with pytest.raises(ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 255\].*0/255.*0/1"):
+        train_config.validate_config(config, meta, meta)

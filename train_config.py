@@ -1,0 +1,206 @@
+"""The trainer's command line and configuration: every flag declared once, as a TrainConfig field.
+
+    build_parser(model) -> argparse parser     config_from_args(model, args) -> TrainConfig
+    read_database_metadata(path, role)         validate_config(config, train_meta, test_meta)
+
+Each field of ``TrainConfig`` carries its flag in its metadata (help text, type, choices); the
+parser is generated from the fields, so a new flag is one field and its default is written once
+(help texts show it through ``%(default)s``).
+"""
+import argparse
+import dataclasses
+import math
+import os
+
+import augment
+import records
+import steps
+
+EXIT_OK, EXIT_ERROR, EXIT_BAD_FLAGS, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
+
+
+class ConfigError(ValueError):
+    """A flag value or database that cannot be trained on; the message says which and why."""
+
+
+class TrainingError(RuntimeError):
+    """Training stopped on an error (non-finite loss, unusable checkpoint)."""
+
+
+def flag(help, default=None, *, required=False, kind=None, choices=None, action=None, const=None):
+    """A TrainConfig field that is also a command-line flag.
+
+    Args:
+      help: help text; ``%(default)s`` shows the default, ``{no_xla}`` / ``{divisors}`` the
+        registry's models without XLA / their size divisors.
+      default: the field's (and the flag's) default.
+      required: the flag must be given (the field then has no default).
+      kind: the argparse type (int, float; None = str), or "binary" for a 0/1 flag stored as bool.
+      choices, action: passed to argparse.
+      const: the value of the flag given bare (``--flag`` without a value).
+    """
+    metadata = {"help": help, "kind": kind, "choices": choices, "action": action, "required": required,
+                "const": const}
+    if required:
+        return dataclasses.field(metadata={"flag": metadata})
+    return dataclasses.field(default=default, metadata={"flag": metadata})
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything one training run needs, as plain values (see the help texts for meanings)."""
+    model: str
+    train_database: str = flag("LMDB folder of training records", required=True)
+    test_database: str = flag("LMDB folder of test records (evaluated every epoch)", required=True)
+    output_dir: str = flag("folder for config.json, CSVs, plots, tensorboard/, checkpoints/ and model.keras "
+                           "(created; resuming into it appends to the CSVs)", required=True)
+    batch_size: int = flag("images per tower per step (default %(default)s); the effective batch is "
+                           "batch_size x towers x workers", 4, kind=int)
+    number_classes: int = flag("classes including background 0 (default %(default)s)", 2, kind=int)
+    tile_size: int = flag("training crop and test tile size in pixels (default %(default)s; divisible "
+                          "by {divisors})", 256, kind=int)
+    learning_rate: float = flag("Adam learning rate (default %(default)g)", 1e-4, kind=float)
+    test_every_n_steps: int = flag("gradient steps between test passes (one 'epoch'); default: one "
+                                   "pass over the training database", kind=int)
+    early_stopping: int = flag("stop after this many epochs without a lower test loss (default "
+                               "%(default)s)", 10, kind=int)
+    gradient_update_location: str = flag("where tower gradients are summed: cpu, gpu:N or nccl (default "
+                                         "gpu:0 with GPUs, else cpu); one worker only: several workers "
+                                         "always sum with a collective all-reduce")
+    restore_checkpoint_filepath: str = flag(
+        "resume from a checkpoint folder or an output folder (its checkpoints/latest); a checkpoint with "
+        "another number_classes is used for transfer learning (all layers but 'logits')")
+    reader_count: int = flag("reader processes per tower (default %(default)s)", 1, kind=int)
+    use_augmentation: bool = flag("augment training images (default %(default)s)", True, kind="binary")
+    balance_classes: bool = flag("sample training records so every class is equally represented "
+                                 "(default %(default)s)", False, kind="binary")
+    seed: int = flag("seed for weights and sampling (default %(default)s)", 0, kind=int)
+    base_filters: int = flag("feature depth of the first level (default %(default)s)", 64, kind=int)
+    batch_norm: bool = flag("batch normalisation after each convolution (default %(default)s)", True,
+                            kind="binary")
+    max_epochs: int = flag("stop after this many test passes (default: only early stopping)", kind=int)
+    gpus: str = flag("GPUs to train on: 'all' (default), 'none' or indices like '0,1'")
+    cpu_towers: int = flag("train on the CPU split into N logical devices, one tower each (ignores GPUs)",
+                           kind=int)
+    mixed_precision: str = flag(
+        "compute in float16 with dynamic loss scaling (also what a bare --mixed_precision means), or in "
+        "bfloat16 (no loss scaling needed; what Ampere/Hopper GPUs and recent CPUs run fastest); the "
+        "weights and the loss stay float32 (default: float32 throughout)",
+        choices=steps.MIXED_PRECISIONS, const="float16")
+    xla: bool = flag("compile the replica step with XLA (not for {no_xla})", False, action="store_true")
+    loss: str = flag("cross-entropy, soft Dice over the foreground classes, or their sum (default "
+                     "%(default)s)", "ce", choices=steps.LOSSES)
+    log_every_n_steps: int = flag("print one progress line every N steps (default %(default)s)", 10, kind=int)
+    # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
+    augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
+
+    def __post_init__(self):
+        # Code written when --mixed_precision was an on/off switch passes True / False.
+        if self.mixed_precision is True:
+            self.mixed_precision = "float16"
+        elif self.mixed_precision is False:
+            self.mixed_precision = None
+
+
+def _flag_fields():
+    return [field for field in dataclasses.fields(TrainConfig) if "flag" in field.metadata]
+
+
+def build_parser(model_name):
+    """The argparse parser of train_<model_name>.py, generated from TrainConfig's fields."""
+    import models
+
+    parser = argparse.ArgumentParser(
+        prog=f"train_{model_name}.py",
+        description=f"Train a {model_name} segmentation network on LMDB databases made by build_lmdb.py.")
+    registry = {"no_xla": ", ".join(n for n in models.MODEL_NAMES if models.xla_problem(n)) or "none",
+                "divisors": ", ".join(f"{models.SIZE_DIVISOR[n]} for {n}" for n in models.MODEL_NAMES)}
+    for field in _flag_fields():
+        spec = field.metadata["flag"]
+        options = {"help": spec["help"].format(**registry)}
+        if spec["action"]:
+            options["action"] = spec["action"]
+        else:
+            options["type"] = int if spec["kind"] == "binary" else spec["kind"]
+            options["choices"] = (0, 1) if spec["kind"] == "binary" else spec["choices"]
+            if spec["const"] is not None:
+                options.update(nargs="?", const=spec["const"])
+            if spec["required"]:
+                options["required"] = True
+            else:
+                options["default"] = int(field.default) if spec["kind"] == "binary" else field.default
+        parser.add_argument(f"--{field.name}", **options)
+    augment.add_augmentation_arguments(parser)
+    return parser
+
+
+def config_from_args(model_name, args):
+    """TrainConfig from parsed arguments (the augmentation flags resolved by augment.py)."""
+    try:
+        augmentation = augment.augmentation_config_from_args(args)
+    except (ValueError, OSError) as error:
+        raise ConfigError(str(error)) from None
+    values = {}
+    for field in _flag_fields():
+        value = getattr(args, field.name)
+        values[field.name] = bool(value) if field.metadata["flag"]["kind"] == "binary" else value
+    return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), **values)
+
+
+def read_database_metadata(path, role):
+    """Metadata of the --<role>_database, or ConfigError naming the path."""
+    try:
+        return records.read_metadata(path)
+    except (FileNotFoundError, records.RecordFormatError) as error:
+        raise ConfigError(f"--{role}_database {path}: {error}") from None
+
+
+def validate_config(config, train_metadata, test_metadata):
+    """Raise ConfigError with a clear message for any value training cannot use."""
+    import models
+
+    if config.model not in models.MODEL_NAMES:
+        raise ConfigError(f"model {config.model!r}: expected one of {', '.join(models.MODEL_NAMES)}")
+    positive = {"batch_size": 1, "number_classes": 2, "early_stopping": 1, "reader_count": 1,
+                "base_filters": 1, "log_every_n_steps": 1, "test_every_n_steps": 1, "max_epochs": 1,
+                "cpu_towers": 1, "tile_size": 1}
+    for name, minimum in positive.items():
+        value = getattr(config, name)
+        if value is not None and value < minimum:
+            raise ConfigError(f"--{name} {value}: expected an integer >= {minimum}")
+    if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
+        raise ConfigError(f"--output_dir {config.output_dir} is an existing file, not a folder; give the path "
+                          "of a folder (it is created if missing)")
+    if not (config.learning_rate >= 0 and math.isfinite(config.learning_rate)):
+        raise ConfigError(f"--learning_rate {config.learning_rate}: expected a finite number >= 0")
+    if config.mixed_precision not in (None,) + steps.MIXED_PRECISIONS:
+        raise ConfigError(f"--mixed_precision {config.mixed_precision!r}: expected one of "
+                          f"{', '.join(steps.MIXED_PRECISIONS)}")
+    if config.loss not in steps.LOSSES:
+        raise ConfigError(f"--loss {config.loss!r}: expected one of {', '.join(steps.LOSSES)}")
+    try:
+        models.check_input_size(config.model, config.tile_size, config.tile_size)
+    except ValueError as error:
+        raise ConfigError(f"--tile_size {config.tile_size}: {error}") from None
+    for role, metadata, path in (("train", train_metadata, config.train_database),
+                                 ("test", test_metadata, config.test_database)):
+        if not metadata.get("num_records"):
+            raise ConfigError(f"--{role}_database {path}: the database holds no records")
+        found = [k for k, n in enumerate(metadata.get("class_pixel_counts", [])) if n > 0]
+        if found and max(found) >= config.number_classes:
+            hint = ""
+            if 255 in found:
+                hint = ("; label 255 usually means binary masks saved as 0/255 images: convert them to 0/1 "
+                        "(e.g. mask // 255) and rebuild the database, rather than raising --number_classes")
+            raise ConfigError(
+                f"--number_classes {config.number_classes} is too small for --{role}_database {path}: "
+                f"it holds labels {found}; use --number_classes {max(found) + 1} or more{hint}")
+        smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
+        if smallest < config.tile_size:
+            raise ConfigError(
+                f"--{role}_database {path} holds images as small as {smallest} px, smaller than "
+                f"--tile_size {config.tile_size}; use a tile size <= {smallest}")
+    if train_metadata["channels"] != test_metadata["channels"]:
+        raise ConfigError(
+            f"the training database has {train_metadata['channels']} channel(s), the test database "
+            f"{test_metadata['channels']}: they must match")
