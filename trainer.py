@@ -202,9 +202,9 @@ def make_readers(config, towers, info, start_step):
     try:
         train_reader = imagereader.ImageReader(
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
-            balance_classes=config.balance_classes, shuffle=True, augmentation=augmentation, seed=seed, **common)
+            balance_classes=config.balance_classes, mode="train", augmentation=augmentation, seed=seed, **common)
         test_reader = imagereader.ImageReader(
-            config.test_database, config.batch_size, use_augmentation=False, shuffle=False, seed=config.seed, **common)
+            config.test_database, config.batch_size, use_augmentation=False, mode="test", seed=config.seed, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
     return train_reader, test_reader
