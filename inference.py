@@ -323,10 +323,16 @@ class ImageSource:
         self.dtype = np.dtype(array.dtype)
         channels = array.shape[axes.index("c")] if "c" in axes else 1
         self.shape = (int(array.shape[axes.index("y")]), int(array.shape[axes.index("x")]), int(channels))
+        # Rows per stored chunk (1 when any row range is read directly): reads aligned to it decode
+        # each chunk once.
+        chunks = getattr(array, "chunks", None)
+        self.chunk_rows = int(chunks[axes.index("y")]) if chunks else 1
 
     def __getitem__(self, rows):
         index = tuple(rows if a == "y" else 0 if a == "-" else slice(None) for a in self.axes)
-        block = np.array(self.array[index])  # a copy: also detaches it from a memory map
+        block = self.array[index]
+        # A copy detaches the rows from a memory map (zarr already returns a new array).
+        block = np.array(block) if self._mapping is not None else np.asarray(block)
         kept = [a for a in self.axes if a != "-"]
         block = np.transpose(block, [kept.index(a) for a in "yxc" if a in kept])
         if "c" not in kept:
@@ -507,7 +513,9 @@ def image_statistics(image, name):
     would be silently wrong.
     """
     height, width, channels = image.shape
+    chunk_rows = getattr(image, "chunk_rows", 1)
     rows = max(1, STATS_BLOCK_VALUES // (width * channels))
+    rows = max(chunk_rows, rows // chunk_rows * chunk_rows)
     running = normalization.StreamingStatistics(channels)
     non_finite = 0
     for top in range(0, height, rows):

@@ -335,14 +335,18 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
         # Image rows of this band of canvas rows, read once (reflection only touches rows inside it).
         row_index = reflect_indices(row_start, row_start + tile_h, top, height)
         first = int(row_index.min())
-        raw_band = np.asarray(image[first:int(row_index.max()) + 1])
-        band_rows = normalization.normalize(raw_band[row_index - first], stats)
+        band_rows = np.asarray(image[first:int(row_index.max()) + 1])
+        if not np.array_equal(row_index, np.arange(first, first + tile_h)):  # reflected rows
+            band_rows = band_rows[row_index - first]
         # Kept image rows of this band, clipped to the image (the canvas padding is dropped).
         out_lo, out_hi = max(keep_lo, top) - top, min(keep_hi, top + height) - top
         bands = None
         for group_start in range(0, len(cols), batch_size):
             group = cols[group_start:group_start + batch_size]
-            batch = np.stack([band_rows[:, reflect_indices(c, c + tile_w, left, width)]
+            # Normalised tile by tile (elementwise, so equal to normalising the whole image): the
+            # band is held in its stored dtype, not as float32.
+            batch = np.stack([normalization.normalize(band_rows[:, reflect_indices(c, c + tile_w, left,
+                                                                                    width)], stats)
                               for c, _, _ in group])
             logits = tta_forward(forward, batch) if tta else forward(batch)
             for (col_start, c_lo, c_hi), tile_logits in zip(group, logits):
