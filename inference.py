@@ -748,7 +748,8 @@ def list_images(folder, extensions):
 
 
 def resolve_tile_size(requested, loaded, batch_size, device):
-    """Tile side to use: the requested one (validated), else predictor.default_tile_size."""
+    """Tile side to use: the requested one (validated), else predictor.default_tile_size for the
+    free memory of ``device`` (its memory is asked for by the physical index, e.g. "/GPU:1")."""
     name = loaded[0].name
     if requested is None:
         return predictor.default_tile_size([m.model for m in loaded], name, batch_size, device=device)
@@ -796,7 +797,9 @@ def run_inference(config):
     with tf.device(device):
         loaded = load_models(config)
     first = loaded[0]
-    tile_size = resolve_tile_size(config.tile_size, loaded, config.batch_size, device)
+    # resolve_device renumbers the chosen GPU as GPU:0; its free memory is that of --gpu.
+    memory_device = f"/GPU:{config.gpu or 0}" if "GPU" in device else "/CPU:0"
+    tile_size = resolve_tile_size(config.tile_size, loaded, config.batch_size, memory_device)
     try:
         output_folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -845,13 +848,18 @@ def run_inference(config):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def _side(pixels):
+    side = int(pixels ** 0.5)
+    return f"{side} x {side}"
+
+
 def build_parser():
     halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
     parser = argparse.ArgumentParser(
         description="Segment every image of a folder (any size, also larger than memory) with a "
                     "trained model or an ensemble; writes <stem>.tif class masks (uint8, uint16 above "
                     "256 classes) of the same size into the output folder (tiled compressed BigTIFF "
-                    f"above {STREAM_PIXELS // 1024 ** 2} Mpx; <stem>.zarr for Zarr input). Exit "
+                    f"above {_side(STREAM_PIXELS)} px; <stem>.zarr for Zarr input). Exit "
                     "code 1: some image failed; 2: the run could not start.")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", nargs="+", help="trained model(s): a .keras file, or a training "
@@ -883,7 +891,7 @@ def build_parser():
     parser.add_argument("--save_probabilities", action="store_true",
                         help="also write the float32 H x W x classes softmax maps: "
                         "<stem>_probabilities.npy (numpy.load) for images up to "
-                        f"{STREAM_PIXELS // 1024 ** 2} Mpx, else and for Zarr input "
+                        f"{_side(STREAM_PIXELS)} px, else and for Zarr input "
                         "<stem>_probabilities.zarr (zarr.open), written band by band")
     parser.add_argument("--image_extensions", default=",".join(DEFAULT_EXTENSIONS),
                         help="file extensions to process, separated by commas or spaces, "

@@ -1,4 +1,5 @@
-"""inference.py: tiling equals whole-image inference, any size / channels / dtype, per-file failures,
+"""inference.py: masks equal whole-image inference for any size / channels / dtype, lazily read TIFF
+and Zarr, streamed outputs and bounded memory, TTA and ensembles, per-file failures (NaN too),
 atomic outputs, the CLI's exit codes, and a real accuracy check on nist_colonies."""
 import json
 import os
@@ -387,6 +388,17 @@ def test_missing_model_and_bad_flags_exit_non_zero_with_a_message(tmp_path, unet
     assert inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "images"),
                            "--output_folder", str(tmp_path / "images")]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_flags_become_the_config():
+    parse = inference.build_parser().parse_args
+    base = ["--image_folder", "in", "--output_folder", "out"]
+    config = inference.config_from_args(parse(["--model", "m"] + base + [
+        "--image_extensions", "TIF, png  .jpg", "--tta"]))
+    assert config.image_extensions == ("tif", "png", "jpg") and config.model == "m" and config.tta
+    assert config.batch_size == 1 and config.tile_size is None
+    ensemble = inference.config_from_args(parse(["--checkpoint_filepath", "a", "b", "c"] + base))
+    assert ensemble.checkpoint_filepath == ["a", "b", "c"] and ensemble.model is None
 
 
 def test_existing_output_is_only_replaced_by_a_complete_file(tmp_path, unet_1ch, monkeypatch):
