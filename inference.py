@@ -497,15 +497,6 @@ def open_image(path, channels):
         raise
 
 
-def read_image(path, channels):
-    """Read a whole image as an H x W x C array (stored dtype); ImageError naming the file."""
-    source = open_image(path, channels)
-    try:
-        return source[0:source.shape[0]]
-    finally:
-        source.close()
-
-
 def image_statistics(image, name):
     """Per-channel statistics of a whole image (ndarray or ImageSource) in one streaming pass.
 
