@@ -580,22 +580,21 @@ class RowBlocks:
     may be shorter), so writers get chunk-aligned blocks whatever the tile bands' heights."""
 
     def __init__(self, rows):
-        self.rows, self.pending, self.start = rows, [], 0
+        self.rows, self.start, self.pending = rows, 0, None
 
     def add(self, band):
-        self.pending.append(band)
-        held = sum(len(b) for b in self.pending)
-        while held >= self.rows:
-            joined = np.concatenate(self.pending)
-            yield self.start, joined[:self.rows]
+        if self.pending is not None:
+            band = np.concatenate([self.pending, band])
+        stop = len(band) // self.rows * self.rows
+        for top in range(0, stop, self.rows):
+            yield self.start, band[top:top + self.rows]
             self.start += self.rows
-            self.pending = [joined[self.rows:]] if len(joined) > self.rows else []
-            held -= self.rows
+        self.pending = band[stop:].copy()  # a copy: the band itself can be freed
 
     def flush(self):
-        if self.pending and sum(len(b) for b in self.pending):
-            yield self.start, np.concatenate(self.pending)
-        self.pending = []
+        if self.pending is not None and len(self.pending):
+            yield self.start, self.pending
+        self.pending = None
 
 
 def _tiff_tiles(blocks, width):

@@ -2,7 +2,7 @@
 
   (a) a generated 20,000 x 20,000 uint16 tiled (256 px), zlib-compressed BigTIFF segmented by
       `inference.py` (a subprocess, as a user runs it) with a small random-weight UNet
-      (base_filters 4, 2 classes) on the CPU, --tile_size 2560: peak RSS of that process (its own
+      (base_filters 4, 2 classes) on the CPU, --tile_size 2048: peak RSS of that process (its own
       rusage, from wait4; target at most 2 GB) and megapixels/s of its per-image time (reading,
       statistics pass, prediction, writing the tiled BigTIFF mask).
   (b) throughput of inference on a 4,096 x 4,096 uint16 image (its per-image time in
@@ -33,7 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-BASE_FILTERS, CLASSES, LARGE_SIDE, LARGE_TILE, MEDIUM_SIDE, TTA_SIDE = 4, 2, 20000, 2560, 4096, 1024
+BASE_FILTERS, CLASSES, LARGE_SIDE, LARGE_TILE, MEDIUM_SIDE, TTA_SIDE = 4, 2, 20000, 2048, 4096, 1024
 
 
 def save_model(folder):
