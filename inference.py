@@ -646,7 +646,10 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
         stem = path.stem if not is_zarr_folder(path) else path.name[:-len(".zarr")]
         zarr_out = is_zarr_folder(path)
         streamed = zarr_out or height * width > STREAM_PIXELS
-        labels_of = lambda logits: np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))  # noqa: E731
+
+        def labels_of(logits):
+            return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
+
         outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
         tiles = predictor.count_tiles(height, width, first.name, tile_size)
         progress = Progress(path.name, height * width)
@@ -702,7 +705,7 @@ def _write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes,
 
         def mask_blocks(rows):
             blocks = RowBlocks(rows)
-            for lo, hi, results in bands:
+            for _, _, results in bands:
                 yield from blocks.add(results[0])
                 if probabilities is not None:
                     for start, block in probability_blocks.add(results[1]):
