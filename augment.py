@@ -1,4 +1,4 @@
-"""Data augmentation for image/mask pairs, and the per-image z-score normalisation shared with inference.
+"""Data augmentation for image/mask pairs (normalisation is not done here: see normalization.py).
 
 augment_image() draws fresh random parameters from a numpy Generator on every call:
 
