@@ -25,7 +25,7 @@ its output is per-class probabilities, and the class mask is their argmax over t
 same as inference.py's masks). Input normalisation is not part of the weights; rdf.yaml declares it as
 the bioimage.io preprocessing ``zero_mean_unit_variance`` over y and x (per sample, per channel), which
 is what this project's per-image z-score does. The halo (context to crop from each side of a tile) is
-inference.halo_for(model) and the tile sizes are multiples of the model's size divisor (16 UNet,
+predictor.halo_for(model) and the tile sizes are multiples of the model's size divisor (16 UNet,
 32 SegNet), at least 2 halos + one divisor.
 
 When bioimageio.spec is installed the package is validated before it is written (an invalid package
@@ -50,10 +50,11 @@ import imageio.v3 as iio
 import keras
 import numpy as np
 import tensorflow as tf
-import tifffile
 
-import inference
+import image_io
 import models
+import normalization
+import predictor
 
 # The oldest 0.5 format that has everything the package uses, so that older bioimage.io readers
 # accept it too (newer ones read any 0.5.x): bioimageio.spec 0.5.11+ writes covers/documentation as
@@ -196,17 +197,7 @@ def size_rule(name):
     """(minimum, step) of the tile side the package declares for model ``name``: multiples of its size
     divisor that leave at least one divisor of output after cropping a halo on both sides."""
     divisor = models.SIZE_DIVISOR[name]
-    return 2 * inference.halo_for(name) + divisor, divisor
-
-
-def zscore_normalize(image):
-    """This project's per-image, per-channel z-score (H x W x C float32), the normalisation training
-    and inference use; rdf.yaml declares it as zero_mean_unit_variance over y and x."""
-    try:
-        from normalization import zscore_normalize as normalize
-    except ImportError:  # Older layout: the function lived in augment.py.
-        from augment import zscore_normalize as normalize
-    return normalize(image)
+    return 2 * predictor.halo_for(name) + divisor, divisor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,17 +218,16 @@ def synthetic_sample(side, channels, seed=0):
 
 
 def read_sample(path, channels):
-    """Read --sample_image as H x W x C (TIFF via tifffile, others via imageio).
+    """Read --sample_image as H x W x C (image_io.read_array).
 
     A planar C x H x W TIFF is transposed when C matches ``channels``. Raises ExportError naming the
     file when it cannot be read or has another channel count.
     """
     path = pathlib.Path(path)
     try:
-        image = tifffile.imread(path) if path.suffix.lower() in (".tif", ".tiff") else iio.imread(path)
-    except Exception as exc:  # Readers raise many types (OSError, ValueError, TiffFileError, ...).
-        raise ExportError(f"--sample_image {path}: cannot read it ({type(exc).__name__}: {exc})") from exc
-    image = np.asarray(image)
+        image = image_io.read_array(path)
+    except image_io.ImageFileError as exc:
+        raise ExportError(f"--sample_image {exc}") from exc
     if image.ndim == 2:
         image = image[:, :, np.newaxis]
     elif image.ndim == 3 and image.shape[-1] != channels and image.shape[0] == channels:
@@ -274,12 +264,12 @@ def fit_to_size_rule(image, minimum, step):
 
 def predict_probabilities(run, image):
     """Class probabilities (H x W x K float32) of a raw H x W x C image, computed the way inference.py
-    segments images: per-image z-score, then its tiled predictor (here one tile covers the image)."""
-    normalized = zscore_normalize(image)
-    predictor = inference.make_predictor(run.model)
-    logits, _ = inference.predict_logits(predictor, normalized, run.name,
-                                         tile_size=max(image.shape[:2]), batch_size=1,
-                                         halo=inference.halo_for(run.name))
+    segments images: z-score with the whole image's statistics (what rdf.yaml declares as
+    zero_mean_unit_variance per sample and channel), then the shared tiled predictor."""
+    stats = normalization.channel_statistics(image)
+    tile = max(predictor.smallest_tile(run.name), *image.shape[:2])
+    tile += -tile % models.SIZE_DIVISOR[run.name]
+    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.name, tile)
     return np.asarray(keras.ops.softmax(logits, axis=-1), dtype=np.float32)
 
 
@@ -435,7 +425,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
     """
     minimum, step = size_rule(run.name)
-    halo = inference.halo_for(run.name)
+    halo = predictor.halo_for(run.name)
     authors = [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
                for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
     citations = config.cite or [ARCHITECTURE_CITATIONS[run.name]]
@@ -514,7 +504,7 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
     """README.md of the package: what goes in and out, how to run it elsewhere, how it was validated."""
     package = pathlib.Path(config.output).name
     minimum, step = size_rule(run.name)
-    halo = inference.halo_for(run.name)
+    halo = predictor.halo_for(run.name)
     test_shape = [1, run.input_channels, *test_shape]
     title = config.name or default_name(run)
     description = config.description or default_description(run)
@@ -728,7 +718,7 @@ def _pairs(values, flag, optional_second):
 
 
 def build_parser():
-    halos = {name: inference.halo_for(name) for name in models.MODEL_NAMES}
+    halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
     rules = {name: size_rule(name) for name in models.MODEL_NAMES}
     parser = argparse.ArgumentParser(
         description="Write a trained model as a bioimage.io model package (zip, model spec "

@@ -1,45 +1,75 @@
-"""Segment whole images of any size with a trained UNet or SegNet.
+"""Segment whole images of any size, also larger than memory, with a trained UNet or SegNet.
 
     python inference.py --model runs/unet --image_folder my_images --output_folder my_masks
+    python inference.py --model fold0 fold1 fold2 --tta ...     # ensemble, test-time augmentation
 
-Each image is read (TIFF via tifffile, PNG/JPEG via imageio), z-score normalised per channel over the
-whole image with the same function training uses (augment.zscore_normalize), reflect-padded to a size
-the network accepts and run through the model. Images larger than --tile_size are cut into overlapping
-tiles whose overlap (the halo) covers the network's receptive field; only each tile's centre is kept,
-so the stitched result equals what one whole-image pass would give (no seams). The padding is cropped
-off again, and the argmax class of every pixel is written as ``<stem>.tif`` (uint8 class ids, uint16
-when the model has more than 256 classes) in --output_folder. With --save_probabilities the per-class
-softmax maps are written next to it as ``<stem>_probabilities.npy`` (float32, H x W x classes; load
-with numpy.load). Every output file is written to a temporary file in the output folder first and
-then renamed over the target, so an existing output is only ever replaced by a complete new one.
+Input: every image file of --image_folder (TIFF, PNG, JPEG; OME-TIFF and pyramidal TIFF at full
+resolution) and every Zarr / OME-Zarr folder (``*.zarr``) in it; --image_folder may also be one
+``.zarr`` folder. TIFF and Zarr are read lazily, a band of tile rows at a time: an uncompressed
+TIFF is memory-mapped, a tiled / compressed / pyramidal TIFF and Zarr are read by chunks
+(tifffile's ``aszarr``), so an image larger than memory can be segmented. PNG/JPEG are read whole.
 
-An image that cannot be read or has the wrong number of channels is reported (naming the file) and
-skipped; the others are still processed, and the exit code is 1 if any image failed.
+Each image is z-score normalised per channel with the statistics of the whole image (computed in a
+streaming pass, normalization.py: the same values as in training), reflect-padded to a size the
+network accepts and predicted by the tiled predictor (predictor.py): overlapping tiles whose halo
+covers the receptive field, only each tile's centre kept, so the result equals one whole-image pass
+(no seams). By default the tile is the largest the free memory allows (GPU memory on a GPU, else
+RAM; predictor.default_tile_size), shrunk per image to the smallest size needing as many tiles.
+
+Output, in --output_folder, per image ``<stem>``:
+  - ``<stem>.tif``: class ids (uint8, uint16 above 256 classes), H x W. Images with more than
+    STREAM_PIXELS pixels (2048 x 2048) are written progressively as a tiled (256 px), zlib-compressed
+    BigTIFF, so memory holds a few bands of tiles, never the whole mask.
+  - ``<stem>.zarr`` instead when the input was Zarr: a Zarr array H x W, chunks 512 x 512.
+  - with --save_probabilities, the softmax maps H x W x classes float32: ``<stem>_probabilities.npy``
+    for images up to STREAM_PIXELS read from files (numpy.load), else (and for Zarr input)
+    ``<stem>_probabilities.zarr`` (a Zarr array, chunks 512 x 512 x classes), written band by band.
+Every output is written to a temporary file or folder beside the target and renamed over it when
+complete, so an existing output is only ever replaced by a complete new one.
+
+--tta averages the softmax over the 8 flips / quarter turns of every tile (each undone exactly),
+--model A B C averages the softmax of several models (same classes, channels and architecture).
+
+An image that cannot be read, has the wrong number of channels or holds NaN/Inf pixels is reported
+(naming the file) and skipped; the others are still processed, and the exit code is 1 if any image
+failed. A run that cannot start (model, flags, folders) exits with code 2.
 """
 import argparse
 import contextlib
 import dataclasses
 import json
-import math
+import mmap
 import os
 import pathlib
+import shutil
 import sys
 import time
 
-import imageio.v3 as iio
 import keras
 import numpy as np
 import tensorflow as tf
 import tifffile
 
-import augment
 import checkpoints
+import image_io
 import models
+import normalization
+import predictor
 
-DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg")
-DEFAULT_TILE_SIZE = 256
+DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 CONFIG_KEYS = models.CONFIG_KEYS
 PROBABILITIES_SUFFIX = "_probabilities.npy"
+PROBABILITIES_ZARR_SUFFIX = "_probabilities.zarr"
+# Above this many pixels an image's outputs are streamed (tiled BigTIFF / Zarr), below it written
+# whole as a plain TIFF (and .npy), which every tool opens.
+STREAM_PIXELS = 2048 * 2048
+TIFF_TILE = 256
+ZARR_CHUNK = 512
+# The statistics pass reads blocks of at most this many values (float64 copies are made of them).
+STATS_BLOCK_VALUES = 1024 ** 2
+# A progress line at most this often (seconds) while an image is predicted.
+PROGRESS_SECONDS = 15.0
+EXIT_IMAGE_FAILED, EXIT_CANNOT_START = 1, 2
 
 
 class InferenceError(Exception):
@@ -56,17 +86,19 @@ class InferenceConfig:
 
     Exactly one of ``model`` (a .keras file or a training output folder holding model.keras) and
     ``checkpoint_filepath`` (a checkpoint directory holding model.weights.h5, or a training output
-    folder) is set. ``tile_size`` None -> the training config's tile size (else 256). ``gpu`` None ->
-    the first GPU if there is one, else the CPU; -1 -> the CPU.
+    folder) is set; either may be a list of paths: an ensemble whose softmax is averaged.
+    ``tile_size`` None -> predictor.default_tile_size (from the free memory of the device).
+    ``gpu`` None -> the first GPU if there is one, else the CPU; -1 -> the CPU.
     """
     image_folder: str
     output_folder: str
-    model: str | None = None
-    checkpoint_filepath: str | None = None
+    model: str | list | None = None
+    checkpoint_filepath: str | list | None = None
     tile_size: int | None = None
-    batch_size: int = 4
+    batch_size: int = 1
     gpu: int | None = None
     save_probabilities: bool = False
+    tta: bool = False
     image_extensions: tuple = DEFAULT_EXTENSIONS
 
 
@@ -213,146 +245,276 @@ def resolve_device(gpu):
     return "/GPU:0" if chosen else "/CPU:0"
 
 
-def make_predictor(model):
-    """Callable float32 [B, H, W, C] -> numpy float32 logits [B, H, W, classes].
-
-    BatchNorm must use its moving statistics (training=False): with batch statistics a tile's
-    result would depend on the other tiles in its batch and tiling would no longer be exact.
-    """
-    channels = int(model.input_shape[-1])
-    forward = tf.function(lambda x: model(x, training=False),
-                          input_signature=[tf.TensorSpec([None, None, None, channels], tf.float32)])
-    return lambda batch: np.asarray(forward(tf.constant(batch, tf.float32)), dtype=np.float32)
-
-
-# ----------------------------------------------------------------------------------------------
-# Tiling
-# ----------------------------------------------------------------------------------------------
-
-def halo_for(name):
-    """Context dropped on each inner side of a tile, in pixels.
-
-    An output pixel depends on a receptive_field(name) wide input range that can sit off-centre by up
-    to one pooling period (models.receptive_field), so half of it plus the size divisor is enough;
-    rounding up to the divisor keeps tile origins on the network's pooling grid, without which tiles
-    would not reproduce the whole-image result.
-    """
-    divisor = models.SIZE_DIVISOR[name]
-    return math.ceil((models.receptive_field(name) // 2 + divisor) / divisor) * divisor
+def _recorded_normalization(source):
+    """The "normalization" entry of the training config.json beside a loaded model, or None."""
+    folder = pathlib.Path(source).parent
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        path = candidate / "config.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError):
+                return json.loads(path.read_text()).get("normalization")
+            return None
+    return None
 
 
-def plan_tiles(length, tile, halo):
-    """Tiles along one axis of a padded canvas.
-
-    Args:
-      length: canvas length (a multiple of the size divisor).
-      tile: tile length; if >= length one tile covers everything.
-      halo: context dropped at each tile side that is inside the canvas.
-    Returns:
-      list of (start, keep_start, keep_stop) in canvas coordinates; the keep ranges are contiguous
-      and cover [0, length). The first and last tiles touch the canvas border, so their outer side
-      sees exactly the border a whole-image pass sees.
-    """
-    if tile >= length:
-        return [(0, 0, length)]
-    step = tile - 2 * halo
-    if step <= 0:
-        raise ValueError(f"tile {tile} leaves no centre after a halo of {halo} on both sides")
-    starts = list(range(0, length - tile, step)) + [length - tile]
-    plan = []
-    for index, start in enumerate(starts):
-        keep_start = 0 if index == 0 else plan[-1][2]
-        keep_stop = length if index == len(starts) - 1 else start + tile - halo
-        plan.append((start, keep_start, keep_stop))
-    return plan
-
-
-def pad_to_divisor(image, divisor):
-    """Reflect-pad H x W x C evenly on both sides to multiples of ``divisor``.
+def load_models(config):
+    """Every model of the run (one, or the members of an ensemble), checked to be compatible.
 
     Returns:
-      (padded, (top, left)): the original sits at padded[top:top+H, left:left+W].
+      list of LoadedModel. Raises InferenceError when a member cannot be loaded, or when members
+      differ in classes, input channels, architecture (halo and size divisor) or normalisation.
     """
-    height, width = image.shape[:2]
-    extra_h = -height % divisor
-    extra_w = -width % divisor
-    top, left = extra_h // 2, extra_w // 2
-    padded = np.pad(image, ((top, extra_h - top), (left, extra_w - left), (0, 0)), mode="reflect")
-    return padded, (top, left)
-
-
-def predict_logits(predictor, image, name, tile_size, batch_size=4, halo=None):
-    """Logits of a whole normalised image, tiled when it is larger than ``tile_size``.
-
-    Args:
-      predictor: from make_predictor.
-      image: float32 H x W x C, already normalised.
-      name: model name (for the size divisor and the halo).
-      tile_size: largest tile side sent to the network (a multiple of the size divisor).
-      batch_size: tiles per network call.
-      halo: override of halo_for(name) (tests use it to show that too small a halo leaves seams).
-    Returns:
-      (logits float32 H x W x classes, number of tiles run).
-    """
-    height, width = image.shape[:2]
-    divisor = models.SIZE_DIVISOR[name]
-    halo = halo_for(name) if halo is None else halo
-    canvas, (top, left) = pad_to_divisor(image, divisor)
-    rows = plan_tiles(canvas.shape[0], tile_size, halo)
-    cols = plan_tiles(canvas.shape[1], tile_size, halo)
-    tile_h = min(tile_size, canvas.shape[0])
-    tile_w = min(tile_size, canvas.shape[1])
-
-    out = None
-    tiles = [(r, c) for r in rows for c in cols]
-    for first in range(0, len(tiles), batch_size):
-        group = tiles[first:first + batch_size]
-        batch = np.stack([canvas[r[0]:r[0] + tile_h, c[0]:c[0] + tile_w] for r, c in group])
-        logits = predictor(batch)
-        if out is None:
-            out = np.empty(canvas.shape[:2] + (logits.shape[-1],), dtype=np.float32)
-        for ((r_start, r_lo, r_hi), (c_start, c_lo, c_hi)), tile_logits in zip(group, logits):
-            out[r_lo:r_hi, c_lo:c_hi] = tile_logits[r_lo - r_start:r_hi - r_start,
-                                                    c_lo - c_start:c_hi - c_start]
-    return out[top:top + height, left:left + width], len(tiles)
+    if (config.model is None) == (config.checkpoint_filepath is None):
+        raise InferenceError("give exactly one of --model and --checkpoint_filepath")
+    flag, paths = (("--model", config.model) if config.model is not None
+                   else ("--checkpoint_filepath", config.checkpoint_filepath))
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise InferenceError(f"{flag}: no path given")
+    loaded = []
+    for path in paths:
+        member = dataclasses.replace(config, model=str(path) if flag == "--model" else None,
+                                     checkpoint_filepath=str(path) if flag != "--model" else None)
+        loaded.append(load_model(member))
+    first = loaded[0]
+    for other in loaded[1:]:
+        for what, value in [("classes", lambda m: m.number_classes),
+                            ("input channels", lambda m: m.input_channels),
+                            ("architecture", lambda m: m.name),
+                            ("normalisation", lambda m: _recorded_normalization(m.source))]:
+            if value(other) != value(first):
+                raise InferenceError(
+                    f"{flag}: ensemble members differ in {what}: {first.source} has {value(first)!r}, "
+                    f"{other.source} has {value(other)!r}; an ensemble averages the softmax of models "
+                    f"trained for the same task (same classes, channels and architecture)")
+    return loaded
 
 
 # ----------------------------------------------------------------------------------------------
-# Images in, masks out
+# Images in: lazily read row bands
 # ----------------------------------------------------------------------------------------------
 
-def read_image(path, channels):
-    """Read one image as H x W x C (numeric dtype as stored).
+def is_zarr_folder(path):
+    path = pathlib.Path(path)
+    return path.is_dir() and path.suffix.lower() == ".zarr"
 
-    A planar C x H x W TIFF is transposed when C matches ``channels``. Raises ImageError naming the
-    file when it cannot be read or does not have ``channels`` channels.
+
+class ImageSource:
+    """One image as H x W x C, read lazily: ``source[r0:r1]`` reads rows r0..r1 only.
+
+    ``array`` is anything sliceable numpy-style (ndarray, memory map, zarr array); ``axes`` names
+    each of its axes: "y", "x", "c" or "-" (a length-1 axis that is dropped).
+    """
+
+    def __init__(self, name, array, axes, kind, on_close=None, mapping=None):
+        self.name, self.array, self.axes, self.kind = name, array, axes, kind
+        self._on_close, self._mapping = on_close or [], mapping
+        self.dtype = np.dtype(array.dtype)
+        channels = array.shape[axes.index("c")] if "c" in axes else 1
+        self.shape = (int(array.shape[axes.index("y")]), int(array.shape[axes.index("x")]), int(channels))
+        # Rows per stored chunk (1 when any row range is read directly): reads aligned to it decode
+        # each chunk once.
+        chunks = getattr(array, "chunks", None)
+        self.chunk_rows = int(chunks[axes.index("y")]) if chunks else 1
+
+    def __getitem__(self, rows):
+        index = tuple(rows if a == "y" else 0 if a == "-" else slice(None) for a in self.axes)
+        block = self.array[index]
+        # A copy detaches the rows from a memory map (zarr already returns a new array).
+        block = np.array(block) if self._mapping is not None else np.asarray(block)
+        kept = [a for a in self.axes if a != "-"]
+        block = np.transpose(block, [kept.index(a) for a in "yxc" if a in kept])
+        if "c" not in kept:
+            block = block[:, :, np.newaxis]
+        if self._mapping is not None:
+            # Pages of a memory-mapped file count as this process's memory while mapped: drop them
+            # once read, so scanning a huge TIFF does not look (and get killed) like a memory leak.
+            self._mapping.madvise(mmap.MADV_DONTNEED)
+        return block.astype(np.uint8) if block.dtype == bool else block
+
+    def close(self):
+        for close in reversed(self._on_close):
+            with contextlib.suppress(Exception):
+                close()
+        self._on_close = []
+
+
+def _axes_from_shape(shape, channels):
+    """Axes of an array without axis names: H x W, H x W x C, or C x H x W when C is the model's
+    channel count and the last axis is not; length-1 leading axes of higher ranks are dropped."""
+    axes = ["?"] * len(shape)
+    leading = 0
+    while len(shape) - leading > 3 and shape[leading] == 1:
+        axes[leading] = "-"
+        leading += 1
+    rest = shape[leading:]
+    if len(rest) == 2:
+        axes[leading:] = ["y", "x"]
+    elif len(rest) == 3 and rest[-1] != channels and rest[0] == channels:
+        axes[leading:] = ["c", "y", "x"]
+    elif len(rest) == 3:
+        axes[leading:] = ["y", "x", "c"]
+    else:
+        return None
+    return "".join(axes)
+
+
+def _check_source(source, path, channels):
+    if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)
+            or source.dtype == bool):
+        raise ImageError(f"{path.name}: pixel type {source.dtype} is not an integer or real type")
+    if source.shape[-1] != channels:
+        raise ImageError(f"{path.name}: has {source.shape[-1]} channel(s) (shape "
+                         f"{tuple(source.array.shape)}), the model expects {channels}")
+    if source.shape[0] == 0 or source.shape[1] == 0:
+        raise ImageError(f"{path.name}: cannot read image (no pixel data found)")
+    return source
+
+
+def _make_source(path, array, channels, kind, on_close=(), mapping=None, axes=None):
+    axes = axes or _axes_from_shape(tuple(array.shape), channels)
+    if axes is None:
+        for close in on_close:
+            close()
+        raise ImageError(f"{path.name}: shape {tuple(array.shape)} is not H x W or H x W x C")
+    return ImageSource(path.name, array, axes, kind, list(on_close), mapping)
+
+
+def _open_tiff(path, channels):
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises TiffFileError, ValueError, OSError, ...
+        raise ImageError(f"{path.name}: cannot read image ({type(exc).__name__}: {exc})") from exc
+    try:
+        if not tif.series or not tif.series[0].shape or 0 in tif.series[0].shape:
+            raise ImageError(f"{path.name}: cannot read image (no pixel data found)")
+        series = tif.series[0]
+        level = series.levels[0]  # full resolution of a pyramid
+        if level.dataoffset is not None and level.dtype is not None:
+            # Uncompressed and contiguous in the file: memory-map it.
+            mapping = mmap.mmap(tif.filehandle.fileno(), 0, access=mmap.ACCESS_READ)
+            array = np.ndarray(level.shape, level.dtype.newbyteorder(tif.byteorder), buffer=mapping,
+                               offset=level.dataoffset)
+            return _make_source(path, array, channels, "memory-mapped TIFF",
+                                [mapping.close, tif.close], mapping)
+        try:
+            import zarr
+        except ImportError:  # without zarr a compressed TIFF can only be read whole
+            return _make_source(path, level.asarray(), channels, "TIFF", [tif.close])
+        store = tif.aszarr(series=0, level=0)
+        array = zarr.open(store, mode="r")
+        return _make_source(path, array, channels, "chunked TIFF", [store.close, tif.close])
+    except ImageError:
+        tif.close()
+        raise
+    except Exception as exc:
+        tif.close()
+        raise ImageError(f"{path.name}: cannot read image ({type(exc).__name__}: {exc})") from exc
+
+
+def _ome_zarr_level0(group, path):
+    """(array, axes) of an OME-Zarr image group's full-resolution level, or (None, None)."""
+    attributes = group.attrs.asdict()
+    multiscales = attributes.get("multiscales") or attributes.get("ome", {}).get("multiscales")
+    if not multiscales:
+        return None, None
+    first = multiscales[0]
+    array = group[first["datasets"][0]["path"]]
+    names = [axis["name"] if isinstance(axis, dict) else axis for axis in first.get("axes", [])]
+    if len(names) != array.ndim:
+        return array, None
+    axes = ""
+    for name, size in zip(names, array.shape):
+        name = name.lower()
+        if name in ("y", "x", "c"):
+            axes += name
+        elif size == 1:
+            axes += "-"
+        else:
+            raise ImageError(f"{path.name}: has {size} planes along axis {name!r} (shape "
+                             f"{tuple(array.shape)}); only 2-D images (y, x, channels) are segmented")
+    return array, axes
+
+
+def _open_zarr(path, channels):
+    try:
+        import zarr
+    except ImportError as exc:
+        raise ImageError(f"{path.name}: reading Zarr needs the zarr package (pip install zarr)") from exc
+    try:
+        node = zarr.open(str(path), mode="r")
+        axes = None
+        if isinstance(node, zarr.Group):
+            array, axes = _ome_zarr_level0(node, path)
+            if array is None:
+                arrays = list(node.array_keys())
+                if len(arrays) != 1:
+                    raise ImageError(f"{path.name}: a Zarr group without OME-Zarr multiscales "
+                                     f"metadata and with {len(arrays)} arrays; expected one image")
+                array = node[arrays[0]]
+        else:
+            array = node
+    except ImageError:
+        raise
+    except Exception as exc:  # zarr raises many types for damaged or foreign folders
+        raise ImageError(f"{path.name}: cannot read Zarr image ({type(exc).__name__}: {exc})") from exc
+    return _make_source(path, array, channels, "Zarr", axes=axes)
+
+
+def open_image(path, channels):
+    """The image at ``path`` as an ImageSource (H x W x C), checked against ``channels``.
+
+    TIFF: memory-mapped when uncompressed and contiguous, else read by chunks (tiled, compressed,
+    pyramidal at level 0, OME-TIFF); Zarr / OME-Zarr folders by chunks; other formats whole.
+    Raises ImageError naming the file.
     """
     path = pathlib.Path(path)
+    if is_zarr_folder(path):
+        source = _open_zarr(path, channels)
+    elif image_io.extension_of(path) in image_io.TIFF_EXTENSIONS:
+        source = _open_tiff(path, channels)
+    else:
+        try:
+            array = image_io.read_array(path, kind="image")
+        except image_io.ImageFileError as exc:
+            raise ImageError(str(exc)) from exc
+        source = _make_source(path, array, channels, "in memory")
     try:
-        if path.suffix.lower() in (".tif", ".tiff"):
-            image = tifffile.imread(path)
-        else:
-            image = iio.imread(path)
-    except Exception as exc:  # Readers raise many types (ValueError, OSError, TiffFileError, ...).
-        raise ImageError(f"{path.name}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    image = np.asarray(image)
-    if image.size == 0:  # tifffile returns an empty array (and only logs) for a broken header.
-        raise ImageError(f"{path.name}: cannot read image (no pixel data found)")
-    if image.dtype == bool:
-        image = image.astype(np.uint8)
-    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
-        raise ImageError(f"{path.name}: pixel type {image.dtype} is not an integer or real type")
-    if image.ndim == 2:
-        image = image[:, :, np.newaxis]
-    elif image.ndim == 3 and image.shape[-1] != channels and image.shape[0] == channels:
-        image = np.moveaxis(image, 0, -1)
-    if image.ndim != 3:
-        raise ImageError(f"{path.name}: shape {image.shape} is not H x W or H x W x C")
-    if image.shape[-1] != channels:
-        raise ImageError(f"{path.name}: has {image.shape[-1]} channel(s) (shape {image.shape}), "
-                         f"the model expects {channels}")
-    return image
+        return _check_source(source, path, channels)
+    except ImageError:
+        source.close()
+        raise
 
+
+def image_statistics(image, name):
+    """Per-channel statistics of a whole image (ndarray or ImageSource) in one streaming pass.
+
+    Raises ImageError naming the image when it holds NaN or Inf values: a mask computed from them
+    would be silently wrong.
+    """
+    height, width, channels = image.shape
+    chunk_rows = getattr(image, "chunk_rows", 1)
+    rows = max(1, STATS_BLOCK_VALUES // (width * channels))
+    rows = max(chunk_rows, rows // chunk_rows * chunk_rows)
+    running = normalization.StreamingStatistics(channels)
+    non_finite = 0
+    for top in range(0, height, rows):
+        block = np.asarray(image[top:top + rows])
+        if np.issubdtype(block.dtype, np.floating):
+            bad = ~np.isfinite(block).all(axis=-1)
+            non_finite += int(bad.sum())
+            if non_finite:
+                continue
+        running.update(block)
+    if non_finite:
+        raise ImageError(f"{name}: {non_finite} pixel(s) with NaN or Inf values (of {height * width}); "
+                         f"replace them (e.g. by the image's median) before segmenting")
+    return running.result()
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks out: whole, or streamed as tiled BigTIFF / Zarr
+# ----------------------------------------------------------------------------------------------
 
 def label_dtype(number_classes):
     """Smallest unsigned type holding class ids 0 .. number_classes - 1."""
@@ -361,88 +523,244 @@ def label_dtype(number_classes):
 
 def softmax(logits):
     """Per-pixel class probabilities of H x W x classes logits (float32)."""
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return (exp / exp.sum(axis=-1, keepdims=True)).astype(np.float32)
-
-
-def write_atomically(path, write):
-    """Call write(file) on a temporary file next to ``path``, then rename it over ``path``.
-
-    The rename is atomic within one folder, so ``path`` is either the old file or the complete new
-    one; the temporary file is removed if writing fails.
-    """
-    path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    return predictor._softmax(logits).astype(np.float32)
 
 
 def write_mask(path, labels):
     """Write an H x W class-id mask as a TIFF, atomically."""
-    write_atomically(path, lambda f: tifffile.imwrite(f, labels))
+    image_io.atomic_write(path, lambda f: tifffile.imwrite(f, labels))
 
 
 def write_probabilities(path, probabilities):
     """Write H x W x classes float32 probabilities as .npy, atomically."""
-    write_atomically(path, lambda f: np.save(f, probabilities))
+    image_io.atomic_write(path, lambda f: np.save(f, probabilities))
+
+
+@contextlib.contextmanager
+def atomic_folder(path):
+    """Yield a temporary folder beside ``path`` to fill; when the block completes, it replaces
+    ``path`` (the old one is removed only after the new one is in place). Removed on failure."""
+    path = pathlib.Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        yield temporary
+        if path.exists() or path.is_symlink():
+            os.replace(path, old)
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    elif old.exists():
+        old.unlink()
+
+
+def _create_zarr(folder, shape, dtype):
+    import zarr
+    chunks = (ZARR_CHUNK, ZARR_CHUNK) + tuple(shape[2:])
+    return zarr.create_array(store=str(folder), shape=shape, chunks=chunks, dtype=dtype)
+
+
+class RowBlocks:
+    """Collects bands of rows in order and hands them on in blocks of ``rows`` rows (the last one
+    may be shorter), so writers get chunk-aligned blocks whatever the tile bands' heights."""
+
+    def __init__(self, rows):
+        self.rows, self.start, self.pending = rows, 0, None
+
+    def add(self, band):
+        if self.pending is not None:
+            band = np.concatenate([self.pending, band])
+        stop = len(band) // self.rows * self.rows
+        for top in range(0, stop, self.rows):
+            yield self.start, band[top:top + self.rows]
+            self.start += self.rows
+        self.pending = band[stop:].copy()  # a copy: the band itself can be freed
+
+    def flush(self):
+        if self.pending is not None and len(self.pending):
+            yield self.start, self.pending
+        self.pending = None
+
+
+def _tiff_tiles(blocks, width):
+    """TIFF tiles (TIFF_TILE square, row-major, zero-padded at the edges) of row blocks."""
+    for _, block in blocks:
+        padded = np.zeros((TIFF_TILE, -(-width // TIFF_TILE) * TIFF_TILE) + block.shape[2:], block.dtype)
+        padded[:len(block), :width] = block
+        for left in range(0, width, TIFF_TILE):
+            yield padded[:, left:left + TIFF_TILE]
+
+
+class Progress:
+    """A plain progress line with rate and ETA, at most every PROGRESS_SECONDS (none for short
+    images): readable in logs, where a redrawn bar would be noise."""
+
+    def __init__(self, name, pixels, interval=PROGRESS_SECONDS):
+        self.name, self.pixels, self.interval = name, pixels, interval
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done, total):
+        now = time.perf_counter()
+        if now - self.last < self.interval or done == total:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = self.pixels * done / total / elapsed / 1e6
+        print(f"    {self.name}: {done}/{total} tiles ({100 * done / total:.0f} %), {rate:.2f} Mpx/s, "
+              f"ETA {_duration(elapsed * (total - done) / done)}", flush=True)
+
+
+def _duration(seconds):
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _segment_file(path, output_folder, loaded, forward, tile_size, device, config):
+    """Read, normalise, predict and write one image. Returns (outputs written, description).
+
+    Every per-image problem (unreadable, wrong channels, NaN, out of memory, unwritable output) is
+    raised as ImageError naming the file, so the caller can go on with the next image.
+    """
+    first = loaded[0]
+    source = open_image(path, first.input_channels)
+    try:
+        height, width, channels = source.shape
+        # Statistics of the whole image, exactly as training normalises each source image, so that
+        # every tile sees the same values and tiling cannot change the result.
+        stats = image_statistics(source, path.name)
+        stem = path.stem if not is_zarr_folder(path) else path.name[:-len(".zarr")]
+        zarr_out = is_zarr_folder(path)
+        streamed = zarr_out or height * width > STREAM_PIXELS
+
+        def labels_of(logits):
+            return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
+
+        outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
+        tiles = predictor.count_tiles(height, width, first.name, tile_size)
+        progress = Progress(path.name, height * width)
+
+        def bands():
+            with tf.device(device):
+                yield from predictor.iter_bands(forward, source, stats, first.name, tile_size,
+                                                config.batch_size, config.tta, outputs=outputs,
+                                                progress=progress)
+
+        try:
+            if not streamed:
+                labels = np.empty((height, width), label_dtype(first.number_classes))
+                probabilities = (np.empty((height, width, first.number_classes), np.float32)
+                                 if config.save_probabilities else None)
+                for lo, hi, results in bands():
+                    labels[lo:hi] = results[0]
+                    if probabilities is not None:
+                        probabilities[lo:hi] = results[1]
+                targets = [output_folder / (stem + ".tif")]
+                write_mask(targets[0], labels)
+                if probabilities is not None:
+                    targets.append(output_folder / (stem + PROBABILITIES_SUFFIX))
+                    write_probabilities(targets[1], probabilities)
+            else:
+                targets = _write_streamed(bands(), output_folder, stem, zarr_out, (height, width),
+                                          first.number_classes, config.save_probabilities)
+        except tf.errors.ResourceExhaustedError as exc:
+            raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
+                             f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
+        except OSError as exc:
+            raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
+    finally:
+        source.close()
+    layout = "tiled BigTIFF" if streamed and not zarr_out else "Zarr" if zarr_out else "TIFF"
+    return targets, (f"{height}x{width}x{channels} {source.dtype} {source.kind} ({tiles} tile(s)"
+                     f"{', TTA' if config.tta else ''}) -> {layout}")
+
+
+def _write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes, save_probabilities):
+    """Write the bands of one image as they come: the mask as a tiled compressed BigTIFF (or a Zarr
+    array), the probabilities as a Zarr array. Returns the targets written."""
+    height, width = shape
+    dtype = label_dtype(number_classes)
+    mask_target = output_folder / (stem + (".zarr" if zarr_out else ".tif"))
+    probability_target = output_folder / (stem + PROBABILITIES_ZARR_SUFFIX)
+    with contextlib.ExitStack() as stack:
+        probabilities = None
+        if save_probabilities:
+            folder = stack.enter_context(atomic_folder(probability_target))
+            probabilities = _create_zarr(folder, (height, width, number_classes), np.float32)
+        probability_blocks = RowBlocks(ZARR_CHUNK)
+
+        def mask_blocks(rows):
+            blocks = RowBlocks(rows)
+            for _, _, results in bands:
+                yield from blocks.add(results[0])
+                if probabilities is not None:
+                    for start, block in probability_blocks.add(results[1]):
+                        probabilities[start:start + len(block)] = block
+            # Before the mask's last block: tifffile stops pulling once it has every tile.
+            if probabilities is not None:
+                for start, block in probability_blocks.flush():
+                    probabilities[start:start + len(block)] = block
+            yield from blocks.flush()
+
+        if zarr_out:
+            with atomic_folder(mask_target) as folder:
+                mask = _create_zarr(folder, (height, width), dtype)
+                for start, block in mask_blocks(ZARR_CHUNK):
+                    mask[start:start + len(block)] = block
+        else:
+            image_io.atomic_write(mask_target, lambda f: tifffile.imwrite(
+                f, _tiff_tiles(mask_blocks(TIFF_TILE), width), shape=(height, width), dtype=dtype,
+                tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True))
+    return [mask_target] + ([probability_target] if save_probabilities else [])
 
 
 def list_images(folder, extensions):
-    """Sorted image files of ``folder`` (not recursive, hidden files skipped) with these extensions."""
-    wanted = {"." + extension.lower().lstrip(".") for extension in extensions}
-    return sorted(p for p in pathlib.Path(folder).iterdir()
-                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in wanted)
+    """Images of ``folder``: files with these extensions and (with "zarr") ``*.zarr`` folders, sorted,
+    hidden ones skipped; a ``.zarr`` folder given itself is one image."""
+    folder = pathlib.Path(folder)
+    if is_zarr_folder(folder):
+        return [folder]
+    found = image_io.list_files(folder, [e for e in extensions if e != "zarr"])
+    if "zarr" in extensions:
+        found += [p for p in folder.iterdir() if not p.name.startswith(".") and is_zarr_folder(p)]
+    return sorted(found)
 
 
-def _resolve_tile_size(requested, loaded, halo):
-    """Tile side to use: the requested one (validated), else a default that keeps tiling efficient."""
-    divisor = models.SIZE_DIVISOR[loaded.name]
+def resolve_tile_size(requested, loaded, batch_size, device):
+    """Tile side to use: the requested one (validated), else predictor.default_tile_size for the
+    free memory of ``device`` (its memory is asked for by the physical index, e.g. "/GPU:1")."""
+    name = loaded[0].name
     if requested is None:
-        # Training tiles are usually too small to carry a halo of 2 x receptive_field / 2 and still
-        # keep much of each tile; a network that fitted in memory for training with gradients fits
-        # a larger tile at inference, so raise the default until at least a quarter of a tile is kept.
-        tile = max(loaded.training_tile_size or DEFAULT_TILE_SIZE, 4 * halo)
-        return tile - tile % divisor
-    smallest = 2 * halo + divisor
+        return predictor.default_tile_size([m.model for m in loaded], name, batch_size, device=device)
+    divisor, halo = models.SIZE_DIVISOR[name], predictor.halo_for(name)
+    smallest = predictor.smallest_tile(name)
     if requested < smallest or requested % divisor:
         raise InferenceError(
             f"--tile_size {requested}: must be a multiple of {divisor} and at least {smallest} for "
-            f"{loaded.name} (a halo of {halo} px on each side covers its receptive field of "
-            f"{models.receptive_field(loaded.name)} px); larger tiles are faster, e.g. {4 * halo}")
+            f"{name} (a halo of {halo} px on each side covers its receptive field of "
+            f"{models.receptive_field(name)} px); larger tiles are faster, e.g. {8 * halo}")
     return requested
 
 
-def _segment_file(path, target, loaded, predictor, tile_size, halo, config):
-    """Read, normalise, predict and write one image. Returns a one-line description for the log.
-
-    Every per-image problem (unreadable, wrong channels, out of memory, unwritable output) is raised
-    as ImageError naming the file, so the caller can go on with the next image.
-    """
-    image = read_image(path, loaded.input_channels)
-    # Normalise the whole image once, exactly as training normalises each record, so that every
-    # tile sees the same statistics and tiling cannot change the result.
-    normalized = augment.zscore_normalize(image)
-    try:
-        logits, tile_count = predict_logits(predictor, normalized, loaded.name, tile_size,
-                                            config.batch_size, halo)
-    except tf.errors.ResourceExhaustedError as exc:
-        raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
-                         f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
-    try:
-        write_mask(target, np.argmax(logits, axis=-1).astype(label_dtype(loaded.number_classes)))
-        if config.save_probabilities:
-            write_probabilities(target.with_name(path.stem + PROBABILITIES_SUFFIX), softmax(logits))
-    except OSError as exc:
-        raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
-    height, width, channels = image.shape
-    return f"{height}x{width}x{channels} {image.dtype} ({tile_count} tile(s))"
+def _check_folders(config):
+    image_folder = pathlib.Path(config.image_folder)
+    output_folder = pathlib.Path(config.output_folder)
+    if not image_folder.is_dir():
+        raise InferenceError(f"--image_folder {image_folder}: folder not found")
+    if output_folder.exists() and not output_folder.is_dir():
+        raise InferenceError(f"--output_folder {output_folder} is an existing file, not a folder: "
+                             f"give a folder (it is created if missing)")
+    if output_folder.resolve() == image_folder.resolve():
+        raise InferenceError(f"--output_folder {output_folder} is the image folder: masks named "
+                             f"<stem>.tif would overwrite the input TIFFs")
+    images = list_images(image_folder, config.image_extensions)
+    if not images:
+        raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
+                             f"in {image_folder}")
+    return image_folder, output_folder, images
 
 
 def run_inference(config):
@@ -455,51 +773,50 @@ def run_inference(config):
     start_time = time.perf_counter()
     if config.batch_size < 1:
         raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
-    image_folder = pathlib.Path(config.image_folder)
-    output_folder = pathlib.Path(config.output_folder)
-    if not image_folder.is_dir():
-        raise InferenceError(f"image folder not found: {image_folder}")
-    output_folder.mkdir(parents=True, exist_ok=True)
-    if output_folder.resolve() == image_folder.resolve():
-        raise InferenceError(f"--output_folder {output_folder} is the image folder: masks named "
-                             f"<stem>.tif would overwrite the input TIFFs")
-    images = list_images(image_folder, config.image_extensions)
-    if not images:
-        raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
-                             f"in {image_folder}")
+    image_folder, output_folder, images = _check_folders(config)
 
     device = resolve_device(config.gpu)
     with tf.device(device):
-        loaded = load_model(config)
-    halo = halo_for(loaded.name)
-    tile_size = _resolve_tile_size(config.tile_size, loaded, halo)
-    print(f"model: {loaded.source} ({loaded.name}, {loaded.input_channels} channel(s) in, "
-          f"{loaded.number_classes} classes out)")
-    print(f"device: {device}; tile {tile_size} px, halo {halo} px, batch {config.batch_size}; "
+        loaded = load_models(config)
+    first = loaded[0]
+    # resolve_device renumbers the chosen GPU as GPU:0; its free memory is that of --gpu.
+    memory_device = f"/GPU:{config.gpu or 0}" if "GPU" in device else "/CPU:0"
+    tile_size = resolve_tile_size(config.tile_size, loaded, config.batch_size, memory_device)
+    try:
+        output_folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
+    halo = predictor.halo_for(first.name)
+    for member in loaded:
+        print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
+              f"{member.number_classes} classes out)")
+    print(f"device: {device}; tiles up to {tile_size} px, halo {halo} px, batch {config.batch_size}"
+          f"{', test-time augmentation (8 transforms)' if config.tta else ''}"
+          f"{f', ensemble of {len(loaded)} models' if len(loaded) > 1 else ''}; "
           f"{len(images)} image(s) from {image_folder} -> {output_folder}")
-    if ((tile_size - 2 * halo) / tile_size) ** 2 < 0.25:
-        print(f"note: each {tile_size} px tile keeps only its {tile_size - 2 * halo} px centre; "
-              f"a larger --tile_size makes large images much faster")
-    predictor = make_predictor(loaded.model)
+    forward = predictor.make_predictor([member.model for member in loaded])
 
     written, failed, owners = [], {}, {}
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
-        target = output_folder / (path.stem + ".tif")
+        stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
         try:
-            if target.name in owners:
-                raise ImageError(f"{path.name}: same stem as {owners[target.name]}, whose mask "
-                                 f"{target.name} is already written")
-            owners[target.name] = path.name
-            with tf.device(device):
-                description = _segment_file(path, target, loaded, predictor, tile_size, halo, config)
+            if stem in owners:
+                raise ImageError(f"{path.name}: same stem as {owners[stem]}, whose outputs "
+                                 f"{stem}.* are already written")
+            owners[stem] = path.name
+            targets, description = _segment_file(path, output_folder, loaded, forward, tile_size,
+                                                  device, config)
         except ImageError as exc:
             failed[path.name] = str(exc)
             print(f"[{index}/{len(images)}] FAILED {exc}", file=sys.stderr, flush=True)
             continue
-        written.append(str(target))
-        print(f"[{index}/{len(images)}] {path.name} {description} -> {target.name} "
-              f"({time.perf_counter() - image_start:.2f} s)", flush=True)
+        written.append(str(targets[0]))
+        elapsed = time.perf_counter() - start_time
+        eta = (f", folder ETA {_duration(elapsed / index * (len(images) - index))}"
+               if len(images) - index > 1 else "")
+        print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
+              f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
     summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time)
     print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
@@ -513,57 +830,77 @@ def run_inference(config):
 # Command line
 # ----------------------------------------------------------------------------------------------
 
+def _side(pixels):
+    side = int(pixels ** 0.5)
+    return f"{side} x {side}"
+
+
 def build_parser():
-    halos = {name: halo_for(name) for name in models.MODEL_NAMES}
+    halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
     parser = argparse.ArgumentParser(
-        description="Segment every image of a folder with a trained model; writes <stem>.tif class "
-                    "masks (uint8, uint16 above 256 classes) of the same size into the output folder.")
+        description="Segment every image of a folder (any size, also larger than memory) with a "
+                    "trained model or an ensemble; writes <stem>.tif class masks (uint8, uint16 above "
+                    "256 classes) of the same size into the output folder (tiled compressed BigTIFF "
+                    f"above {_side(STREAM_PIXELS)} px; <stem>.zarr for Zarr input). Exit "
+                    "code 1: some image failed; 2: the run could not start.")
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model", help="trained model: a .keras file, or a training output folder "
-                        "(uses its model.keras; config.json next to it gives the default tile size)")
-    source.add_argument("--checkpoint_filepath", help="training checkpoint directory holding "
-                        "model.weights.h5 (e.g. OUTPUT/checkpoints/latest), or a training output "
-                        "folder (then its checkpoints/best, else checkpoints/latest); the model is "
-                        "rebuilt from the output folder's config.json")
+    source.add_argument("--model", nargs="+", help="trained model(s): a .keras file, or a training "
+                        "output folder (uses its model.keras); several: an ensemble averaging their "
+                        "softmax (same classes, channels and architecture)")
+    source.add_argument("--checkpoint_filepath", nargs="+", help="training checkpoint directory "
+                        "holding model.weights.h5 (e.g. OUTPUT/checkpoints/latest), or a training "
+                        "output folder (then its checkpoints/best, else checkpoints/latest); the model "
+                        "is rebuilt from the output folder's config.json; several: an ensemble")
     parser.add_argument("--image_folder", required=True, help="folder of images to segment "
-                        "(H x W or H x W x C; any integer or float pixel type)")
+                        "(H x W or H x W x C; any integer or float pixel type; TIFF, OME-TIFF, "
+                        "PNG, JPEG files and *.zarr (OME-)Zarr folders), or one .zarr folder")
     parser.add_argument("--output_folder", required=True,
                         help="where masks go (created if missing; must differ from --image_folder)")
     parser.add_argument("--tile_size", type=int, default=None,
                         help="largest tile side sent to the network, a multiple of 16 (UNet) or 32 "
                         "(SegNet), at least 2 halos + 16/32 px (the halo, half the receptive field "
                         f"rounded up, is {halos['unet']} px for UNet and {halos['segnet']} px for "
-                        "SegNet); larger images are cut into overlapping tiles. Default: the "
-                        f"training tile_size from config.json (else {DEFAULT_TILE_SIZE}), raised to "
-                        f"4 halos ({4 * halos['unet']} UNet, {4 * halos['segnet']} SegNet) when "
-                        "smaller so that at least a quarter of every tile is kept")
-    parser.add_argument("--batch_size", type=int, default=4, help="tiles per network call (default 4)")
+                        "SegNet); each image axis then uses the smallest tile needing as many tiles. "
+                        "Default: the largest tile whose activations fit half the free memory (GPU "
+                        f"memory on a GPU, else RAM), at most {predictor.MAX_DEFAULT_TILE}")
+    parser.add_argument("--batch_size", type=int, default=1, help="tiles per network call (default "
+                        "1: the default tile already fills the memory)")
+    parser.add_argument("--tta", action="store_true", help="test-time augmentation: average the "
+                        "softmax over the 8 flips / quarter turns of every tile (8x the compute)")
     parser.add_argument("--gpu", type=int, default=None,
                         help="index of the GPU to run on; -1 for the CPU (default: first GPU if "
                         "any, else the CPU)")
     parser.add_argument("--save_probabilities", action="store_true",
-                        help="also write <stem>_probabilities.npy: float32 H x W x classes softmax "
-                        "maps (numpy.load)")
+                        help="also write the float32 H x W x classes softmax maps: "
+                        "<stem>_probabilities.npy (numpy.load) for images up to "
+                        f"{_side(STREAM_PIXELS)} px, else and for Zarr input "
+                        "<stem>_probabilities.zarr (zarr.open), written band by band")
     parser.add_argument("--image_extensions", default=",".join(DEFAULT_EXTENSIONS),
-                        help="comma-separated file extensions to process, case-insensitive "
-                        f"(default {','.join(DEFAULT_EXTENSIONS)})")
+                        help="file extensions to process, separated by commas or spaces, "
+                        f"case-insensitive (default {','.join(DEFAULT_EXTENSIONS)}; zarr: *.zarr "
+                        "folders)")
     return parser
 
 
 def config_from_args(args):
     """InferenceConfig from parsed command-line arguments."""
-    extensions = tuple(e.strip().lower().lstrip(".") for e in args.image_extensions.split(",")
-                       if e.strip())
+    extensions = image_io.parse_extensions(args.image_extensions)
     if not extensions:
         raise InferenceError(f"--image_extensions {args.image_extensions!r}: no extension given")
+
+    def paths(value):
+        return None if value is None else value[0] if len(value) == 1 else list(value)
+
     return InferenceConfig(image_folder=args.image_folder, output_folder=args.output_folder,
-                           model=args.model, checkpoint_filepath=args.checkpoint_filepath,
+                           model=paths(args.model), checkpoint_filepath=paths(args.checkpoint_filepath),
                            tile_size=args.tile_size, batch_size=args.batch_size, gpu=args.gpu,
-                           save_probabilities=args.save_probabilities, image_extensions=extensions)
+                           save_probabilities=args.save_probabilities, tta=args.tta,
+                           image_extensions=extensions)
 
 
 def main(argv=None):
-    """Command-line entry point. Returns the exit code: 0 all written, 1 any failure."""
+    """Command-line entry point. Returns the exit code: 0 all written, 1 an image failed, 2 the run
+    could not start (model, flags, folders)."""
     args = build_parser().parse_args(argv)
     try:
         config = config_from_args(args)
@@ -571,8 +908,8 @@ def main(argv=None):
         summary = run_inference(config)
     except InferenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 1 if summary.failed_count else 0
+        return EXIT_CANNOT_START
+    return EXIT_IMAGE_FAILED if summary.failed_count else 0
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
-"""Losses and the per-replica train and test steps.
+"""Losses and the per-replica train step.
 
-Both steps start from the same additive per-pixel sums (``pixel_sums``): the train step per image
-(each image's loss is averaged over its own pixels, then over the global batch), the test step
-over whole batches (added up over the test set, so the test loss is exact). ``loss_from_sums``
+The train step and the test pass (evaluation.py) start from the same additive per-pixel sums
+(``pixel_sums``): the train step per image (each image's loss is averaged over its own pixels, then
+over the global batch), the test pass over whole test images (added up over the test set, so the
+test loss is exact). ``loss_from_sums``
 turns either into the loss, so a loss is written once:
 
     ce   = ce_sum / pixels                                        (mean cross-entropy)
@@ -35,13 +36,6 @@ class PixelSums(typing.NamedTuple):
     intersection: object = None
     prob_sum: object = None
     label_sum: object = None
-
-
-class TestSums(typing.NamedTuple):
-    """What one test batch adds to the test-set totals: the loss sums and the confusion matrix
-    [K, K] (rows true, columns predicted)."""
-    pixel: PixelSums
-    confusion: object
 
 
 def pixel_sums(logits, masks, number_classes, terms=("ce", "dice"), axis=(1, 2), dtype="float32"):
@@ -144,20 +138,3 @@ def make_train_step(strategy, model, optimizer, loss_name, number_classes, globa
         return loss
 
     return distribute.make_distributed_step(strategy, replica_step, reduce_sum=True)
-
-
-def make_test_step(strategy, model, number_classes):
-    """A tf.function returning, per replica, the TestSums of a distributed (images, masks) batch
-    (float64 sums over all its valid pixels)."""
-    import tensorflow as tf
-
-    def replica_step(images, masks):
-        logits = tf.cast(model(images, training=False), tf.float32)
-        valid = masks >= 0
-        predicted = tf.argmax(logits, axis=-1, output_type=tf.int32)
-        confusion = tf.math.confusion_matrix(tf.boolean_mask(tf.maximum(masks, 0), valid),
-                                             tf.boolean_mask(predicted, valid),
-                                             num_classes=number_classes, dtype=tf.float64)
-        return TestSums(pixel_sums(logits, masks, number_classes, axis=(0, 1, 2), dtype=tf.float64), confusion)
-
-    return distribute.make_distributed_step(strategy, replica_step)

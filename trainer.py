@@ -7,7 +7,8 @@ steps in steps.py, checkpoints in checkpoints.py, CSVs/TensorBoard/plots in outp
 devices, strategy and every tf.distribute call in distribute.py, metrics in metrics.py. ``train``
 sets a run up; ``Run`` holds its pieces, and ``Run.loop`` reads top to bottom: train up to the end
 of the epoch (``test_every_n_steps`` steps), run a full test pass, log, checkpoint (latest, and
-best by test loss), decide on early stopping.
+best by test loss), decide on early stopping. The test pass (evaluation.py) predicts the whole test
+images exactly as inference.py does, so its metrics are those of the masks inference.py writes.
 """
 import dataclasses
 import json
@@ -24,7 +25,7 @@ import numpy as np
 import augment
 import checkpoints
 import distribute
-import metrics
+import evaluation
 import optim
 import outputs
 import records
@@ -132,7 +133,7 @@ def train(config):
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
-    train_reader, test_reader = make_readers(config, len(towers), info, state.step)
+    train_reader = make_train_reader(config, len(towers), info, state.step)
 
     if info.is_chief:
         _create_output_dir(config.output_dir, config_dict)
@@ -154,10 +155,10 @@ def train(config):
                 print(warning, file=sys.stderr, flush=True)
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
                                   state if resumed else None)
-    run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, test_reader, run_outputs,
+    run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
               steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None)
     try:
-        with StopSignals() as stop, train_reader, test_reader:
+        with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
     finally:
         run_outputs.close()
@@ -195,8 +196,9 @@ def find_restore_checkpoint(path):
     return found
 
 
-def make_readers(config, towers, info, start_step):
-    """The training and test ImageReaders of this worker (not started)."""
+def make_train_reader(config, towers, info, start_step):
+    """The training ImageReader of this worker (not started). (The test pass reads its whole test
+    images itself: see evaluation.py.)"""
     import imagereader
 
     augmentation = augment.AugmentationConfig(**config.augmentation)
@@ -209,11 +211,9 @@ def make_readers(config, towers, info, start_step):
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
             balance_classes=config.balance_classes, mode="train", augmentation=augmentation, seed=seed,
             foreground_crop_fraction=config.foreground_crop_fraction, **common)
-        test_reader = imagereader.ImageReader(
-            config.test_database, config.batch_size, use_augmentation=False, mode="test", seed=config.seed, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
-    return train_reader, test_reader
+    return train_reader
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,17 +223,19 @@ def make_readers(config, towers, info, start_step):
 class Run:
     """One training run: the model, its steps, readers and outputs, and the loop over them."""
 
-    def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, test_reader,
-                 outputs, steps_per_epoch, global_batch, last_checkpoint=None):
+    def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, outputs,
+                 steps_per_epoch, global_batch, last_checkpoint=None):
         self.config, self.config_dict = config, config_dict
         self.strategy, self.info = strategy, info
         self.model, self.optimizer = model, optimizer
-        self.train_reader, self.test_reader, self.outputs = train_reader, test_reader, outputs
+        self.train_reader, self.outputs = train_reader, outputs
         self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
         self.local_replicas = distribute.local_replica_count(strategy)
         self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
                                                 global_batch, jit_compile=config.xla)
-        self.test_step = steps.make_test_step(strategy, model, config.number_classes)
+        self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
+                                              config.loss, shard_index=info.worker_index,
+                                              shard_count=info.num_workers)
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.stop = None
@@ -261,13 +263,11 @@ class Run:
                 return stop.reason
 
             # ---- test pass, logging, checkpoints, early stopping
-            test_start = time.perf_counter()
-            result = run_test_pass(self.strategy, self.test_step, self.test_reader, self.model, self.config,
-                                   self.local_replicas, stop)
+            result = self.test_pass()
             if result is None:  # stopped during the test pass: the resumed run repeats it first
                 self.checkpoint(state, best=False)
                 return stop.reason
-            row, examples = result
+            row, examples, test_seconds = result
             state.epoch += 1
             state.history.append(row["loss"])
             improved = row["loss"] < state.best_loss
@@ -276,11 +276,11 @@ class Run:
             else:
                 state.epochs_without_improvement += 1
             starvation = self.train_reader.starvation_seconds
-            row.update(epoch=state.epoch, step=state.step, starvation_s=starvation - starvation_mark,
-                       wall_time_s=state.wall_time_s)
+            row.update(epoch=state.epoch, step=state.step, test_seconds=test_seconds,
+                       starvation_s=starvation - starvation_mark, wall_time_s=state.wall_time_s)
             starvation_mark = starvation
             self.outputs.log_test(row, examples)
-            self.print_test_line(state, row, improved, time.perf_counter() - test_start)
+            self.print_test_line(state, row, improved, test_seconds)
             self.checkpoint(state, best=improved)
             if state.epochs_without_improvement >= self.config.early_stopping:
                 return "early_stopping"
@@ -296,6 +296,19 @@ class Run:
         if not last or state.step < last:
             return False
         return state.epoch >= last // self.steps_per_epoch + (1 if last % self.steps_per_epoch else 0)
+
+    def test_pass(self):
+        """evaluation.Evaluator's pass over the whole test images, or None when a stop signal came on
+        any worker before it was complete."""
+        result = self.evaluator.run(combine=lambda totals: distribute.sum_across_workers(self.strategy, totals),
+                                    should_stop=lambda: self.stop.requested)
+        if result is None:
+            if not self.stop.requested:  # another worker was signalled
+                self.stop.signal_number = signal.SIGTERM
+            if self.info.is_chief:
+                print("stopped during the test pass: it runs again, first thing, when the run is resumed",
+                      file=sys.stderr, flush=True)
+        return result
 
     def train_one_step(self, state):
         """Read a batch per local tower, take one optimizer step, log it. False (nothing done) when
@@ -344,7 +357,8 @@ class Run:
             verdict = "(best)" if improved else f"({state.epochs_without_improvement} without improvement)"
             print(f"epoch {state.epoch:4d}  step {state.step:7d}  test loss {row['loss']:.4f}  "
                   f"accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  dice {dice}  "
-                  f"{verdict}  test {seconds:.1f}s", flush=True)
+                  f"{verdict}  test {seconds:.1f}s ({seconds / max(row['test_pixels'] / 1e6, 1e-9):.2f} s/MP)",
+                  flush=True)
 
     def stop_requested(self):
         """Whether to stop now; with several workers, true as soon as any worker got a signal, so all
@@ -383,69 +397,6 @@ def next_test_step(state, steps_per_epoch):
     which then comes first (without it every later pass would shift by an epoch)."""
     owed = state.step > 0 and state.step % steps_per_epoch == 0 and state.epoch < state.step // steps_per_epoch
     return state.step if owed else (state.step // steps_per_epoch + 1) * steps_per_epoch
-
-
-def run_test_pass(strategy, test_step, test_reader, model, config, local_replicas, stop=None):
-    """Evaluate every test pixel exactly once, unless a stop signal comes first.
-
-    Batches are fed ``local_replicas`` at a time; the last group is padded with all-ignored
-    batches. Workers may hold different numbers of test batches, which is fine because the test
-    step runs no collective; the sums are added across workers once at the end, together with
-    whether any worker was stopped (then every worker drops the pass).
-    Returns:
-      (metrics row dict with loss, pixel_accuracy, iou_k, dice_k, mean_iou;
-       (images, true masks, predicted masks) of up to 3 test tiles for TensorBoard),
-      or None when ``stop`` was requested on any worker before the pass was complete.
-    """
-    totals, examples, finished = None, None, False
-    while not finished:
-        group = []
-        while len(group) < local_replicas and not (stop is not None and stop.requested):
-            try:
-                batch = test_reader.get_batch()
-            except _reader_error_types():
-                if stop is not None and stop.requested:  # the readers died from the signal too
-                    break
-                raise
-            if batch is None:
-                finished = True
-                break
-            group.append(batch)
-        if stop is not None and stop.requested:
-            break
-        if not group:
-            break
-        if examples is None:
-            examples = group[0]
-        padding = (np.zeros_like(group[0][0]), np.full_like(group[0][1], -1))
-        group += [padding] * (local_replicas - len(group))
-        sums = distribute.sum_local_results(strategy, test_step(distribute.distribute_batches(strategy, group)))
-        totals = sums if totals is None else _add(totals, sums)
-    if totals is None:  # this worker's shard of the test set is empty
-        k = config.number_classes
-        totals = steps.TestSums(steps.PixelSums(np.zeros(()), np.zeros(()), np.zeros(k), np.zeros(k), np.zeros(k)),
-                                np.zeros((k, k)))
-    stopped = np.array([1.0 if stop is not None and stop.requested else 0.0])
-    totals, stopped = distribute.sum_across_workers(strategy, (totals, stopped))
-    if stopped[0] > 0:
-        if stop is not None and not stop.requested:  # another worker was signalled
-            stop.signal_number = signal.SIGTERM
-        if distribute.cluster_info(strategy).is_chief:
-            print("stopped during the test pass: it runs again, first thing, when the run is resumed",
-                  file=sys.stderr, flush=True)
-        return None
-    loss = float(steps.loss_from_sums(totals.pixel, config.loss))
-    row = {"loss": loss, **metrics.summarize(np.rint(totals.confusion).astype(np.int64))}
-    if examples is None:
-        return row, None
-    images, true_masks = examples[0][:3], examples[1][:3]
-    predicted = np.argmax(np.asarray(model(images, training=False)), axis=-1)
-    return row, (images, true_masks, predicted)
-
-
-def _add(a, b):
-    import tensorflow as tf
-    return tf.nest.map_structure(np.add, a, b)
 
 
 class StopSignals:

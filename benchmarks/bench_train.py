@@ -4,7 +4,7 @@ Both sides train build_unet(2 classes, base_filters 16) on 128 x 128 tiles, batc
 trainer's cross-entropy (steps.per_image_loss), on the CPU:
   - trainer: the trainer's own step, trainer.Run.train_one_step: the MirroredStrategy of
     distribute.py (one CPU tower, as `train_unet.py` builds it on this machine), steps.make_train_step,
-    batches from the real ImageReader made by trainer.make_readers (augmentation on, --reader_count
+    batches from the real ImageReader made by trainer.make_train_reader (augmentation on, --reader_count
     worker processes), distribute.distribute_batches, the finite-loss check and Run.log_step
     (train_loss.csv every step, a progress line and TensorBoard scalars every 10 steps). Reader cost is included, as in real training: the workers share the CPU with
     TensorFlow.
@@ -96,10 +96,10 @@ class TrainerLoop:
             model = trainer.build_model(self.config, input_channels=1)
             optimizer = steps.make_optimizer(self.config)
             optimizer.build(model.trainable_variables)
-        train_reader, test_reader = trainer.make_readers(self.config, len(towers), info, 0)
+        train_reader = trainer.make_train_reader(self.config, len(towers), info, 0)
         run_outputs = outputs.Outputs(str(output_dir), NUMBER_CLASSES, enabled=True)
         self.run = trainer.Run(self.config, dataclasses.asdict(self.config), strategy, info, model, optimizer,
-                               train_reader, test_reader, run_outputs, steps_per_epoch=10 ** 9,
+                               train_reader, run_outputs, steps_per_epoch=10 ** 9,
                                global_batch=BATCH)
         self.stop = self.run.stop = trainer.StopSignals()
         self.state = trainer.TrainState()

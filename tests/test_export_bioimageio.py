@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 
 import export_bioimageio
-import inference
 import models
+import predictor
 
 CLASSES = 2
 
@@ -108,7 +108,7 @@ def test_rdf_declares_axes_halo_size_rule_preprocessing_and_weights(package):
     (image,), (output,) = rdf["inputs"], rdf["outputs"]
     assert [a["type"] for a in image["axes"]] == ["batch", "channel", "space", "space"]
     assert [a.get("id") for a in image["axes"][2:]] == ["y", "x"]
-    halo = inference.halo_for("unet")
+    halo = predictor.halo_for("unet")
     assert image["axes"][2]["size"] == {"min": 2 * halo + 16, "step": 16}
     assert all(a["halo"] == halo for a in output["axes"][2:])
     assert image["preprocessing"] == [{"id": "zero_mean_unit_variance",
@@ -193,7 +193,7 @@ def test_default_segnet_export_from_a_checkpoint_has_saved_model_weights_only(tm
     assert f'format_version: "{export_bioimageio.FORMAT_VERSION}"' in rdf
     assert "keras_v3" not in rdf and "tensorflow_saved_model_bundle:" in rdf
     minimum, step = export_bioimageio.size_rule("segnet")
-    assert step == 32 and minimum == 2 * inference.halo_for("segnet") + 32
+    assert step == 32 and minimum == 2 * predictor.halo_for("segnet") + 32
     assert read_member(output, "test_output.npy").shape == (1, CLASSES, minimum, minimum)
 
 

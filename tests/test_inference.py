@@ -1,4 +1,5 @@
-"""inference.py: tiling equals whole-image inference, any size / channels / dtype, per-file failures,
+"""inference.py: masks equal whole-image inference for any size / channels / dtype, lazily read TIFF
+and Zarr, streamed outputs and bounded memory, TTA and ensembles, per-file failures (NaN too),
 atomic outputs, the CLI's exit codes, and a real accuracy check on nist_colonies."""
 import json
 import os
@@ -12,9 +13,10 @@ import numpy as np
 import pytest
 import tifffile
 
-import augment
 import inference
 import models
+import normalization
+import predictor
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLASSES = 3
@@ -37,8 +39,9 @@ def save_model_folder(folder, name="unet", number_classes=CLASSES, input_channel
 
 def whole_image_logits(model, image, divisor=16):
     """Oracle: z-score the whole image, reflect-pad it to the divisor, one model call, crop."""
-    normalized = augment.zscore_normalize(image.reshape(image.shape[:2] + (-1,)))
-    padded, (top, left) = inference.pad_to_divisor(normalized, divisor)
+    image = image.reshape(image.shape[:2] + (-1,))
+    normalized = normalization.normalize(image, normalization.channel_statistics(image))
+    padded, (top, left) = predictor.pad_to_divisor(normalized, divisor)
     logits = np.asarray(model(padded[np.newaxis], training=False))[0]
     return logits[top:top + image.shape[0], left:left + image.shape[1]]
 
@@ -64,56 +67,6 @@ def unet_3ch(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------------------------
-# Tiling
-# ----------------------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("length,tile,halo", [(304, 288, 128), (1008, 512, 128), (528, 288, 112),
-                                              (64, 512, 128), (2048, 1024, 256)])
-def test_plan_tiles_covers_every_pixel_once_with_full_context(length, tile, halo):
-    plan = inference.plan_tiles(length, tile, halo)
-    covered = np.zeros(length, dtype=int)
-    for start, keep_start, keep_stop in plan:
-        assert start % 16 == 0 and 0 <= start and start + min(tile, length) <= length
-        covered[keep_start:keep_stop] += 1
-        # A kept pixel has a full halo of real context on every side that is not the canvas border.
-        assert keep_start == 0 or keep_start - start >= halo
-        assert keep_stop == length or start + tile - keep_stop >= halo
-    assert (covered == 1).all()
-    assert (len(plan) == 1) == (tile >= length)
-
-
-def test_halo_covers_the_receptive_field():
-    for name in models.MODEL_NAMES:
-        halo = inference.halo_for(name)
-        assert halo % models.SIZE_DIVISOR[name] == 0
-        assert halo >= models.receptive_field(name) // 2 + models.SIZE_DIVISOR[name]
-
-
-@pytest.mark.parametrize("name,channels,shape,tile", [("unet", 1, (300, 517), 288),
-                                                      ("unet", 3, (300, 517), 288),
-                                                      ("segnet", 1, (600, 700), 576)])
-def test_tiled_logits_equal_whole_image_logits(name, channels, shape, tile):
-    keras.utils.set_random_seed(channels)
-    model = models.build_model(name, CLASSES, input_channels=channels, base_filters=2)
-    predictor = inference.make_predictor(model)
-    image = augment.zscore_normalize(
-        np.random.default_rng(channels).gamma(2.0, 300.0, size=shape + (channels,)))
-
-    whole, whole_tiles = inference.predict_logits(predictor, image, name, tile_size=1024)
-    tiled, tiles = inference.predict_logits(predictor, image, name, tile_size=tile, batch_size=3)
-
-    assert whole_tiles == 1 and tiles > 4, "the comparison needs real tiling"
-    assert whole.shape == tiled.shape == shape + (CLASSES,) and tiled.dtype == np.float32
-    np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
-    assert_labels_match(np.argmax(tiled, axis=-1), whole)
-    np.testing.assert_allclose(whole, whole_image_logits(model, image, models.SIZE_DIVISOR[name]),
-                               atol=1e-5, rtol=0)
-    # The same tiling with too small a halo leaves seams: the check above can fail.
-    seamed, _ = inference.predict_logits(predictor, image, name, tile_size=tile, halo=32)
-    assert np.abs(seamed - whole).max() > 1e-3
-
-
-# ----------------------------------------------------------------------------------------------
 # The whole run: sizes, channels, dtypes, outputs
 # ----------------------------------------------------------------------------------------------
 
@@ -132,7 +85,7 @@ def test_run_inference_writes_a_mask_per_image_of_any_size_and_dtype(tmp_path, c
     shape = lambda h, w: (h, w) if channels == 1 else (h, w, channels)  # noqa: E731
     images = {
         "wide.tif": rng.integers(0, 65535, shape(300, 517), dtype=np.uint16),
-        "large.png": rng.integers(0, 255, shape(1000, 700), dtype=np.uint8),
+        "large.png": rng.integers(0, 255, shape(420, 350), dtype=np.uint8),
         "small.tif": rng.normal(0.5, 0.01, shape(40, 50)).astype(np.float32),
     }
     image_folder = tmp_path / "images"
@@ -210,6 +163,189 @@ def test_checkpoint_filepath_rebuilds_the_model_from_config(tmp_path, unet_1ch):
 
 
 # ----------------------------------------------------------------------------------------------
+# Large images: lazy reading, streamed outputs, bounded memory
+# ----------------------------------------------------------------------------------------------
+
+def _in_memory_labels(model, image, tile_size, tta=False):
+    """The mask of an in-memory image: whole array, in-memory statistics, the shared predictor."""
+    image = image.reshape(image.shape[:2] + (-1,))
+    logits = predictor.predict_image(predictor.make_predictor(model), image,
+                                     normalization.channel_statistics(image), "unet", tile_size, tta=tta)
+    return np.argmax(logits, axis=-1), logits
+
+
+def _write_zarr(path, image, ome):
+    import zarr
+    if not ome:
+        zarr.create_array(store=str(path), data=image, chunks=(128, 160))
+        return
+    # OME-Zarr (NGFF 0.4 layout): a group with multiscales metadata, level "0" as (c, y, x).
+    group = zarr.open_group(str(path), mode="w", zarr_format=2)
+    group.attrs["multiscales"] = [{"version": "0.4", "axes": [
+        {"name": "c", "type": "channel"}, {"name": "y", "type": "space"},
+        {"name": "x", "type": "space"}], "datasets": [{"path": "0"}, {"path": "1"}]}]
+    group.create_array("0", data=image[np.newaxis], chunks=(1, 128, 160))
+    group.create_array("1", data=image[np.newaxis, ::2, ::2], chunks=(1, 128, 160))
+
+
+def test_image_statistics_stream_the_same_values_as_the_in_memory_function(tmp_path):
+    image = np.random.default_rng(3).gamma(2.0, 300.0, (700, 650, 2)).astype(np.float32)
+    tifffile.imwrite(tmp_path / "tiled.tif", image, tile=(128, 128), compression="zlib")
+    source = inference.open_image(tmp_path / "tiled.tif", 2)
+    try:
+        assert source.kind == "chunked TIFF" and source.shape == (700, 650, 2)
+        streamed = inference.image_statistics(source, "tiled.tif")
+    finally:
+        source.close()
+    expected = normalization.channel_statistics(image)
+    np.testing.assert_allclose(streamed.mean, expected.mean, rtol=1e-12)
+    np.testing.assert_allclose(streamed.std, expected.std, rtol=1e-12)
+    assert inference.image_statistics(image, "x") == streamed  # in memory: the same pass
+
+
+def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, unet_1ch, monkeypatch):
+    folder, model = unet_1ch
+    image = np.random.default_rng(4).integers(0, 60000, (600, 700), dtype=np.uint16)
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "contiguous.tif", image)
+    tifffile.imwrite(images / "tiled.tif", image, tile=(256, 256), compression="zlib", bigtiff=True)
+    # Pyramidal OME-TIFF: the full resolution is level 0, a half-size level follows in SubIFDs.
+    with tifffile.TiffWriter(images / "pyramid.ome.tif", bigtiff=True) as tif:
+        tif.write(image, tile=(128, 128), compression="zlib", subifds=1, metadata={"axes": "YX"})
+        tif.write(image[::2, ::2], tile=(128, 128), compression="zlib", subfiletype=1)
+    _write_zarr(images / "plain.zarr", image, ome=False)
+    _write_zarr(images / "ome.zarr", image, ome=True)
+    kinds = {}
+    for name in ["contiguous.tif", "tiled.tif", "pyramid.ome.tif", "plain.zarr", "ome.zarr"]:
+        source = inference.open_image(images / name, 1)
+        kinds[name] = source.kind
+        np.testing.assert_array_equal(source[100:357][..., 0], image[100:357])
+        source.close()
+    assert kinds["contiguous.tif"] == "memory-mapped TIFF" and kinds["tiled.tif"] == "chunked TIFF"
+    assert kinds["pyramid.ome.tif"] == "chunked TIFF" and kinds["ome.zarr"] == "Zarr"
+
+    # Streamed writing for every image here (normally above 4096 x 4096 px).
+    monkeypatch.setattr(inference, "STREAM_PIXELS", 1000)
+    summary = inference.run_inference(inference.InferenceConfig(
+        image_folder=str(images), output_folder=str(tmp_path / "out"), model=str(folder),
+        tile_size=384, batch_size=4, save_probabilities=True))
+
+    expected, logits = _in_memory_labels(model, image, 384)
+    assert summary.failed == {} and summary.ok_count == 5
+    assert sorted(os.listdir(tmp_path / "out")) == sorted(
+        ["contiguous.tif", "tiled.tif", "pyramid.ome.tif", "plain.zarr", "ome.zarr"]
+        + [f"{stem}_probabilities.zarr" for stem in ["contiguous", "tiled", "pyramid.ome", "plain", "ome"]])
+    import zarr
+    for stem in ["contiguous", "tiled", "pyramid.ome"]:
+        with tifffile.TiffFile(tmp_path / "out" / f"{stem}.tif") as tif:
+            page = tif.pages[0]
+            assert tif.is_bigtiff and page.is_tiled and page.tilewidth == 256 and page.compression == 8
+            np.testing.assert_array_equal(tif.asarray(), expected)
+    for stem in ["plain", "ome"]:
+        np.testing.assert_array_equal(zarr.open(str(tmp_path / "out" / f"{stem}.zarr"), mode="r")[:],
+                                      expected)
+    for stem in ["tiled", "ome"]:
+        probabilities = zarr.open(str(tmp_path / "out" / f"{stem}_probabilities.zarr"), mode="r")[:]
+        assert probabilities.shape == (600, 700, CLASSES) and probabilities.dtype == np.float32
+        np.testing.assert_allclose(probabilities, inference.softmax(logits), atol=1e-6)
+    assert len(np.unique(expected)) > 1
+    # A .zarr folder given as --image_folder is one image.
+    one = inference.run_inference(inference.InferenceConfig(
+        image_folder=str(images / "ome.zarr"), output_folder=str(tmp_path / "one"), model=str(folder),
+        tile_size=288))
+    assert one.ok_count == 1 and os.listdir(tmp_path / "one") == ["ome.zarr"]
+
+
+def _peak_rss_mb(command, log):
+    """Peak RSS of the process running ``command``, in MB (its own rusage, from wait4)."""
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, pathlib.Path(log).read_text()[-3000:]
+    return usage.ru_maxrss / 1024
+
+
+def test_peak_memory_of_a_large_image_stays_bounded(tmp_path):
+    # 16 classes: whole-image float logits of a 2,600 px image would take 412 MB.
+    classes, side = 16, 2600
+    save_model_folder(tmp_path / "model", number_classes=classes)
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    tifffile.imwrite(tmp_path / "small" / "a.tif", np.ones((512, 512), np.uint16))
+    rng = np.random.default_rng(5)
+    rows = (rng.integers(0, 4000, (256, side), dtype=np.uint16) for _ in range(0, side, 256))
+    # Written by row blocks so the test itself does not hold the image either.
+    with tifffile.TiffWriter(tmp_path / "large" / "big.tif", bigtiff=True) as tif:
+        tif.write(_tiles_of_rows(rows, side, side), shape=(side, side), dtype=np.uint16, tile=(256, 256),
+                  compression="zlib")
+
+    def run(images):
+        return _peak_rss_mb([sys.executable, str(ROOT / "inference.py"), "--model", str(tmp_path / "model"),
+                             "--image_folder", str(tmp_path / images), "--output_folder",
+                             str(tmp_path / f"out_{images}"), "--tile_size", "1024"],
+                           tmp_path / f"{images}.log")
+
+    small, large = run("small"), run("large")
+    whole_logits_mb = side * side * classes * 4 / 1024 ** 2
+    print(f"peak RSS: 512 px image {small:.0f} MB, {side} px image {large:.0f} MB "
+          f"(whole-image float logits alone: {whole_logits_mb:.0f} MB)")
+    assert large - small < 300 < whole_logits_mb, (small, large)
+    assert side * side > inference.STREAM_PIXELS, "the large image must take the streamed path"
+    with tifffile.TiffFile(tmp_path / "out_large" / "big.tif") as tif:
+        assert tif.pages[0].shape == (side, side) and tif.pages[0].is_tiled
+        assert tif.pages[0].asarray().max() < classes
+
+
+def _tiles_of_rows(row_blocks, height, width, tile=256):
+    for block in row_blocks:
+        padded = np.zeros((tile, -(-width // tile) * tile), block.dtype)
+        padded[:len(block), :width] = block
+        for left in range(0, width, tile):
+            yield padded[:, left:left + tile]
+
+
+# ----------------------------------------------------------------------------------------------
+# Test-time augmentation and ensembles
+# ----------------------------------------------------------------------------------------------
+
+def test_tta_and_ensemble_flags(tmp_path, unet_1ch):
+    folder, model = unet_1ch
+    (tmp_path / "images").mkdir()
+    image = np.random.default_rng(6).integers(0, 4000, (300, 340), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "images" / "a.tif", image)
+    common = ["--image_folder", str(tmp_path / "images"), "--tile_size", "288"]
+
+    assert inference.main(["--model", str(folder), "--tta", "--output_folder", str(tmp_path / "tta")]
+                          + common) == 0
+    expected, logits = _in_memory_labels(model, image, 1024, tta=True)
+    assert_labels_match(tifffile.imread(tmp_path / "tta" / "a.tif"), logits)
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("model.keras", "config.json"):
+        (copy / name).write_bytes((folder / name).read_bytes())
+    assert inference.main(["--model", str(folder), str(copy), "--output_folder", str(tmp_path / "two")]
+                          + common) == 0
+    assert_labels_match(tifffile.imread(tmp_path / "two" / "a.tif"), whole_image_logits(model, image))
+
+
+def test_ensemble_members_must_match(tmp_path, unet_1ch, unet_3ch, capsys):
+    folder, _ = unet_1ch
+    save_model_folder(tmp_path / "four_classes", number_classes=4)
+    (tmp_path / "images").mkdir()
+    tifffile.imwrite(tmp_path / "images" / "a.tif", np.ones((40, 40), np.uint16))
+    common = ["--image_folder", str(tmp_path / "images"), "--output_folder", str(tmp_path / "out")]
+    for other, what in [(tmp_path / "four_classes", "classes"), (unet_3ch[0], "input channels")]:
+        assert inference.main(["--model", str(folder), str(other)] + common) == 2
+        message = capsys.readouterr().err
+        assert f"ensemble members differ in {what}" in message and str(other) in message
+    assert not (tmp_path / "out").exists(), "a refused run writes nothing"
+
+
+# ----------------------------------------------------------------------------------------------
 # Failures
 # ----------------------------------------------------------------------------------------------
 
@@ -246,12 +382,23 @@ def test_missing_model_and_bad_flags_exit_non_zero_with_a_message(tmp_path, unet
         (["--model", str(folder), "--image_extensions", "png"], "no images with extensions png"),
     ]
     for flags, message in cases:
-        assert inference.main(flags + common) == 1, flags
+        assert inference.main(flags + common) == 2, flags
         assert message in capsys.readouterr().err, flags
     assert not (tmp_path / "out" / "a.tif").exists()
     assert inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "images"),
-                           "--output_folder", str(tmp_path / "images")]) == 1
+                           "--output_folder", str(tmp_path / "images")]) == 2
     assert "would overwrite the input" in capsys.readouterr().err
+
+
+def test_flags_become_the_config():
+    parse = inference.build_parser().parse_args
+    base = ["--image_folder", "in", "--output_folder", "out"]
+    config = inference.config_from_args(parse(["--model", "m"] + base + [
+        "--image_extensions", "TIF, png  .jpg", "--tta"]))
+    assert config.image_extensions == ("tif", "png", "jpg") and config.model == "m" and config.tta
+    assert config.batch_size == 1 and config.tile_size is None
+    ensemble = inference.config_from_args(parse(["--checkpoint_filepath", "a", "b", "c"] + base))
+    assert ensemble.checkpoint_filepath == ["a", "b", "c"] and ensemble.model is None
 
 
 def test_existing_output_is_only_replaced_by_a_complete_file(tmp_path, unet_1ch, monkeypatch):
@@ -280,6 +427,22 @@ def test_existing_output_is_only_replaced_by_a_complete_file(tmp_path, unet_1ch,
     assert os.listdir(out) == ["a.tif"]
 
 
+def test_non_finite_pixels_fail_the_file_by_name_and_count(tmp_path, unet_1ch, capsys):
+    folder, _ = unet_1ch
+    (tmp_path / "images").mkdir()
+    image = np.random.default_rng(7).normal(size=(50, 60)).astype(np.float32)
+    image[3, 4], image[10, 11], image[20, 0] = np.nan, np.inf, -np.inf
+    tifffile.imwrite(tmp_path / "images" / "nan.tif", image)
+    tifffile.imwrite(tmp_path / "images" / "ok.tif", np.nan_to_num(image, posinf=0, neginf=0))
+
+    code = inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "images"),
+                           "--output_folder", str(tmp_path / "out")])
+
+    assert code == 1
+    assert "nan.tif: 3 pixel(s) with NaN or Inf values" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == ["ok.tif"]
+
+
 def test_cli_process_exit_code(tmp_path, unet_1ch):
     folder, _ = unet_1ch
     (tmp_path / "images").mkdir()
@@ -296,6 +459,13 @@ def test_cli_process_exit_code(tmp_path, unet_1ch):
     assert failed.returncode == 1
     assert "b.png: cannot read image" in failed.stderr
     assert "1 mask(s) written" in failed.stdout and "1 failed" in failed.stdout
+
+    (tmp_path / "a_file").write_text("not a folder")
+    command[command.index("--output_folder") + 1] = str(tmp_path / "a_file")
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert f"--output_folder {tmp_path / 'a_file'} is an existing file" in refused.stderr
+    assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,191 @@
+"""Inference on large images: peak memory and speed of inference.py, and its tiling overhead.
+
+  (a) a generated 20,000 x 20,000 uint16 tiled (256 px), zlib-compressed BigTIFF segmented by
+      `inference.py` (a subprocess, as a user runs it) with a small random-weight UNet
+      (base_filters 4, 2 classes) on the CPU, --tile_size 2048: peak RSS of that process (its own
+      rusage, from wait4; target at most 2 GB) and megapixels/s of its per-image time (reading,
+      statistics pass, prediction, writing the tiled BigTIFF mask).
+  (b) throughput of inference on a 4,096 x 4,096 uint16 image (its per-image time in
+      run_inference, default tile size, i.e. the memory-based rule) divided by that of one
+      `model.predict` call on the same whole normalised (padded) image: target at least 0.75
+      (tiling, halos, reading and writing cost at most 25 %). Both warm: inference's figure is
+      that of the second of two copies of the image, model.predict's the second call.
+  (c) the cost of --tta: the time of a 1,024 x 1,024 image with and without it.
+One line of figures at the end. Needs ~1 GB in a temporary folder and ~10 minutes on 2 cores.
+
+Run from the repo root, alone on the machine: flock /tmp/bench.lock .venv/bin/python benchmarks/bench_inference.py
+"""
+import argparse
+import contextlib
+import io
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+BASE_FILTERS, CLASSES, LARGE_SIDE, LARGE_TILE, MEDIUM_SIDE, TTA_SIDE = 4, 2, 20000, 2048, 4096, 1024
+
+
+def save_model(folder):
+    """A random-weight UNet saved like a training output folder; returns the keras model."""
+    import keras
+
+    import models
+
+    keras.utils.set_random_seed(0)
+    model = models.build_model("unet", CLASSES, input_channels=1, base_filters=BASE_FILTERS)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "model.keras")
+    (folder / "config.json").write_text(json.dumps({
+        "model": "unet", "number_classes": CLASSES, "input_channels": 1,
+        "base_filters": BASE_FILTERS, "batch_norm": True}))
+    return model
+
+
+def synthetic_rows(side, rows, seed=0):
+    """Blocks of ``rows`` rows of a colony-like uint16 image: bright discs on a noisy background."""
+    rng = np.random.default_rng(seed)
+    x = np.arange(side)
+    for top in range(0, side, rows):
+        y = np.arange(top, min(side, top + rows))[:, None]
+        discs = (np.sin(x / 97.0) * np.cos(y / 83.0) > 0.6).astype(np.float32)
+        block = 1000 + 2000 * discs + rng.normal(0, 150, (len(y), side))
+        yield np.clip(block, 0, 65535).astype(np.uint16)
+
+
+def write_tiled_tiff(path, side, tile=256):
+    """The side x side image as a tiled zlib BigTIFF, written tile row by tile row."""
+    import tifffile
+
+    def tiles():
+        for block in synthetic_rows(side, tile):
+            padded = np.zeros((tile, -(-side // tile) * tile), np.uint16)
+            padded[:len(block), :side] = block
+            for left in range(0, side, tile):
+                yield padded[:, left:left + tile]
+
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        tif.write(tiles(), shape=(side, side), dtype=np.uint16, tile=(tile, tile), compression="zlib")
+
+
+def image_seconds(log_text, name):
+    """Per-image seconds from inference.py's "[i/n] name ... (12.34 s" line."""
+    match = re.search(rf"\] {re.escape(name)} .*\((\d+\.\d+) s", log_text)
+    if not match:
+        raise RuntimeError(f"no timing line for {name} in the inference log:\n{log_text[-3000:]}")
+    return float(match.group(1))
+
+
+def bench_large(work, model_folder):
+    """(a): peak RSS (GB), Mpx/s and seconds of inference.py on the 20,000 px tiled TIFF."""
+    images = work / "large"
+    images.mkdir()
+    start = time.perf_counter()
+    write_tiled_tiff(images / "large.tif", LARGE_SIDE)
+    print(f"(a) wrote {LARGE_SIDE} x {LARGE_SIDE} tiled TIFF in {time.perf_counter() - start:.0f} s "
+          f"({(images / 'large.tif').stat().st_size / 1e9:.2f} GB)", flush=True)
+    log = work / "large.log"
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_folder),
+               "--image_folder", str(images), "--output_folder", str(work / "large_out"), "--gpu", "-1",
+               "--tile_size", str(LARGE_TILE)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        _, status, usage = os.wait4(process.pid, 0)
+    text = log.read_text()
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"inference.py failed:\n{text[-3000:]}")
+    seconds = image_seconds(text, "large.tif")
+    print(text[-1500:], flush=True)
+    return usage.ru_maxrss / 1024 ** 2, LARGE_SIDE ** 2 / seconds / 1e6, seconds
+
+
+def run_folder(folder, output, model_folder, **flags):
+    """run_inference on ``folder``; returns its log (stdout)."""
+    import inference
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        summary = inference.run_inference(inference.InferenceConfig(
+            image_folder=str(folder), output_folder=str(output), model=str(model_folder), gpu=-1,
+            **flags))
+    if summary.failed:
+        raise RuntimeError(f"inference failed: {summary.failed}")
+    return buffer.getvalue()
+
+
+def bench_medium(work, model_folder, model):
+    """(b): inference Mpx/s, model.predict Mpx/s, their ratio, and the tile inference chose."""
+    import tifffile
+
+    import normalization
+    import predictor
+
+    folder = work / "medium"
+    folder.mkdir()
+    image = next(synthetic_rows(MEDIUM_SIDE, MEDIUM_SIDE, seed=1))
+    for name in ("a.tif", "b.tif"):  # the second copy is timed: tracing happened on the first
+        tifffile.imwrite(folder / name, image)
+    log = run_folder(folder, work / "medium_out", model_folder)
+    inference_rate = MEDIUM_SIDE ** 2 / image_seconds(log, "b.tif") / 1e6
+    tile = int(re.search(r"tiles up to (\d+) px", log).group(1))
+    tiles = int(re.search(r"\] b\.tif .*\((\d+) tile", log).group(1))
+
+    padded, _ = predictor.pad_to_divisor(
+        normalization.normalize(image[..., None], normalization.channel_statistics(image)), 16)
+    batch = padded[np.newaxis]
+    model.predict(batch, batch_size=1, verbose=0)
+    start = time.perf_counter()
+    model.predict(batch, batch_size=1, verbose=0)
+    predict_rate = MEDIUM_SIDE ** 2 / (time.perf_counter() - start) / 1e6
+    print(log, flush=True)
+    return inference_rate, predict_rate, tile, tiles
+
+
+def bench_tta(work, model_folder):
+    """(c): seconds of one 1,024 px image with --tta divided by without."""
+    import tifffile
+
+    folder = work / "tta"
+    folder.mkdir()
+    image = next(synthetic_rows(TTA_SIDE, TTA_SIDE, seed=2))
+    for name in ("a.tif", "b.tif"):
+        tifffile.imwrite(folder / name, image)
+    plain = image_seconds(run_folder(folder, work / "tta_plain", model_folder), "b.tif")
+    augmented = image_seconds(run_folder(folder, work / "tta_on", model_folder, tta=True), "b.tif")
+    return augmented / plain
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--skip_large", action="store_true", help="only (b) and (c)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_inference-") as temporary:
+        work = pathlib.Path(temporary)
+        model = save_model(work / "model")
+        tta_ratio = bench_tta(work, work / "model")
+        inference_rate, predict_rate, tile, tiles = bench_medium(work, work / "model", model)
+        large = "(a) skipped" if args.skip_large else None
+        if large is None:
+            rss_gb, large_rate, large_seconds = bench_large(work, work / "model")
+            large = (f"(a) {LARGE_SIDE}x{LARGE_SIDE} uint16 tiled TIFF, tile {LARGE_TILE}: peak RSS "
+                     f"{rss_gb:.2f} GB (target <= 2), {large_rate:.2f} Mpx/s ({large_seconds:.0f} s)")
+    ratio = inference_rate / predict_rate
+    print(f"bench_inference: UNet base_filters {BASE_FILTERS}, CPU; {large}; (b) {MEDIUM_SIDE}x"
+          f"{MEDIUM_SIDE}: inference {inference_rate:.2f} Mpx/s (default tile {tile}, {tiles} tile(s)) "
+          f"/ model.predict {predict_rate:.2f} Mpx/s = {ratio:.2f} (target >= 0.75); (c) --tta costs "
+          f"{tta_ratio:.1f}x", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
