@@ -24,6 +24,26 @@ XLA_PROBLEM = None
 OPTIONS = {"unet_depth": ("depth", DEPTH), "upsampling": ("upsampling", "transpose")}
 
 
+@keras.saving.register_keras_serializable(package="segtool")
+class BilinearUpsampling2D(keras.layers.Layer):
+    """x2 bilinear upsampling (half-pixel centres, edges clamped) of a (B, H, W, C) tensor of any H, W.
+
+    keras.layers.UpSampling2D(interpolation="bilinear") does the same arithmetic but cannot be traced
+    with an unknown H, W (it turns the dynamic shape into a Python bool), which inference's
+    tf.function over any tile size needs.
+    """
+
+    def call(self, inputs):
+        import tensorflow as tf
+
+        size = tf.shape(inputs)[1:3] * 2
+        return tf.cast(tf.image.resize(inputs, size, method="bilinear"), inputs.dtype)
+
+    def compute_output_shape(self, input_shape):
+        batch, height, width, channels = input_shape
+        return (batch, None if height is None else 2 * height, None if width is None else 2 * width, channels)
+
+
 def check_options(depth=DEPTH, upsampling="transpose"):
     """ValueError naming the flag unless ``depth``/``upsampling`` describe a buildable UNet."""
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 1 <= depth <= 6:
@@ -84,7 +104,7 @@ def build_unet(number_classes, input_channels=1, base_filters=64, input_size=Non
             x = keras.layers.Conv2DTranspose(base_filters * scale, 2, strides=2,
                                              name=f"{stage}_upconv")(x)  # (B, H/s, W/s, sF)
         else:
-            x = keras.layers.UpSampling2D(2, interpolation="bilinear", name=f"{stage}_upsample")(x)
+            x = BilinearUpsampling2D(name=f"{stage}_upsample")(x)
             # The conv gives the upsampled features the channel count (and learned mixing) the
             # transposed conv would.
             x = keras.layers.Conv2D(base_filters * scale, 3, padding="same",
@@ -99,7 +119,7 @@ def build_unet(number_classes, input_channels=1, base_filters=64, input_size=Non
 
 
 def _interval_bilinear(interval):
-    """Bilinear x2 upsampling (half-pixel centres, as keras UpSampling2D): output p samples the input at
+    """Bilinear x2 upsampling (half-pixel centres, BilinearUpsampling2D): output p samples the input at
     p/2 - 1/4, so it reads inputs floor(p/2 - 1/4) and the one after, both with non-zero weight."""
     lo, hi = interval
     return (lo - 1) // 2, (hi + 1) // 2

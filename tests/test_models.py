@@ -274,3 +274,23 @@ def test_bad_unet_options_name_the_flag():
         models.size_divisor("unet", upsampling="nearest")
     with pytest.raises(ValueError, match="--unet_depth 3 applies to unet only, not to segnet"):
         models.build_model("segnet", 2, unet_depth=3)
+
+
+def test_bilinear_unet_traces_for_any_size_and_round_trips_through_keras_file(tmp_path):
+    model = models.build_model("unet", 2, base_filters=2, unet_depth=3, upsampling="bilinear")
+    # What inference does: one tf.function for every tile size (unknown H, W when traced).
+    forward = tf.function(lambda x: model(x, training=False),
+                          input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+    for height, width in ((16, 24), (40, 8)):
+        images = _images((1, height, width, 1))
+        np.testing.assert_allclose(forward(images).numpy(), model(images, training=False).numpy(), atol=1e-6)
+        assert forward(images).shape == (1, height, width, 2)
+    # The layer upsamples exactly like tf.image.resize's bilinear mode (half-pixel centres).
+    features = _images((1, 5, 3, 2))
+    upsample = model.get_layer("dec1_upsample")
+    np.testing.assert_allclose(upsample(features).numpy(),
+                               tf.image.resize(features, (10, 6), method="bilinear").numpy(), atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    images = _images((2, 32, 16, 1))
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
