@@ -163,6 +163,9 @@ def _agreed_loss_scale_optimizer_class():
 
 def current_learning_rate(optimizer):
     """The learning rate the next update of ``optimizer`` uses, as a float."""
+    import keras
+
+    # Keras evaluates a schedule at the optimizer's iterations here; convert_to_numpy also reads the
+    # variable under a tf.distribute strategy (a MirroredVariable has no float()).
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner.learning_rate
-    return float(rate(inner.iterations) if callable(rate) else rate)
+    return float(keras.ops.convert_to_numpy(inner.learning_rate))
