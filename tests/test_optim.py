@@ -163,3 +163,19 @@ def test_a_schedule_needs_a_run_length_and_a_warmup_inside_it(dbs, tmp_path):
     with pytest.raises(ConfigError, match=r"--warmup_steps 3 must be smaller than the run length \(3 steps\)"):
         trainer.train(_config(dbs, tmp_path / "b", max_steps=None, max_epochs=1, warmup_steps=3))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_current_learning_rate_reads_a_distributed_optimizer():
+    import keras
+    import tensorflow as tf
+
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])  # what --gpus none builds
+    with strategy.scope():
+        weights = keras.Variable(np.ones(3, np.float32))
+        constant = optim.make_optimizer(optim.OptimizerSettings(learning_rate=0.25))
+        scheduled = optim.make_optimizer(optim.OptimizerSettings(learning_rate=0.5, lr_schedule="cosine",
+                                                                 warmup_steps=2, total_steps=10))
+        for optimizer in (constant, scheduled):
+            optimizer.build([weights])
+    assert optim.current_learning_rate(constant) == 0.25
+    assert optim.current_learning_rate(scheduled) == pytest.approx(0.25)  # first warm-up step: 0.5 / 2
