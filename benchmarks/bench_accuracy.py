@@ -250,9 +250,8 @@ def segment(work, checkpoints, test_images, name, tta):
     return {pathlib.Path(p).name: tifffile.imread(output / (pathlib.Path(p).stem + ".tif")) for p in test_images}, seconds
 
 
-def run_dataset(label, work, databases, number_classes, budget, steps, ensemble):
-    """Every ablation row on one data set. Returns a list of result dicts (one per row, plus the
-    ensemble's when asked)."""
+def run_dataset(label, work, databases, number_classes, budget, steps):
+    """Every ablation row on one data set. Returns a list of result dicts, one per row."""
     import tifffile
 
     train_db, test_db, test_images = databases
@@ -277,36 +276,46 @@ def run_dataset(label, work, databases, number_classes, budget, steps, ensemble)
                       steps=steps, model_dir=str(previous), command=command_flags)
         results.append(result)
         print(format_row(result), flush=True)
-    if ensemble:
-        final = next(r for r in reversed(results) if not r["row"].startswith("  alt"))
-        final_index = results.index(final)
-        members = [pathlib.Path(final["model_dir"])]
-        train_seconds = 0.0
-        for seed in (1, 2):
-            output_dir = work / f"seed{seed}"
-            command_flags = list(final["command"])
-            command_flags[command_flags.index("--seed") + 1] = str(seed)
-            command = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
-                       "--output_dir", str(output_dir), "--number_classes", number_classes, *command_flags]
-            start = time.perf_counter()
-            run_tool([str(c) for c in command], work / f"train-seed{seed}.log")
-            train_seconds += time.perf_counter() - start
-            members.append(output_dir)
-        tta = ABLATION[final_index][2]
-        member_scores = []
-        for k, member in enumerate(members[1:], 1):
-            predicted, _ = segment(work, [member / "checkpoints" / "latest"], test_images, f"seed{k}", tta)
-            member_scores.append(score(truths, [predicted[n] for n in names], number_classes))
-        predicted, inference_seconds = segment(work, [m / "checkpoints" / "latest" for m in members], test_images,
-                                               "ensemble", tta)
-        figures = score(truths, [predicted[n] for n in names], number_classes)
-        members_dice = [final["foreground_dice"]] + [m["foreground_dice"] for m in member_scores]
-        result = dict(figures, data=label, row="  ensemble of 3 seeds of the last row", train_s=train_seconds,
-                      inference_s=inference_seconds, steps=steps, members_foreground_dice=members_dice,
-                      model_dir=None, command=None)
-        results.append(result)
-        print(format_row(result) + "  members " + " ".join(f"{d:.4f}" for d in members_dice), flush=True)
     return results
+
+
+def run_ensemble(label, work, databases, number_classes, results, steps):
+    """Two more seeds of the last cumulative row, and the 3-model ensemble (``inference.py
+    --checkpoint_filepath A B C``) against its members. Returns the ensemble's result dict."""
+    import tifffile
+
+    train_db, test_db, test_images = databases
+    names = [pathlib.Path(p).name for p in test_images]
+    masks = {pathlib.Path(s["image"]).name: s["mask"] for s in records.read_metadata(test_db)["sources"]}
+    truths = [tifffile.imread(masks[n]) for n in names]
+    final = next(r for r in reversed(results) if not r["row"].startswith("  alt"))
+    final_index = results.index(final)
+    members = [pathlib.Path(final["model_dir"])]
+    train_seconds = 0.0
+    for seed in (1, 2):
+        output_dir = work / f"seed{seed}"
+        command_flags = list(final["command"])
+        command_flags[command_flags.index("--seed") + 1] = str(seed)
+        command = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
+                   "--output_dir", str(output_dir), "--number_classes", number_classes, *command_flags]
+        start = time.perf_counter()
+        run_tool([str(c) for c in command], work / f"train-seed{seed}.log")
+        train_seconds += time.perf_counter() - start
+        members.append(output_dir)
+    tta = ABLATION[final_index][2]
+    member_scores = []
+    for k, member in enumerate(members[1:], 1):
+        predicted, _ = segment(work, [member / "checkpoints" / "latest"], test_images, f"seed{k}", tta)
+        member_scores.append(score(truths, [predicted[n] for n in names], number_classes))
+    predicted, inference_seconds = segment(work, [m / "checkpoints" / "latest" for m in members], test_images,
+                                           "ensemble", tta)
+    figures = score(truths, [predicted[n] for n in names], number_classes)
+    members_dice = [final["foreground_dice"]] + [m["foreground_dice"] for m in member_scores]
+    result = dict(figures, data=label, row="  ensemble of 3 seeds of the last row", train_s=train_seconds,
+                  inference_s=inference_seconds, steps=steps, members_foreground_dice=members_dice,
+                  model_dir=None, command=None)
+    print(format_row(result) + "  members " + " ".join(f"{d:.4f}" for d in members_dice), flush=True)
+    return result
 
 
 def format_row(r):
@@ -353,12 +362,15 @@ def run_ablation(work_dir, budget, ensemble, datasets=("nist", "demo")):
     start = time.perf_counter()
     if "nist" in datasets:
         (work / "nist").mkdir(parents=True, exist_ok=True)
-        results += run_dataset("nist", work / "nist", build_databases(work / "nist"), 2, budget,
-                               budget.nist_steps, ensemble)
+        nist = build_databases(work / "nist")
+        results += run_dataset("nist", work / "nist", nist, 2, budget, budget.nist_steps)
     if "demo" in datasets:
         (work / "demo").mkdir(parents=True, exist_ok=True)
         results += run_dataset("demo", work / "demo", demo_databases(work / "demo"), 3, budget,
-                               budget.demo_steps, ensemble=False)
+                               budget.demo_steps)
+    if ensemble and "nist" in datasets:  # last: the ablation's table is complete without it
+        nist_rows = [r for r in results if r["data"] == "nist"]
+        results.append(run_ensemble("nist", work / "nist", nist, 2, nist_rows, budget.nist_steps))
     table = markdown_table(results, budget)
     with open(work / "ablation.json", "w") as f:
         json.dump(results, f, indent=2)
