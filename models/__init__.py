@@ -36,7 +36,7 @@ OPTION_KEYS = tuple(sorted({key for module in _MODULES.values() for key in getat
 
 __all__ = ["CONFIG_KEYS", "MODEL_NAMES", "OPTION_KEYS", "SIZE_DIVISOR", "MaxPoolingWithArgmax2D",
            "MaxUnpooling2D", "build_from_config", "build_model", "check_input_size", "check_name",
-           "check_options", "model_options", "receptive_field", "size_divisor", "xla_problem"]
+           "check_options", "model_options", "options_of", "receptive_field", "size_divisor", "xla_problem"]
 
 
 def check_name(name):
@@ -122,6 +122,15 @@ def receptive_field(name, **config):
     (107 and 211 suffice at the defaults). See ``models.unet.receptive_field`` for the method."""
     check_options(name, **config)
     return _MODULES[name].receptive_field(**model_options(name, **config))
+
+
+def options_of(model):
+    """The shape options (config keys of ``OPTION_KEYS``) of a built registry model, read from the
+    model itself: what ``size_divisor(model.name, **options_of(model))`` needs when only a .keras file
+    is at hand. Empty for a model without options."""
+    check_name(model.name)
+    module = _MODULES[model.name]
+    return module.options_of(model) if hasattr(module, "options_of") else {}
 
 
 def xla_problem(name):

@@ -118,6 +118,14 @@ def build_unet(number_classes, input_channels=1, base_filters=64, input_size=Non
     return keras.Model(inputs, logits, name="unet")
 
 
+def options_of(model):
+    """The config options ({"unet_depth", "upsampling"}) a built UNet was made with, read from its
+    stage names (for a .keras file without its training config.json)."""
+    names = {layer.name for layer in model.layers}
+    depth = sum(1 for level in range(1, 7) if f"enc{level}_pool" in names)
+    return {"unet_depth": depth, "upsampling": "bilinear" if "dec1_upsample" in names else "transpose"}
+
+
 def _interval_bilinear(interval):
     """Bilinear x2 upsampling (half-pixel centres, BilinearUpsampling2D): output p samples the input at
     p/2 - 1/4, so it reads inputs floor(p/2 - 1/4) and the one after, both with non-zero weight."""

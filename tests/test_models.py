@@ -292,5 +292,10 @@ def test_bilinear_unet_traces_for_any_size_and_round_trips_through_keras_file(tm
                                tf.image.resize(features, (10, 6), method="bilinear").numpy(), atol=1e-6)
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
+    # A .keras file alone tells its shape options (inference needs them for the divisor and halo).
+    assert models.options_of(loaded) == {"unet_depth": 3, "upsampling": "bilinear"}
+    assert models.options_of(models.build_model("unet", 2, base_filters=2)) == {"unet_depth": 4,
+                                                                                 "upsampling": "transpose"}
+    assert models.options_of(models.build_model("segnet", 2, base_filters=2)) == {}
     images = _images((2, 32, 16, 1))
     np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
