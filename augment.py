@@ -1,4 +1,4 @@
-"""Data augmentation for image/mask pairs, and the per-image z-score normalisation shared with inference.
+"""Data augmentation for image/mask pairs (normalisation is not done here: see normalization.py).
 
 augment_image() draws fresh random parameters from a numpy Generator on every call:
 
@@ -55,8 +55,6 @@ _MIN_BLUR_SIGMA = 0.3
 # The Gaussian kernel is cut at 3 sigma (scipy's default is 4): the dropped tails hold 0.27% of the
 # weight, invisible after noise, and the kernel is 25% shorter.
 _BLUR_TRUNCATE = 3.0
-# Relative to |mean|, a float32 channel whose std is below this is only rounding error, not signal.
-_CONSTANT_RELATIVE_STD = 4 * float(np.finfo(np.float32).eps)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -445,37 +443,6 @@ def augment_image(img, mask=None, rotation_flag=False, reflection_flag=False,
     if mask is None:
         return image
     return image, mask
-
-
-# ---------------------------------------------------------------------------------------------------
-# Normalisation (shared by the reader and inference)
-# ---------------------------------------------------------------------------------------------------
-
-def zscore_normalize(img):
-    """Per-channel z-score: (x - mean) / std over H and W, as float32 of the same shape.
-
-    A constant channel (std zero, or only float32 rounding noise relative to its mean) becomes zeros.
-    Small but real spreads are still scaled to unit std: a float image with std 0.01 is amplified, not
-    left alone, because the network expects the same statistics whatever the image's units.
-    """
-    image = np.asarray(img)
-    if image.ndim not in (2, 3) or image.size == 0:
-        raise ValueError(f"zscore_normalize expects a non-empty H x W or H x W x C array, got shape "
-                         f"{image.shape}")
-    image = image.astype(np.float32)
-    # float64 accumulators: summing 65k uint16-range values in float32 would lose digits.
-    mean = image.mean(axis=(0, 1), dtype=np.float64)
-    std = image.std(axis=(0, 1), dtype=np.float64)
-    constant = std <= _CONSTANT_RELATIVE_STD * np.abs(mean)
-    std = np.where(constant, 1.0, std)
-    result = image - mean.astype(np.float32)
-    result /= std.astype(np.float32)
-    if np.any(constant):
-        if image.ndim == 2:
-            result[...] = 0.0
-        else:
-            result[..., np.atleast_1d(constant)] = 0.0
-    return result
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -711,9 +711,11 @@ def _write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes,
                 for start, block in mask_blocks(ZARR_CHUNK):
                     mask[start:start + len(block)] = block
         else:
+            # maxworkers=1: with several, tifffile hands the tile iterator to ThreadPoolExecutor.map,
+            # which pulls every tile at once, i.e. the whole image before writing any of it.
             image_io.atomic_write(mask_target, lambda f: tifffile.imwrite(
                 f, _tiff_tiles(mask_blocks(TIFF_TILE), width), shape=(height, width), dtype=dtype,
-                tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True))
+                tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True, maxworkers=1))
     return [mask_target] + ([probability_target] if save_probabilities else [])
 
 

@@ -2,7 +2,7 @@
 
 Builds a training database from ../shared/data/nist_colonies (256 x 256 uint16) in a temporary
 directory, then measures:
-  - single: one process calling augment.augment_image + augment.zscore_normalize in a loop;
+  - single: one process calling augment.augment_image + normalization.normalize in a loop;
   - 1 worker and 2 workers: batches taken from ImageReader.get_batch by a consumer doing nothing else
     (worker start-up and the first batches are excluded: the rate is the steady state).
 Targets: 1 worker >= 90% of single; 2 workers >= 1.7 x 1 worker (on 2 cores).

@@ -8,6 +8,10 @@ import pytest
 
 # Quiet TensorFlow's C++ start-up banner in test output; set before any test imports tensorflow.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# bioimageio.core (imported by the export tests) sets KERAS_BACKEND to its own default, "torch", in
+# os.environ when it is imported; every later subprocess of the session (train_unet.py, ...) would
+# inherit it and fail to start Keras. Pin this project's backend for the whole session.
+os.environ["KERAS_BACKEND"] = "tensorflow"
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NIST_DIR = ROOT.parent / "shared" / "data" / "nist_colonies"

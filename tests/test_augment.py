@@ -568,27 +568,3 @@ def test_cli_precedence_defaults_json_flags(tmp_path):
         augment.augmentation_config_from_args(args)
     with pytest.raises(SystemExit):
         parser.parse_args(["--reflection_augmentation", "2"])
-
-
-# ---------------------------------------------------------------------------------------------------
-# z-score
-# ---------------------------------------------------------------------------------------------------
-
-def test_zscore_per_channel_unit_std_and_guards():
-    rng = np.random.default_rng(0)
-    image = np.stack([rng.integers(0, 60000, (32, 32)), np.full((32, 32), 777),
-                      rng.integers(0, 10, (32, 32))], axis=-1).astype(np.uint16)
-    out = augment.zscore_normalize(image)
-    assert out.dtype == np.float32 and out.shape == image.shape
-    np.testing.assert_allclose(out[..., [0, 2]].mean(axis=(0, 1)), 0, atol=1e-5)
-    np.testing.assert_allclose(out[..., [0, 2]].std(axis=(0, 1)), 1, atol=1e-4)
-    np.testing.assert_array_equal(out[..., 1], 0)  # constant channel -> zeros, not NaN
-
-    np.testing.assert_array_equal(augment.zscore_normalize(np.full((8, 8), 5.5, np.float32)), 0)
-    tiny = rng.normal(3.0, 0.01, (32, 32)).astype(np.float32)
-    out = augment.zscore_normalize(tiny)
-    assert out.shape == (32, 32)
-    np.testing.assert_allclose(out.std(), 1.0, atol=1e-3)  # small std is amplified, not clamped
-    np.testing.assert_allclose(out.mean(), 0.0, atol=1e-3)
-    with pytest.raises(ValueError, match=r"got shape \(4,\)"):
-        augment.zscore_normalize(np.zeros(4))

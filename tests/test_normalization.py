@@ -41,3 +41,7 @@ def test_constant_channel_becomes_zero_and_round_trip_through_json():
     assert again == stats
     with pytest.raises(ValueError, match="channel"):
         normalization.normalize(image[..., :1], stats)
+    # A small but real spread is amplified to unit std, not mistaken for a constant channel.
+    tiny = np.random.default_rng(2).normal(3.0, 0.01, (32, 32)).astype(np.float32)
+    out = normalization.normalize(tiny, normalization.channel_statistics(tiny))
+    assert abs(out.std() - 1.0) < 1e-3 and abs(out.mean()) < 1e-3

@@ -297,9 +297,9 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
 
     # The logged test loss is exact: the mean cross-entropy over every pixel of every test record,
     # recomputed here with the exported model (3 records over 2 towers x batch 2: one padded batch).
-    import augment
     import keras
     import models  # noqa: F401  registers the custom layers
+    import normalization
     import records
     model = keras.saving.load_model(tmp_path / "three" / "model.keras")
     env = records.open_database(str(dbs[3]))
@@ -307,7 +307,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
     with env.begin() as txn:
         for index in range(3):
             image, mask = records.decode_record(txn.get(records.record_key(index)))
-            logits = model.predict(augment.zscore_normalize(image)[None], verbose=0)[0].astype(np.float64)
+            logits = model.predict(normalization.normalize(image, normalization.channel_statistics(image))[None], verbose=0)[0].astype(np.float64)
             log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
                 - logits.max(-1, keepdims=True)
             total -= np.take_along_axis(log_probs, mask[..., None].astype(np.int64), -1).sum()
@@ -386,7 +386,7 @@ def test_end_to_end_on_nist_colonies(model, nist_dbs, tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     test_rows = read_csv(out / "test_metrics.csv")
     assert list(test_rows[0]) == ["epoch", "step", "loss", "pixel_accuracy", "iou_0", "iou_1", "dice_0", "dice_1",
-                                  "mean_iou", "starvation_s", "wall_time_s"]
+                                  "mean_iou", "test_pixels", "test_seconds", "starvation_s", "wall_time_s"]
     assert [r["epoch"] for r in test_rows] == ["1", "2", "3"]
     if model == "unet":
         # (SegNet's test loss can rise this early: its deeper BN layers' moving statistics lag
