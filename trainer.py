@@ -235,7 +235,7 @@ class Run:
                                                 global_batch, jit_compile=config.xla)
         self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
                                               config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers)
+                                              shard_count=info.num_workers, options=model_options(config))
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.stop = None
