@@ -160,8 +160,9 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels):
     if saved["number_classes"] == config.number_classes:
         model.load_weights(weights)
         load_optimizer(os.path.join(directory, "optimizer.npz"), optimizer)
-        # The restored state includes the old learning rate; the flag of this run wins.
-        optimizer.learning_rate = config.learning_rate
+        # The learning rate is not restored: it is this run's flags. A schedule is a function of
+        # the restored step counter (optimizer.iterations), so the run continues at the rate an
+        # uninterrupted run has at that step; a constant rate is the --learning_rate of this run.
         with open(os.path.join(directory, "state.json")) as f:
             state = TrainState(**json.load(f))
         state.best_loss = math.inf if state.best_loss is None else state.best_loss
@@ -182,7 +183,10 @@ def check_compatible(directory, saved, config, input_channels):
     if saved.get("model") != config.model:
         raise ConfigError(f"--restore_checkpoint_filepath {directory} holds a {saved.get('model')} model, "
                           f"not {config.model}")
-    wanted = {"base_filters": config.base_filters, "batch_norm": config.batch_norm, "input_channels": input_channels}
+    wanted = {"base_filters": config.base_filters, "batch_norm": config.batch_norm, "input_channels": input_channels,
+              "unet_depth": config.unet_depth, "upsampling": config.upsampling}
+    # Checkpoints written before --unet_depth/--upsampling existed hold today's defaults.
+    saved = dict({"unet_depth": 4, "upsampling": "transpose"}, **saved)
     mismatched = {k: saved.get(k) for k, v in wanted.items() if saved.get(k) != v}
     if mismatched:
         raise ConfigError(
@@ -205,19 +209,24 @@ def load_optimizer(path, optimizer):
                                 f"{len(current)} variables); was --mixed_precision changed? Resume with "
                                 "the original flags")
         saved = dict(zip(current, arrays))
+    # The learning rate comes from this run's flags, never from the file: a constant rate is a
+    # variable, a schedule has none, so switching between them is no mismatch (but is listed when
+    # the optimizer differs anyway).
+    learning_rate = {key for key in set(current) | set(saved) if key.endswith("/learning_rate")}
     missing = sorted(set(current) - set(saved))
     unexpected = sorted(set(saved) - set(current))
-    reshaped = sorted(k for k in set(current) & set(saved) if saved[k].shape != current[k].shape)
-    if missing or unexpected or reshaped:
+    reshaped = sorted(k for k in set(current) & set(saved) - learning_rate if saved[k].shape != current[k].shape)
+    if set(missing + unexpected + reshaped) - learning_rate:
         parts = []
         for label, keys in (("missing from the file", missing), ("not in this optimizer", unexpected),
                             ("of another shape", reshaped)):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {', '.join(keys[:3])})")
         raise TrainingError(f"{path} does not match this optimizer: variables " + "; ".join(parts)
-                            + ". Was --mixed_precision changed? Resume with the original flags")
+                            + ". Was --optimizer or --mixed_precision changed? Resume with the original flags")
     for key, variable in variables.items():
-        variable.assign(saved[key])
+        if key not in learning_rate:
+            variable.assign(saved[key])
 
 
 def transfer_weights(source, model):

@@ -34,14 +34,15 @@ class Evaluator:
       shard_index, shard_count: this worker's share of the test images.
       batch_size: tiles per network call.
       tile_size: tile side; None = inference.py's default rule for this model.
+      options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
     """
 
     def __init__(self, model, model_name, test_database, number_classes, loss_name, shard_index=0,
-                 shard_count=1, batch_size=1, tile_size=None):
-        self.model_name, self.test_database = model_name, test_database
+                 shard_count=1, batch_size=1, tile_size=None, options=None):
+        self.model_name, self.options, self.test_database = model_name, options, test_database
         self.number_classes, self.loss_name = number_classes, loss_name
         self.shard_index, self.shard_count, self.batch_size = shard_index, shard_count, batch_size
-        self.tile_size = tile_size or predictor.default_tile_size(model, model_name, batch_size)
+        self.tile_size = tile_size or predictor.default_tile_size(model, model_name, batch_size, options=options)
         self.forward = predictor.make_predictor(model)
 
     def run(self, combine=lambda totals: totals, should_stop=lambda: False):
@@ -67,7 +68,7 @@ class Evaluator:
                 break
             labels = mask.astype(np.int32)
             logits = predictor.predict_image(self.forward, image, stats, self.model_name, self.tile_size,
-                                             self.batch_size)
+                                             self.batch_size, options=self.options)
             sums = steps.pixel_sums(logits[None], labels[None], k, axis=(0, 1, 2), dtype="float64")
             for name, value in sums._asdict().items():
                 totals[name] = totals[name] + np.asarray(value, dtype=np.float64)

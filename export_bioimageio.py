@@ -128,6 +128,12 @@ class Run:
     input_channels: int
     weights_source: pathlib.Path
 
+    @property
+    def options(self):
+        """The network's shape options from config.json (e.g. unet_depth), which set its size
+        divisor and halo."""
+        return {key: self.config[key] for key in models.OPTION_KEYS if key in self.config}
+
 
 # ----------------------------------------------------------------------------------------------
 # The run folder
@@ -177,10 +183,7 @@ def load_run(folder):
                               f"{checkpoints[0].relative_to(folder)} and "
                               f"{checkpoints[1].relative_to(folder)})")
         try:
-            model = models.build_model(name, int(config["number_classes"]),
-                                       input_channels=int(config["input_channels"]),
-                                       base_filters=int(config["base_filters"]),
-                                       batch_norm=bool(config["batch_norm"]))
+            model = models.build_from_config(config)
             model.load_weights(str(source))
         except Exception as exc:  # h5py/Keras errors for truncated or mismatched weight files.
             raise ExportError(f"cannot load weights {source} into the {name} described by "
@@ -193,11 +196,11 @@ def load_run(folder):
                weights_source=source)
 
 
-def size_rule(name):
+def size_rule(name, options=None):
     """(minimum, step) of the tile side the package declares for model ``name``: multiples of its size
     divisor that leave at least one divisor of output after cropping a halo on both sides."""
-    divisor = models.SIZE_DIVISOR[name]
-    return 2 * predictor.halo_for(name) + divisor, divisor
+    divisor = predictor.size_divisor(name, options)
+    return 2 * predictor.halo_for(name, options) + divisor, divisor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -267,9 +270,10 @@ def predict_probabilities(run, image):
     segments images: z-score with the whole image's statistics (what rdf.yaml declares as
     zero_mean_unit_variance per sample and channel), then the shared tiled predictor."""
     stats = normalization.channel_statistics(image)
-    tile = max(predictor.smallest_tile(run.name), *image.shape[:2])
-    tile += -tile % models.SIZE_DIVISOR[run.name]
-    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.name, tile)
+    tile = max(predictor.smallest_tile(run.name, run.options), *image.shape[:2])
+    tile += -tile % predictor.size_divisor(run.name, run.options)
+    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.name, tile,
+                                     options=run.options)
     return np.asarray(keras.ops.softmax(logits, axis=-1), dtype=np.float32)
 
 
@@ -424,8 +428,8 @@ def build_rdf(run, config, files, test_shape, keras_weights):
       test_shape: (H, W) of the test tensors.
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
     """
-    minimum, step = size_rule(run.name)
-    halo = predictor.halo_for(run.name)
+    minimum, step = size_rule(run.name, run.options)
+    halo = predictor.halo_for(run.name, run.options)
     authors = [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
                for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
     citations = config.cite or [ARCHITECTURE_CITATIONS[run.name]]
@@ -495,7 +499,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
             "input_channels": run.input_channels, "base_filters": int(run.config["base_filters"]),
             "batch_norm": bool(run.config["batch_norm"]),
             "training_tile_size": run.config.get("tile_size"), "halo": halo,
-            "receptive_field": models.receptive_field(run.name),
+            "receptive_field": models.receptive_field(run.name, **run.options),
             "test_tensor_shape": [1, run.input_channels, *test_shape]}},
     }
 
@@ -503,8 +507,8 @@ def build_rdf(run, config, files, test_shape, keras_weights):
 def build_readme(run, config, keras_weights, sample_source, test_shape):
     """README.md of the package: what goes in and out, how to run it elsewhere, how it was validated."""
     package = pathlib.Path(config.output).name
-    minimum, step = size_rule(run.name)
-    halo = predictor.halo_for(run.name)
+    minimum, step = size_rule(run.name, run.options)
+    halo = predictor.halo_for(run.name, run.options)
     test_shape = [1, run.input_channels, *test_shape]
     title = config.name or default_name(run)
     description = config.description or default_description(run)
@@ -519,7 +523,7 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
 ## Model
 - Architecture: {DISPLAY_NAMES[run.name]}, {run.config['base_filters']} base filters, batch norm \
 {batch_norm}; {run.input_channels} input channel(s), {run.number_classes} classes; receptive field \
-{models.receptive_field(run.name)} px.
+{models.receptive_field(run.name, **run.options)} px.
 - Trained with segtool (training tile size {run.config.get('tile_size')}); exported by \
 `export_bioimageio.py` from `{source}`.
 
@@ -663,7 +667,7 @@ def export_package(config):
         raise ExportError(f"--keras_v3: the {run.name} of {run.folder} uses layers of segtool's own, "
                           f"which a plain Keras installation cannot load; export it without "
                           f"--keras_v3 (the SavedModel weights need no custom code)")
-    minimum, step = size_rule(run.name)
+    minimum, step = size_rule(run.name, run.options)
     if config.sample_image:
         raw = read_sample(config.sample_image, run.input_channels)
         sample_source = f"a crop of `{pathlib.Path(config.sample_image).name}`"

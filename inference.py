@@ -127,6 +127,7 @@ class LoadedModel:
     input_channels: int
     training_tile_size: int | None
     source: str
+    options: dict = dataclasses.field(default_factory=dict)  # shape options (e.g. unet_depth)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,9 +221,16 @@ def load_model(config):
         source = str(weights)
 
     tile = training_config.get("tile_size") if training_config else None
+    # Depth changes the size divisor and the halo: from config.json, else from the model itself.
+    options = ({key: training_config[key] for key in models.OPTION_KEYS if key in training_config}
+               if training_config else models.options_of(model))
+    try:
+        models.check_options(name, **options)
+    except ValueError as exc:
+        raise InferenceError(f"{source}: {exc}") from exc
     return LoadedModel(model=model, name=name, number_classes=int(model.output_shape[-1]),
                        input_channels=int(model.input_shape[-1]),
-                       training_tile_size=int(tile) if tile else None, source=source)
+                       training_tile_size=int(tile) if tile else None, source=source, options=options)
 
 
 def resolve_device(gpu):
@@ -280,7 +288,7 @@ def load_models(config):
     for other in loaded[1:]:
         for what, value in [("classes", lambda m: m.number_classes),
                             ("input channels", lambda m: m.input_channels),
-                            ("architecture", lambda m: m.name),
+                            ("architecture", lambda m: (m.name, models.model_options(m.name, **m.options))),
                             ("normalisation", lambda m: _recorded_normalization(m.source))]:
             if value(other) != value(first):
                 raise InferenceError(
@@ -640,14 +648,14 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
             return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
 
         outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
-        tiles = predictor.count_tiles(height, width, first.name, tile_size)
+        tiles = predictor.count_tiles(height, width, first.name, tile_size, options=first.options)
         progress = Progress(path.name, height * width)
 
         def bands():
             with tf.device(device):
                 yield from predictor.iter_bands(forward, source, stats, first.name, tile_size,
                                                 config.batch_size, config.tta, outputs=outputs,
-                                                progress=progress)
+                                                progress=progress, options=first.options)
 
         try:
             if not streamed:
@@ -734,16 +742,17 @@ def list_images(folder, extensions):
 def resolve_tile_size(requested, loaded, batch_size, device):
     """Tile side to use: the requested one (validated), else predictor.default_tile_size for the
     free memory of ``device`` (its memory is asked for by the physical index, e.g. "/GPU:1")."""
-    name = loaded[0].name
+    name, options = loaded[0].name, loaded[0].options
     if requested is None:
-        return predictor.default_tile_size([m.model for m in loaded], name, batch_size, device=device)
-    divisor, halo = models.SIZE_DIVISOR[name], predictor.halo_for(name)
-    smallest = predictor.smallest_tile(name)
+        return predictor.default_tile_size([m.model for m in loaded], name, batch_size, device=device,
+                                           options=options)
+    divisor, halo = predictor.size_divisor(name, options), predictor.halo_for(name, options)
+    smallest = predictor.smallest_tile(name, options)
     if requested < smallest or requested % divisor:
         raise InferenceError(
             f"--tile_size {requested}: must be a multiple of {divisor} and at least {smallest} for "
             f"{name} (a halo of {halo} px on each side covers its receptive field of "
-            f"{models.receptive_field(name)} px); larger tiles are faster, e.g. {8 * halo}")
+            f"{models.receptive_field(name, **options)} px); larger tiles are faster, e.g. {8 * halo}")
     return requested
 
 
@@ -788,7 +797,7 @@ def run_inference(config):
         output_folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
-    halo = predictor.halo_for(first.name)
+    halo = predictor.halo_for(first.name, first.options)
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
               f"{member.number_classes} classes out)")

@@ -1,7 +1,10 @@
 """Optimizers and learning-rate schedules.
 
     learning_rate_at(step, ...)      the schedule as a plain function of the step (tests, logs)
-    make_optimizer(settings)         Keras optimizer whose learning rate follows that schedule
+    make_optimizer(settings)         Keras optimizer whose learning rate follows that schedule (the
+                                     only place optimizers are made; steps.make_optimizer and the
+                                     trainer come here through train_config.optimizer_settings)
+    current_learning_rate(optimizer) the rate of its next update
 
 The schedule is a function of the optimizer's own step counter (``optimizer.iterations``), which is
 saved in and restored from every checkpoint. A resumed run therefore continues at exactly the
@@ -109,7 +112,14 @@ def check_settings(settings):
 
 
 def make_optimizer(settings):
-    """The Keras optimizer of ``settings`` (wrapped in a LossScaleOptimizer for float16)."""
+    """The Keras optimizer of ``settings`` (created under the strategy's scope by the caller).
+
+    float16 needs dynamic loss scaling (its range ends at 65504, small gradients underflow), so it is
+    wrapped in a LossScaleOptimizer whose skip decision all replicas share; bfloat16 has float32's
+    range and needs none. Names are explicit and differ per optimizer: checkpoints key optimizer
+    variables by their paths (see checkpoints.optimizer_arrays), so Adam, AdamW and SGD state never
+    collide and resuming with another --optimizer is refused by name.
+    """
     import keras
 
     check_settings(settings)
@@ -118,20 +128,44 @@ def make_optimizer(settings):
         rate = _schedule_class()(settings.learning_rate, settings.lr_schedule, settings.warmup_steps,
                                  settings.total_steps)
     if settings.optimizer == "adam":
-        optimizer = keras.optimizers.Adam(learning_rate=rate)
+        optimizer = keras.optimizers.Adam(learning_rate=rate, name="adam")
     elif settings.optimizer == "adamw":
-        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=settings.weight_decay)
+        optimizer = keras.optimizers.AdamW(learning_rate=rate, weight_decay=settings.weight_decay, name="adamw")
     else:
         optimizer = keras.optimizers.SGD(learning_rate=rate, momentum=settings.momentum,
                                          nesterov=settings.nesterov,
-                                         weight_decay=settings.weight_decay or None)
+                                         weight_decay=settings.weight_decay or None, name="sgd")
     if settings.mixed_precision == "float16":
-        optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+        optimizer = _agreed_loss_scale_optimizer_class()(optimizer, name="loss_scale_optimizer")
     return optimizer
+
+
+def _agreed_loss_scale_optimizer_class():
+    """keras.optimizers.LossScaleOptimizer whose skip/apply decision is the same on every replica.
+
+    Keras checks each tower's own, not yet summed gradients for inf/NaN and (in Keras 3.15) lets
+    each replica act on its own answer: when only one tower overflowed, the others applied a step
+    whose all-reduced gradients were not finite, and the loss scale was not lowered; with several
+    workers, one worker would skip while the others waited for it in the all-reduce. Combining the
+    flag over every replica of every worker first makes all of them skip (and halve the scale)
+    together.
+    """
+    import keras
+
+    import distribute
+
+    class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
+        def check_finite(self, grads):
+            return distribute.all_replicas_true(super().check_finite(grads))
+
+    return AgreedLossScaleOptimizer
 
 
 def current_learning_rate(optimizer):
     """The learning rate the next update of ``optimizer`` uses, as a float."""
+    import keras
+
+    # Keras evaluates a schedule at the optimizer's iterations here; convert_to_numpy also reads the
+    # variable under a tf.distribute strategy (a MirroredVariable has no float()).
     inner = getattr(optimizer, "inner_optimizer", optimizer)
-    rate = inner.learning_rate
-    return float(rate(inner.iterations) if callable(rate) else rate)
+    return float(keras.ops.convert_to_numpy(inner.learning_rate))

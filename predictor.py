@@ -50,7 +50,16 @@ FALLBACK_GPU_BYTES = 2 * 1024 ** 3
 # Geometry: halo, canvas, tiles
 # ----------------------------------------------------------------------------------------------
 
-def halo_for(name):
+# Every function below that takes a model name also takes ``options``: the network's shape options
+# as training-config keys (e.g. {"unet_depth": 3}; None = the registry defaults), because depth
+# changes the size divisor and the receptive field.
+
+def size_divisor(name, options=None):
+    """H and W of the network input must be multiples of this (models.size_divisor)."""
+    return models.size_divisor(name, **(options or {}))
+
+
+def halo_for(name, options=None):
     """Context dropped on each inner side of a tile, in pixels.
 
     An output pixel depends on a receptive_field(name) wide input range that can sit off-centre by up
@@ -58,13 +67,13 @@ def halo_for(name):
     rounding up to the divisor keeps tile origins on the network's pooling grid, without which tiles
     would not reproduce the whole-image result.
     """
-    divisor = models.SIZE_DIVISOR[name]
-    return math.ceil((models.receptive_field(name) // 2 + divisor) / divisor) * divisor
+    divisor = size_divisor(name, options)
+    return math.ceil((models.receptive_field(name, **(options or {})) // 2 + divisor) / divisor) * divisor
 
 
-def smallest_tile(name):
+def smallest_tile(name, options=None):
     """Smallest tile side that keeps a centre: two halos plus one pooling period."""
-    return 2 * halo_for(name) + models.SIZE_DIVISOR[name]
+    return 2 * halo_for(name, options) + size_divisor(name, options)
 
 
 def plan_tiles(length, tile, halo):
@@ -197,7 +206,7 @@ def available_memory_bytes(device="/CPU:0"):
     return free if limit is None else min(free, limit)
 
 
-def default_tile_size(model, model_name, batch_size=1, memory_bytes=None, device="/CPU:0"):
+def default_tile_size(model, model_name, batch_size=1, memory_bytes=None, device="/CPU:0", options=None):
     """The default (largest) tile side for ``model``: the biggest multiple of the size divisor whose
     batch of ``batch_size`` tiles needs at most MEMORY_FRACTION of ``memory_bytes`` (default: the
     free memory of ``device``) for activations, between smallest_tile and MAX_DEFAULT_TILE.
@@ -210,10 +219,10 @@ def default_tile_size(model, model_name, batch_size=1, memory_bytes=None, device
     per_pixel = max(activation_bytes_per_pixel(m) for m in members)
     if memory_bytes is None:
         memory_bytes = available_memory_bytes(device)
-    divisor = models.SIZE_DIVISOR[model_name]
+    divisor = size_divisor(model_name, options)
     side = math.isqrt(int(MEMORY_FRACTION * memory_bytes / (batch_size * per_pixel)))
     side -= side % divisor
-    return int(min(MAX_DEFAULT_TILE, max(smallest_tile(model_name), side)))
+    return int(min(MAX_DEFAULT_TILE, max(smallest_tile(model_name, options), side)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,11 +293,11 @@ def tta_forward(forward, batch):
 # Tiled prediction
 # ----------------------------------------------------------------------------------------------
 
-def tile_grid(height, width, model_name, tile_size, halo=None):
+def tile_grid(height, width, model_name, tile_size, halo=None, options=None):
     """The tiles of an H x W image: (rows, cols, tile_h, tile_w, top, left) where rows / cols are
     plan_tiles lists on the canvas and (top, left) is where the image sits in it."""
-    divisor = models.SIZE_DIVISOR[model_name]
-    halo = halo_for(model_name) if halo is None else halo
+    divisor = size_divisor(model_name, options)
+    halo = halo_for(model_name, options) if halo is None else halo
     if tile_size < 2 * halo + divisor or tile_size % divisor:
         raise ValueError(f"tile size {tile_size}: must be a multiple of {divisor} and at least "
                          f"{2 * halo + divisor} for {model_name} (a halo of {halo} px per side)")
@@ -299,13 +308,13 @@ def tile_grid(height, width, model_name, tile_size, halo=None):
             min(tile_h, canvas_h), min(tile_w, canvas_w), top, left)
 
 
-def count_tiles(height, width, model_name, tile_size, halo=None):
-    rows, cols, *_ = tile_grid(height, width, model_name, tile_size, halo)
+def count_tiles(height, width, model_name, tile_size, halo=None, options=None):
+    rows, cols, *_ = tile_grid(height, width, model_name, tile_size, halo, options)
     return len(rows) * len(cols)
 
 
 def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=False, halo=None,
-               outputs=None, progress=None):
+               outputs=None, progress=None, options=None):
     """Predict ``image`` one row of tiles at a time.
 
     Args:
@@ -322,14 +331,15 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
       outputs: functions mapping a tile's kept float32 logits (h x w x K) to the arrays to keep
         (e.g. argmax class ids); default: the logits themselves.
       progress: called as progress(tiles_done, tiles_total) after every network call.
+      options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
     Yields:
       (row_start, row_stop, bands): image rows [row_start, row_stop) in order, covering the image
       once; ``bands`` holds one (rows x W x ...) array per output function.
     """
     height, width = image.shape[:2]
     outputs = outputs or [lambda logits: logits]
-    halo = halo_for(model_name) if halo is None else halo
-    rows, cols, tile_h, tile_w, top, left = tile_grid(height, width, model_name, tile_size, halo)
+    halo = halo_for(model_name, options) if halo is None else halo
+    rows, cols, tile_h, tile_w, top, left = tile_grid(height, width, model_name, tile_size, halo, options)
     total, done = len(rows) * len(cols), 0
     for row_start, keep_lo, keep_hi in rows:
         # Image rows of this band of canvas rows, read once (reflection only touches rows inside it).
@@ -368,7 +378,7 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
 
 
 def predict_image(forward, image, stats, model_name, tile_size, batch_size=1, tta=False, halo=None,
-                  progress=None):
+                  progress=None, options=None):
     """Logits of one whole image, exactly as inference.py computes them.
 
     Args:
@@ -379,6 +389,7 @@ def predict_image(forward, image, stats, model_name, tile_size, batch_size=1, tt
       tile_size: largest tile side; default_tile_size(model, model_name) gives inference's default.
       batch_size: tiles per network call.
       tta: average the softmax over the 8 flips / quarter turns.
+      options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
     Returns:
       float32 H x W x K logits (with tta or an ensemble: the log of the averaged softmax).
     """
@@ -386,7 +397,8 @@ def predict_image(forward, image, stats, model_name, tile_size, batch_size=1, tt
         image = np.asarray(image)[:, :, np.newaxis]
     out = None
     for row_lo, row_hi, (band,) in iter_bands(forward, image, stats, model_name, tile_size,
-                                              batch_size, tta, halo, progress=progress):
+                                              batch_size, tta, halo, progress=progress,
+                                              options=options):
         if out is None:
             out = np.empty((image.shape[0], image.shape[1], band.shape[-1]), np.float32)
         out[row_lo:row_hi] = band

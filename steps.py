@@ -95,38 +95,14 @@ def precision_policy(mixed_precision):
     return _POLICIES[mixed_precision]
 
 
-def make_optimizer(config):
-    """The optimizer of a run (created under the strategy's scope by the caller).
+def make_optimizer(config, steps_per_epoch=None):
+    """The optimizer of a TrainConfig run (created under the strategy's scope by the caller): the
+    one factory, optim.make_optimizer, with the settings train_config derives from the flags
+    (``steps_per_epoch`` turns --max_epochs into the schedule's run length)."""
+    import optim
+    import train_config
 
-    float16 needs dynamic loss scaling (its range ends at 65504, small gradients underflow);
-    bfloat16 has float32's range and needs none.
-    """
-    import keras
-
-    # Explicit names: checkpoints key optimizer variables by their paths (see checkpoints.py).
-    optimizer = keras.optimizers.Adam(learning_rate=config.learning_rate, name="adam")
-    if config.mixed_precision == "float16":
-        optimizer = _agreed_loss_scale_optimizer_class()(optimizer, name="loss_scale_optimizer")
-    return optimizer
-
-
-def _agreed_loss_scale_optimizer_class():
-    """keras.optimizers.LossScaleOptimizer whose skip/apply decision is the same on every replica.
-
-    Keras checks each tower's own, not yet summed gradients for inf/NaN and (in Keras 3.15) lets
-    each replica act on its own answer: when only one tower overflowed, the others applied a step
-    whose all-reduced gradients were not finite, and the loss scale was not lowered; with several
-    workers, one worker would skip while the others waited for it in the all-reduce. Combining the
-    flag over every replica of every worker first makes all of them skip (and halve the scale)
-    together.
-    """
-    import keras
-
-    class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
-        def check_finite(self, grads):
-            return distribute.all_replicas_true(super().check_finite(grads))
-
-    return AgreedLossScaleOptimizer
+    return optim.make_optimizer(train_config.optimizer_settings(config, steps_per_epoch))
 
 
 def make_train_step(strategy, model, optimizer, loss_name, number_classes, global_batch_size,

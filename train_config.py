@@ -2,6 +2,7 @@
 
     build_parser(model) -> argparse parser     config_from_args(model, args) -> TrainConfig
     read_database_metadata(path, role)         validate_config(config, train_meta, test_meta)
+    run_length(config, steps_per_epoch)        optimizer_settings(config, steps_per_epoch)
 
 Each field of ``TrainConfig`` carries its flag in its metadata (help text, type, choices); the
 parser is generated from the fields, so a new flag is one field and its default is written once
@@ -13,6 +14,7 @@ import math
 import os
 
 import augment
+import optim
 import records
 import steps
 
@@ -59,7 +61,30 @@ class TrainConfig:
     number_classes: int = flag("classes including background 0 (default %(default)s)", 2, kind=int)
     tile_size: int = flag("training crop and test tile size in pixels (default %(default)s; divisible "
                           "by {divisors})", 256, kind=int)
-    learning_rate: float = flag("Adam learning rate (default %(default)g)", 1e-4, kind=float)
+    learning_rate: float = flag("peak learning rate (default %(default)g), reached after --warmup_steps", 1e-4,
+                                kind=float)
+    optimizer: str = flag("adam, adamw (decoupled weight decay) or sgd (with --momentum, --nesterov) "
+                          "(default %(default)s)", "adam", choices=optim.OPTIMIZERS)
+    weight_decay: float = flag("decoupled weight decay per step, times the learning rate (adamw, sgd; "
+                               "default %(default)g)", 0.0, kind=float)
+    momentum: float = flag("SGD momentum (default %(default)g, nnU-Net's)", 0.99, kind=float)
+    nesterov: bool = flag("Nesterov momentum for SGD (default %(default)s)", True, kind="binary")
+    lr_schedule: str = flag("learning rate over the run: constant, cosine or poly ((1 - t)^0.9, nnU-Net's) "
+                            "decay to 0 at the run's end (--max_steps, or --max_epochs x steps per epoch) "
+                            "(default %(default)s)", "constant", choices=optim.SCHEDULES)
+    warmup_steps: int = flag("linear learning-rate warm-up over the first N steps (default %(default)s)", 0,
+                             kind=int)
+    max_steps: int = flag("stop after this many gradient steps (a test pass comes last); the run length "
+                          "of --lr_schedule (default: --max_epochs x steps per epoch)", kind=int)
+    foreground_crop_fraction: float = flag(
+        "share of training crops placed on a pixel of a foreground class drawn uniformly from the classes "
+        "in the record (with jitter); the others are uniform random crops (default %(default)g)", 0.0,
+        kind=float)
+    unet_depth: int = flag("UNet levels (poolings); the size divisor is 2^depth and the receptive field "
+                           "shrinks with it (default %(default)s)", 4, kind=int)
+    upsampling: str = flag("UNet decoder upsampling: 2x2 transposed conv, or bilinear x2 + 3x3 conv "
+                           "(NVIDIA's TinyUNet) (default %(default)s)", "transpose",
+                           choices=("transpose", "bilinear"))
     test_every_n_steps: int = flag("gradient steps between test passes (one 'epoch'); default: one "
                                    "pass over the training database", kind=int)
     early_stopping: int = flag("stop after this many epochs without a lower test loss (default "
@@ -178,8 +203,22 @@ def validate_config(config, train_metadata, test_metadata):
                           f"{', '.join(steps.MIXED_PRECISIONS)}")
     if config.loss not in steps.LOSSES:
         raise ConfigError(f"--loss {config.loss!r}: expected one of {', '.join(steps.LOSSES)}")
+    if config.max_steps is not None and config.max_steps < 1:
+        raise ConfigError(f"--max_steps {config.max_steps}: expected an integer >= 1")
+    if not 0.0 <= config.foreground_crop_fraction <= 1.0:
+        raise ConfigError(f"--foreground_crop_fraction {config.foreground_crop_fraction}: expected a share "
+                          "from 0 to 1")
+    # The run length in steps is known only with the towers (train() checks it again then); all that
+    # needs no run length, and a warm-up longer than --max_steps, is refused here already.
+    _check_optimizer_settings(optimizer_settings(config, None, check=False),
+                              config.max_steps or (math.inf if config.max_epochs else None))
+    options = model_options(config)
     try:
-        models.check_input_size(config.model, config.tile_size, config.tile_size)
+        models.check_options(config.model, **options)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    try:
+        models.check_input_size(config.model, config.tile_size, config.tile_size, **options)
     except ValueError as error:
         raise ConfigError(f"--tile_size {config.tile_size}: {error}") from None
     for role, metadata, path in (("train", train_metadata, config.train_database),
@@ -204,3 +243,40 @@ def validate_config(config, train_metadata, test_metadata):
         raise ConfigError(
             f"the training database has {train_metadata['channels']} channel(s), the test database "
             f"{test_metadata['channels']}: they must match")
+
+
+def model_options(config):
+    """The flags that shape the network, by config key (see models.OPTION_KEYS)."""
+    return {"unet_depth": config.unet_depth, "upsampling": config.upsampling}
+
+
+def run_length(config, steps_per_epoch):
+    """Steps the run lasts: --max_steps, --max_epochs x ``steps_per_epoch``, the smaller of the two when
+    both are given, or None (only early stopping ends the run)."""
+    lengths = [n for n in (config.max_steps,
+                           config.max_epochs * steps_per_epoch if config.max_epochs and steps_per_epoch else None)
+               if n]
+    return min(lengths) if lengths else None
+
+
+def optimizer_settings(config, steps_per_epoch, check=True):
+    """optim.OptimizerSettings of a run, or ConfigError naming the flag (unless ``check`` is False).
+
+    Args:
+      steps_per_epoch: gradient steps between test passes (turns --max_epochs into steps).
+    """
+    settings = optim.OptimizerSettings(
+        optimizer=config.optimizer, learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
+        warmup_steps=config.warmup_steps, total_steps=run_length(config, steps_per_epoch),
+        weight_decay=config.weight_decay, momentum=config.momentum, nesterov=bool(config.nesterov),
+        mixed_precision=config.mixed_precision)
+    if check:
+        _check_optimizer_settings(settings, settings.total_steps)
+    return settings
+
+
+def _check_optimizer_settings(settings, total_steps):
+    try:
+        optim.check_settings(dataclasses.replace(settings, total_steps=total_steps))
+    except ValueError as error:
+        raise ConfigError(str(error)) from None

@@ -26,13 +26,15 @@ import augment
 import checkpoints
 import distribute
 import evaluation
+import optim
 import outputs
 import records
 import steps
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
 from train_config import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                           ConfigError, TrainConfig, TrainingError, build_parser, config_from_args,
-                          read_database_metadata, validate_config)
+                          model_options, optimizer_settings, read_database_metadata, run_length,
+                          validate_config)
 
 
 def main(model_name, argv=None):
@@ -68,7 +70,8 @@ def build_model(config, input_channels):
     import models
 
     return models.build_model(config.model, config.number_classes, input_channels=input_channels,
-                              base_filters=config.base_filters, batch_norm=config.batch_norm)
+                              base_filters=config.base_filters, batch_norm=config.batch_norm,
+                              **model_options(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,15 +118,17 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     global_batch = config.batch_size * len(towers) * info.num_workers
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
+    optimizer_settings(config, steps_per_epoch)  # ConfigError (nothing written yet) for a warm-up past the end
     config_dict = dict(dataclasses.asdict(config), input_channels=input_channels, effective_batch=global_batch,
                        towers=towers, num_workers=info.num_workers,
                        reduction=distribute.reduction_in_use(towers, reduce_to, info.num_workers),
-                       steps_per_epoch=steps_per_epoch, tool_version=records.TOOL_VERSION,
+                       steps_per_epoch=steps_per_epoch, run_length=run_length(config, steps_per_epoch),
+                       tool_version=records.TOOL_VERSION,
                        train_database_fingerprint=fingerprints["train"],
                        test_database_fingerprint=fingerprints["test"])
     with strategy.scope():
         model = build_model(config, input_channels)
-        optimizer = steps.make_optimizer(config)
+        optimizer = steps.make_optimizer(config, steps_per_epoch)
         optimizer.build(model.trainable_variables)
     state, resumed = TrainState(), False
     if checkpoint_dir:
@@ -204,7 +209,8 @@ def make_train_reader(config, towers, info, start_step):
     try:
         train_reader = imagereader.ImageReader(
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
-            balance_classes=config.balance_classes, mode="train", augmentation=augmentation, seed=seed, **common)
+            balance_classes=config.balance_classes, mode="train", augmentation=augmentation, seed=seed,
+            foreground_crop_fraction=config.foreground_crop_fraction, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
     return train_reader
@@ -229,7 +235,7 @@ class Run:
                                                 global_batch, jit_compile=config.xla)
         self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
                                               config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers)
+                                              shard_count=info.num_workers, options=model_options(config))
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.stop = None
@@ -240,8 +246,12 @@ class Run:
         run_start, wall_before = time.perf_counter(), state.wall_time_s
         starvation_mark = self.train_reader.starvation_seconds
         while True:
-            # ---- train up to the step of the next test pass
+            if self.finished(state):  # a resumed run that had already run its last test pass
+                return "max_steps"
+            # ---- train up to the step of the next test pass (the last one comes at --max_steps)
             epoch_end = next_test_step(state, self.steps_per_epoch)
+            if self.config.max_steps:
+                epoch_end = min(epoch_end, self.config.max_steps)
             while state.step < epoch_end and not self.stop_requested():
                 if not self.train_one_step(state):
                     break
@@ -276,6 +286,16 @@ class Run:
                 return "early_stopping"
             if self.config.max_epochs and state.epoch >= self.config.max_epochs:
                 return "max_epochs"
+            if self.finished(state):
+                return "max_steps"
+
+    def finished(self, state):
+        """Whether --max_steps was reached and its test pass (the last one) done: passes come every
+        steps_per_epoch steps and once more at max_steps when that is not a multiple of it."""
+        last = self.config.max_steps
+        if not last or state.step < last:
+            return False
+        return state.epoch >= last // self.steps_per_epoch + (1 if last % self.steps_per_epoch else 0)
 
     def test_pass(self):
         """evaluation.Evaluator's pass over the whole test images, or None when a stop signal came on
@@ -301,10 +321,12 @@ class Run:
             if self.stop is not None and self.stop.requested:
                 return False
             raise
+        # The rate this update uses (optimizer.iterations == state.step before it), for the log.
+        rate = optim.current_learning_rate(self.optimizer) if self.logs_step(state.step + 1) else None
         loss = float(self.train_step(distribute.distribute_batches(self.strategy, batches)))
         self.check_finite(loss, state.step + 1)
         state.step += 1
-        self.log_step(state.step, loss, time.perf_counter() - step_start)
+        self.log_step(state.step, loss, time.perf_counter() - step_start, rate)
         return True
 
     def check_finite(self, loss, step):
@@ -315,14 +337,19 @@ class Run:
             raise TrainingError(f"the training loss became {loss} at step {step}; stopping: {kept}. "
                                 "Try a lower --learning_rate or another --loss")
 
-    def log_step(self, step, loss, step_time):
-        """train_loss.csv every step; a printed line and TensorBoard scalars every log_every_n_steps."""
+    def logs_step(self, step):
+        return step % self.config.log_every_n_steps == 0 and self.info.is_chief
+
+    def log_step(self, step, loss, step_time, learning_rate=None):
+        """train_loss.csv every step; a printed line and TensorBoard scalars (with the learning rate of
+        the step) every log_every_n_steps."""
         images_per_s = self.global_batch / step_time
         self.outputs.log_step(step, loss, step_time, images_per_s)
-        if step % self.config.log_every_n_steps == 0 and self.info.is_chief:
-            print(f"step {step:7d}  loss {loss:.4f}  step {step_time:.3f}s  {images_per_s:7.1f} img/s  "
-                  f"queue {self.train_reader.get_queue_size()}", flush=True)
-            self.outputs.log_scalars(step, {"train/loss": loss, "train/images_per_s": images_per_s})
+        if self.logs_step(step):
+            print(f"step {step:7d}  loss {loss:.4f}  lr {learning_rate:.6g}  step {step_time:.3f}s  "
+                  f"{images_per_s:7.1f} img/s  queue {self.train_reader.get_queue_size()}", flush=True)
+            self.outputs.log_scalars(step, {"train/loss": loss, "train/images_per_s": images_per_s,
+                                            "train/learning_rate": learning_rate})
 
     def print_test_line(self, state, row, improved, seconds):
         if self.info.is_chief:
@@ -408,6 +435,7 @@ class StopSignals:
 
 def _print_locations(output_dir, stop_reason, state, model_path):
     reasons = {"early_stopping": "early stopping", "max_epochs": "--max_epochs reached",
+               "max_steps": "--max_steps reached",
                "sigterm": "SIGTERM", "sigint": "SIGINT"}
     best = (f"best test loss {state.best_loss:.4g} at epoch {state.best_epoch}" if state.epoch
             else "no test pass yet")

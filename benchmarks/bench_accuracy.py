@@ -17,7 +17,15 @@ machine under light load (about 0.5 s per step) and about 14 minutes at a load a
 per step); reduce --max_epochs for a shorter run (the test Dice was already 0.94 after 300 steps).
 Skips (exit 0) when the data is not on this machine.
 
-Run from the repo root: .venv/bin/python benchmarks/bench_accuracy.py [--work_dir DIR]
+``--ablation`` measures the training recipe technique by technique instead (issue 15): every row
+adds one technique to the row before it (see ``ABLATION``) and trains for the same fixed budget
+(``AblationBudget``: fixed steps, one test pass at the end, the last checkpoint), on nist_colonies
+(80/20, seed 0) and on the synthetic demo data (demo_data.generate_demo_dataset, 48 images, 80/20,
+seed 0); every figure is computed from the masks inference.py writes for the whole test images. It
+prints one line per row, a summary and a markdown table (also written to WORK/ablation.md), and with
+``--ensemble`` adds a 3-seed ensemble of the last row (``inference.py --checkpoint_filepath A B C``).
+
+Run from the repo root: .venv/bin/python benchmarks/bench_accuracy.py [--work_dir DIR] [--ablation]
 """
 import argparse
 import dataclasses
@@ -35,6 +43,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import build_lmdb  # noqa: E402
+import demo_data  # noqa: E402
 import metrics  # noqa: E402
 import records  # noqa: E402
 
@@ -146,6 +155,234 @@ def run(config):
     return {"unet": unet, "otsu": otsu, "test_images": len(names), "steps": steps, "seconds": seconds}
 
 
+# ----------------------------------------------------------------------------------------------
+# The ablation: one technique at a time, same budget, both data sets
+# ----------------------------------------------------------------------------------------------
+
+# (row name, train_unet.py flags added to the previous row's, TTA at inference, cumulative).
+# A row that is not cumulative is an alternative to the row before it: its flags are not carried on.
+ABLATION = [
+    ("baseline: CE, Adam 1e-3 constant", ["--loss", "ce"], False, True),
+    ("+ CE + Dice loss", ["--loss", "ce+dice"], False, True),
+    ("+ poly LR decay, 10 % warm-up", ["--lr_schedule", "poly", "--warmup_steps", "{warmup}"], False, True),
+    ("+ elastic 0.04 (3 x 3 grid)", ["--elastic_augmentation_severity", "0.04",
+                                     "--elastic_augmentation_grid_points", "3"], False, True),
+    ("+ gamma 0.5 + contrast 0.25", ["--gamma_augmentation_severity", "0.5",
+                                     "--contrast_augmentation_severity", "0.25"], False, True),
+    ("+ foreground crops 0.33", ["--foreground_crop_fraction", "0.33"], False, True),
+    ("+ TTA (8 flips/rotations)", [], True, True),
+    ("  alt: UNet depth 3 + bilinear", ["--unet_depth", "3", "--upsampling", "bilinear"], True, False),
+]
+
+
+@dataclasses.dataclass
+class AblationBudget:
+    """The fixed training budget of every ablation row (the same for every row of a data set)."""
+    base_filters: int = 8
+    batch_size: int = 8
+    tile_size: int = 128
+    learning_rate: float = 1e-3
+    nist_steps: int = 300
+    demo_steps: int = 200
+    seed: int = 0
+
+
+def demo_databases(work_dir):
+    """The demo data (48 images of 256 px, seed 0) as 80/20 LMDBs. Returns (train, test, test images)."""
+    data = pathlib.Path(work_dir) / "demo_data"
+    if not (data / "images").is_dir():
+        demo_data.generate_demo_dataset(str(data), num_images=48, size=256, seed=0)
+    result = build_lmdb.build_databases(build_lmdb.BuildConfig(
+        image_folder=str(data / "images"), mask_folder=str(data / "masks"), output_folder=str(work_dir),
+        dataset_name="demo", train_fraction=0.8, seed=0), show_progress=False)
+    sources = records.read_metadata(result.paths["test"])["sources"]
+    return result.paths["train"], result.paths["test"], [s["image"] for s in sources]
+
+
+def ablation_flags(rows, budget, steps):
+    """The train_unet.py flags of each row: the budget, plus the techniques accumulated so far."""
+    common = ["--base_filters", budget.base_filters, "--batch_size", budget.batch_size, "--tile_size",
+              budget.tile_size, "--learning_rate", budget.learning_rate, "--max_steps", steps,
+              "--test_every_n_steps", steps, "--early_stopping", 1000, "--seed", budget.seed, "--gpus", "none",
+              "--log_every_n_steps", 50, "--reader_count", 1,
+              # Today's defaults for what the rows switch on, so each row differs by its technique only.
+              "--optimizer", "adam", "--lr_schedule", "constant", "--warmup_steps", 0,
+              "--foreground_crop_fraction", 0, "--unet_depth", 4, "--upsampling", "transpose",
+              "--elastic_augmentation_severity", 0, "--gamma_augmentation_severity", 0,
+              "--contrast_augmentation_severity", 0]
+    accumulated, result = [], []
+    for _, flags, _, cumulative in rows:
+        flags = [str(f).format(warmup=max(1, steps // 10)) for f in flags]
+        result.append([str(c) for c in common + accumulated + flags])
+        if cumulative:
+            accumulated = accumulated + flags
+    return result
+
+
+def score(truths, predictions, number_classes):
+    """Figures of predicted vs true masks: pooled foreground Dice (every object class vs background),
+    per-class Dice, mean IoU over classes pooled over all pixels and averaged over images."""
+    confusions = [metrics.confusion_matrix(t, p, number_classes) for t, p in zip(truths, predictions)]
+    pooled = sum(confusions)
+    foreground = np.array([[pooled[0, 0], pooled[0, 1:].sum()], [pooled[1:, 0].sum(), pooled[1:, 1:].sum()]])
+    return {"foreground_dice": float(metrics.per_class_dice(foreground)[1]),
+            "dice": [float(d) for d in metrics.per_class_dice(pooled)],
+            "mean_iou_pooled": float(metrics.mean_iou(pooled)),
+            "mean_iou_per_image": float(np.mean([metrics.mean_iou(c) for c in confusions]))}
+
+
+def segment(work, checkpoints, test_images, name, tta):
+    """inference.py's masks of the test images (by file name) and the seconds it took."""
+    import tifffile
+
+    image_folder = work / "test_images"
+    image_folder.mkdir(exist_ok=True)
+    for path in test_images:
+        link = image_folder / pathlib.Path(path).name
+        if not link.exists():
+            link.symlink_to(path)
+    output = work / f"predictions-{name}"
+    command = [sys.executable, "inference.py", "--checkpoint_filepath", *map(str, checkpoints),
+               "--image_folder", str(image_folder), "--output_folder", str(output), "--gpu", "-1"]
+    start = time.perf_counter()
+    run_tool(command + (["--tta"] if tta else []), work / f"inference-{name}.log")
+    seconds = time.perf_counter() - start
+    return {pathlib.Path(p).name: tifffile.imread(output / (pathlib.Path(p).stem + ".tif")) for p in test_images}, seconds
+
+
+def run_dataset(label, work, databases, number_classes, budget, steps):
+    """Every ablation row on one data set. Returns a list of result dicts, one per row."""
+    import tifffile
+
+    train_db, test_db, test_images = databases
+    names = [pathlib.Path(p).name for p in test_images]
+    masks = {pathlib.Path(s["image"]).name: s["mask"] for s in records.read_metadata(test_db)["sources"]}
+    truths = [tifffile.imread(masks[n]) for n in names]
+    results, previous = [], None
+    for index, ((row, flags, tta, _), command_flags) in enumerate(zip(ABLATION, ablation_flags(ABLATION, budget, steps))):
+        output_dir = work / f"row{index}"
+        train_seconds = 0.0
+        if flags or previous is None:  # a TTA-only row reuses the previous row's model
+            command = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
+                       "--output_dir", str(output_dir), "--number_classes", number_classes, *command_flags]
+            start = time.perf_counter()
+            run_tool([str(c) for c in command], work / f"train-row{index}.log")
+            train_seconds = time.perf_counter() - start
+            previous = output_dir
+        predicted, inference_seconds = segment(work, [previous / "checkpoints" / "latest"], test_images,
+                                               f"row{index}", tta)
+        figures = score(truths, [predicted[n] for n in names], number_classes)
+        result = dict(figures, data=label, row=row, train_s=train_seconds, inference_s=inference_seconds,
+                      steps=steps, model_dir=str(previous), command=command_flags)
+        results.append(result)
+        print(format_row(result), flush=True)
+    return results
+
+
+def run_ensemble(label, work, databases, number_classes, results, steps):
+    """Two more seeds of the last cumulative row, and the 3-model ensemble (``inference.py
+    --checkpoint_filepath A B C``) against its members. Returns the ensemble's result dict."""
+    import tifffile
+
+    train_db, test_db, test_images = databases
+    names = [pathlib.Path(p).name for p in test_images]
+    masks = {pathlib.Path(s["image"]).name: s["mask"] for s in records.read_metadata(test_db)["sources"]}
+    truths = [tifffile.imread(masks[n]) for n in names]
+    final = next(r for r in reversed(results) if not r["row"].startswith("  alt"))
+    final_index = results.index(final)
+    members = [pathlib.Path(final["model_dir"])]
+    train_seconds = 0.0
+    for seed in (1, 2):
+        output_dir = work / f"seed{seed}"
+        command_flags = list(final["command"])
+        command_flags[command_flags.index("--seed") + 1] = str(seed)
+        command = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
+                   "--output_dir", str(output_dir), "--number_classes", number_classes, *command_flags]
+        start = time.perf_counter()
+        run_tool([str(c) for c in command], work / f"train-seed{seed}.log")
+        train_seconds += time.perf_counter() - start
+        members.append(output_dir)
+    tta = ABLATION[final_index][2]
+    member_scores = []
+    for k, member in enumerate(members[1:], 1):
+        predicted, _ = segment(work, [member / "checkpoints" / "latest"], test_images, f"seed{k}", tta)
+        member_scores.append(score(truths, [predicted[n] for n in names], number_classes))
+    predicted, inference_seconds = segment(work, [m / "checkpoints" / "latest" for m in members], test_images,
+                                           "ensemble", tta)
+    figures = score(truths, [predicted[n] for n in names], number_classes)
+    members_dice = [final["foreground_dice"]] + [m["foreground_dice"] for m in member_scores]
+    result = dict(figures, data=label, row="  ensemble of 3 seeds of the last row", train_s=train_seconds,
+                  inference_s=inference_seconds, steps=steps, members_foreground_dice=members_dice,
+                  model_dir=None, command=None)
+    print(format_row(result) + "  members " + " ".join(f"{d:.4f}" for d in members_dice), flush=True)
+    return result
+
+
+def format_row(r):
+    per_class = " ".join(f"{d:.4f}" for d in r["dice"][1:])
+    return (f"{r['data']:5s} {r['row']:36s} fg Dice {r['foreground_dice']:.4f}  class Dice {per_class}  "
+            f"mIoU pooled {r['mean_iou_pooled']:.4f} per image {r['mean_iou_per_image']:.4f}  "
+            f"train {r['train_s']:.0f} s  inference {r['inference_s']:.0f} s")
+
+
+def markdown_table(results, budget):
+    """The ablation as a README table: one line per row, nist and demo figures side by side."""
+    rows = {}
+    for r in results:
+        rows.setdefault(r["row"], {})[r["data"]] = r
+    lines = ["| row | nist fg Dice | nist mIoU per image / pooled | nist train / infer s | demo fg Dice | "
+             "demo Dice colony / cell (mean) | demo mIoU per image / pooled | demo train / infer s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for row, by_data in rows.items():
+        cells = [row.strip()]
+        for data in ("nist", "demo"):
+            r = by_data.get(data)
+            if r is None:
+                cells += ["-"] * (3 if data == "nist" else 4)
+                continue
+            cells.append(f"{r['foreground_dice']:.4f}")
+            if data == "demo":
+                first, second = r["dice"][1], r["dice"][2]
+                cells.append(f"{first:.3f} / {second:.3f} ({(first + second) / 2:.3f})")
+            cells.append(f"{r['mean_iou_per_image']:.4f} / {r['mean_iou_pooled']:.4f}")
+            cells.append(f"{r['train_s']:.0f} / {r['inference_s']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Budget per row: UNet base_filters {budget.base_filters}, batch {budget.batch_size}, "
+                 f"{budget.tile_size} px crops, peak learning rate {budget.learning_rate:g}, "
+                 f"{budget.nist_steps} steps on nist_colonies, {budget.demo_steps} on the demo data, one CPU "
+                 "device (2 cores), last checkpoint; a TTA row reuses the row above's model (train 0 s).")
+    return "\n".join(lines)
+
+
+def run_ablation(work_dir, budget, ensemble, datasets=("nist", "demo")):
+    """Both data sets, every row. Returns (results, markdown table)."""
+    work = pathlib.Path(work_dir)
+    results = []
+    start = time.perf_counter()
+    if "nist" in datasets:
+        (work / "nist").mkdir(parents=True, exist_ok=True)
+        nist = build_databases(work / "nist")
+        results += run_dataset("nist", work / "nist", nist, 2, budget, budget.nist_steps)
+    if "demo" in datasets:
+        (work / "demo").mkdir(parents=True, exist_ok=True)
+        results += run_dataset("demo", work / "demo", demo_databases(work / "demo"), 3, budget,
+                               budget.demo_steps)
+    if ensemble and "nist" in datasets:  # last: the ablation's table is complete without it
+        nist_rows = [r for r in results if r["data"] == "nist"]
+        results.append(run_ensemble("nist", work / "nist", nist, 2, nist_rows, budget.nist_steps))
+    table = markdown_table(results, budget)
+    with open(work / "ablation.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(work / "ablation.md", "w") as f:
+        f.write(table + "\n")
+    print(f"\nablation summary ({time.perf_counter() - start:.0f} s wall, load avg {os.getloadavg()[0]:.1f}):")
+    for r in results:
+        print("  " + format_row(r))
+    print("\n" + table)
+    return results, table
+
+
 def main(argv=None):
     defaults = AccuracyConfig(work_dir="")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -159,12 +396,29 @@ def main(argv=None):
                         help=f"default {defaults.learning_rate}")
     parser.add_argument("--otsu_sigma", type=float, default=defaults.otsu_sigma,
                         help=f"Gaussian sigma in pixels before Otsu (default {defaults.otsu_sigma})")
+    budget = AblationBudget()
+    parser.add_argument("--ablation", action="store_true", help="the technique-by-technique ablation "
+                        "(on nist_colonies and the demo data) instead of one run")
+    parser.add_argument("--ensemble", action="store_true", help="with --ablation: also a 3-seed ensemble of "
+                        "the last row on nist_colonies")
+    parser.add_argument("--nist_steps", type=int, default=budget.nist_steps,
+                        help=f"with --ablation: steps per row on nist_colonies (default {budget.nist_steps})")
+    parser.add_argument("--demo_steps", type=int, default=budget.demo_steps,
+                        help=f"with --ablation: steps per row on the demo data (default {budget.demo_steps})")
     args = parser.parse_args(argv)
     if not (DATA / "images").is_dir() or not (DATA / "masks").is_dir():
         print(f"accuracy: skipped, the nist_colonies data is not at {DATA} (it ships only with the "
               "development machines)")
         return
-    values = {k: v for k, v in vars(args).items() if k != "work_dir"}
+    if args.ablation:
+        budget = AblationBudget(nist_steps=args.nist_steps, demo_steps=args.demo_steps)
+        with tempfile.TemporaryDirectory(prefix="bench_ablation-") as tmp:
+            work_dir = args.work_dir or tmp
+            os.makedirs(work_dir, exist_ok=True)
+            run_ablation(work_dir, budget, args.ensemble)
+        return
+    values = {k: v for k, v in vars(args).items()
+              if k not in ("work_dir", "ablation", "ensemble", "nist_steps", "demo_steps")}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy-") as tmp:
         work_dir = args.work_dir or tmp
         os.makedirs(work_dir, exist_ok=True)

@@ -1,13 +1,22 @@
 """Segmentation networks and the one registry of them.
 
 Each model is one module ``models/<name>.py`` exporting:
-  build(number_classes, input_channels=1, base_filters=64, input_size=None, batch_norm=True)
+  build(number_classes, input_channels=1, base_filters=64, input_size=None, batch_norm=True, **options)
       -> keras.Model named <name> (float32 (B, H, W, C) -> float32 logits (B, H, W, number_classes))
-  SIZE_DIVISOR      H and W must be multiples of it (the product of the pooling factors)
-  receptive_field() side in input pixels of what one output pixel sees (see models.unet)
+  SIZE_DIVISOR      H and W must be multiples of it (the product of the pooling factors) at the default
+                    options; ``size_divisor(**options)`` when the options change it
+  receptive_field(**options)  side in input pixels of what one output pixel sees (see models.unet)
   XLA_PROBLEM       None if XLA can compile the model, else why not (shown when --xla is refused)
+  OPTIONS           optional: {training-config key: (builder argument, default)} of the options that
+                    shape the network (UNet: unet_depth -> depth, upsampling)
 Adding a model is that file plus its name in ``MODEL_NAMES``; the trainer, the ``--xla`` check,
 inference and launch_train_sbatch.sh read this registry.
+
+The functions that depend on a network's shape (``size_divisor``, ``receptive_field``,
+``check_input_size``, ``build_model``) take the options as keyword arguments under their config keys,
+so a whole training config.json can be passed: ``models.size_divisor(name, **config)``; keys that do
+not shape model ``name`` are ignored, missing ones take the default (config.json files written before
+the options existed rebuild the network they describe).
 
 Importing this package registers the custom SegNet layers with Keras, so a saved ``.keras`` model
 loads with ``keras.saving.load_model`` after ``import models``.
@@ -18,13 +27,16 @@ from models.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D, check_divisibl
 
 MODEL_NAMES = ("unet", "segnet")
 _MODULES = {name: importlib.import_module(f"models.{name}") for name in MODEL_NAMES}
+# Divisors at the default options; size_divisor(name, **config) for the others.
 SIZE_DIVISOR = {name: module.SIZE_DIVISOR for name, module in _MODULES.items()}
-# The training-config keys that describe a network; build_from_config needs exactly these.
+# The training-config keys that every network needs; build_from_config needs exactly these (plus
+# the optional shape options of OPTION_KEYS, which default to today's networks).
 CONFIG_KEYS = ("model", "number_classes", "input_channels", "base_filters", "batch_norm")
+OPTION_KEYS = tuple(sorted({key for module in _MODULES.values() for key in getattr(module, "OPTIONS", {})}))
 
-__all__ = ["CONFIG_KEYS", "MODEL_NAMES", "SIZE_DIVISOR", "MaxPoolingWithArgmax2D", "MaxUnpooling2D",
-           "build_from_config", "build_model", "check_input_size", "check_name", "receptive_field",
-           "xla_problem"]
+__all__ = ["CONFIG_KEYS", "MODEL_NAMES", "OPTION_KEYS", "SIZE_DIVISOR", "MaxPoolingWithArgmax2D",
+           "MaxUnpooling2D", "build_from_config", "build_model", "check_input_size", "check_name",
+           "check_options", "model_options", "options_of", "receptive_field", "size_divisor", "xla_problem"]
 
 
 def check_name(name):
@@ -33,43 +45,92 @@ def check_name(name):
         raise ValueError(f"model {name!r}: expected one of {', '.join(MODEL_NAMES)}")
 
 
+def model_options(name, **config):
+    """The builder keyword arguments of model ``name`` from config keys (defaults filled in; keys of
+    other models and None values ignored), e.g. unet: {"depth": 4, "upsampling": "transpose"}."""
+    check_name(name)
+    options = {}
+    for key, (argument, default) in getattr(_MODULES[name], "OPTIONS", {}).items():
+        value = config.get(key)
+        options[argument] = default if value is None else value
+    return options
+
+
+def check_options(name, **config):
+    """ValueError naming the flag when a shape option cannot be built, or is set away from its default
+    for a model it does not apply to (e.g. --unet_depth 3 with segnet)."""
+    check_name(name)
+    own = getattr(_MODULES[name], "OPTIONS", {})
+    for module_name, module in _MODULES.items():
+        for key, (_, default) in getattr(module, "OPTIONS", {}).items():
+            value = config.get(key)
+            if key not in own and value is not None and value != default:
+                raise ValueError(f"--{key} {value} applies to {module_name} only, not to {name}; leave it "
+                                 f"at its default ({default})")
+    if hasattr(_MODULES[name], "check_options"):
+        _MODULES[name].check_options(**model_options(name, **config))
+
+
 def build_model(name, number_classes, input_channels=1, base_filters=64, input_size=None,
-                batch_norm=True):
-    """Build the registered network ``name``; see ``models.unet.build_unet`` for the arguments.
+                batch_norm=True, **options):
+    """Build the registered network ``name``; see ``models.unet.build_unet`` for the arguments and
+    ``OPTION_KEYS`` for ``options`` (e.g. unet_depth=3, upsampling="bilinear").
     Returns a keras.Model named ``name`` mapping float32 (B, H, W, C) to float32 logits
     (B, H, W, number_classes)."""
-    check_name(name)
+    check_options(name, **options)
     return _MODULES[name].build(number_classes, input_channels=input_channels, base_filters=base_filters,
-                                input_size=input_size, batch_norm=batch_norm)
+                                input_size=input_size, batch_norm=batch_norm,
+                                **model_options(name, **options))
 
 
 def build_from_config(config):
-    """The network a training ``config.json`` dict describes (``CONFIG_KEYS``); KeyError/ValueError
-    when a key is missing or the model is unknown."""
+    """The network a training ``config.json`` dict describes (``CONFIG_KEYS``, and ``OPTION_KEYS`` when
+    present); KeyError/ValueError when a key is missing or the model is unknown."""
     missing = [key for key in CONFIG_KEYS if key not in config]
     if missing:
         raise KeyError(f"lacks {', '.join(missing)} (needed to rebuild the model)")
     return build_model(config["model"], int(config["number_classes"]),
                        input_channels=int(config["input_channels"]),
-                       base_filters=int(config["base_filters"]), batch_norm=bool(config["batch_norm"]))
+                       base_filters=int(config["base_filters"]), batch_norm=bool(config["batch_norm"]),
+                       **{key: config[key] for key in OPTION_KEYS if key in config})
 
 
-def check_input_size(name, height, width):
-    """Raise ValueError unless an H x W input suits model ``name`` (both divisible by
-    ``SIZE_DIVISOR[name]``); the message gives the divisor and the nearest valid sizes."""
-    check_name(name)
-    check_divisible(name, height, width, SIZE_DIVISOR[name])
+def size_divisor(name, **config):
+    """H and W of model ``name`` with these shape options must be multiples of this (16 for the
+    default unet, 8 for unet_depth=3, 32 for segnet)."""
+    check_options(name, **config)
+    module = _MODULES[name]
+    if hasattr(module, "size_divisor"):
+        return module.size_divisor(**model_options(name, **config))
+    return module.SIZE_DIVISOR
 
 
-def receptive_field(name):
+def check_input_size(name, height, width, **config):
+    """Raise ValueError unless an H x W input suits model ``name`` with these shape options (both
+    divisible by ``size_divisor(name, **config)``); the message gives the divisor and the nearest
+    valid sizes."""
+    check_divisible(name, height, width, size_divisor(name, **config))
+
+
+def receptive_field(name, **config):
     """Theoretical receptive field of model ``name`` in input pixels: the side of the largest square of
-    input pixels one output pixel depends on (ignoring image borders): 204 for unet, 404 for segnet.
+    input pixels one output pixel depends on (ignoring image borders): 204 for the default unet, 404 for
+    segnet (see ``models.unet.receptive_field`` for other depths and the upsampling kinds).
     The range sits off-centre by less than one pooling period, so a tile whose origin is a multiple of
-    ``SIZE_DIVISOR[name]`` predicts exactly what the whole image would beyond
-    ``receptive_field(name) // 2 + SIZE_DIVISOR[name]`` pixels from its edges (107 and 211 suffice).
-    See ``models.unet.receptive_field`` for the method."""
-    check_name(name)
-    return _MODULES[name].receptive_field()
+    ``size_divisor(name, **config)`` predicts exactly what the whole image would beyond
+    ``receptive_field(name, **config) // 2 + size_divisor(name, **config)`` pixels from its edges
+    (107 and 211 suffice at the defaults). See ``models.unet.receptive_field`` for the method."""
+    check_options(name, **config)
+    return _MODULES[name].receptive_field(**model_options(name, **config))
+
+
+def options_of(model):
+    """The shape options (config keys of ``OPTION_KEYS``) of a built registry model, read from the
+    model itself: what ``size_divisor(model.name, **options_of(model))`` needs when only a .keras file
+    is at hand. Empty for a model without options."""
+    check_name(model.name)
+    module = _MODULES[model.name]
+    return module.options_of(model) if hasattr(module, "options_of") else {}
 
 
 def xla_problem(name):

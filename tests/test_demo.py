@@ -56,6 +56,11 @@ def test_quick_demo_writes_figure_predictions_and_metrics(quick_run):
         pathlib.Path(s["image"]).stem + ".tif" for s in sources)
 
     assert (output_dir / "training" / "model.keras").is_file()
+    # The demo trains with the recipe's schedule over exactly its steps.
+    import json
+    trained = json.loads((output_dir / "training" / "config.json").read_text())
+    assert (trained["lr_schedule"], trained["warmup_steps"]) == (config.lr_schedule, config.warmup_steps)
+    assert trained["run_length"] == config.steps_per_epoch * config.max_epochs
     assert (output_dir / "training" / "plots" / "loss.png").is_file()
     assert re.search(r"^  loss \d+\.\d{4}  pixel accuracy [01]\.\d{4}  mean IoU [01]\.\d{4}$", stdout, re.M)
     match = re.search(r"^  foreground Dice ([01]\.\d{4})  pixel accuracy ([01]\.\d{4})", stdout, re.M)

@@ -173,14 +173,14 @@ def test_receptive_field_values():
     assert models.receptive_field("segnet") == 404
 
 
-def _gradient_extent(name, size, position, batch=8):
+def _gradient_extent(name, size, position, batch=8, **options):
     """Rows and columns of a (size x size) input that reach output pixel (position, position) by a
     non-zero gradient, for a batch-norm-free model with random positive conv weights (mean 1/fan_in,
     so activations stay O(1)) and zero biases on positive random images: every ReLU passes, so no path
     is cut and only max-pooling decides which pixels are seen; the batch and the many rows let every
     column of a pooling window win somewhere."""
     rng = np.random.default_rng(0)
-    model = models.build_model(name, 1, base_filters=2, batch_norm=False)
+    model = models.build_model(name, 1, base_filters=2, batch_norm=False, **options)
     for layer in model.layers:
         if isinstance(layer, keras.layers.Conv2DTranspose):
             fan_in = layer.kernel.shape[3]  # kernel (k, k, out, in); stride == k: one input pixel each
@@ -202,19 +202,20 @@ def _gradient_extent(name, size, position, batch=8):
     return rows.max() - rows.min() + 1, columns.max() - columns.min() + 1
 
 
-@pytest.mark.parametrize("name, size, position", [
-    ("unet", 256, 128 + 2),      # 2 mod 16: a position where the analytic range is widest
-    ("segnet", 448, 224 + 6),    # 6 mod 32: likewise
+@pytest.mark.parametrize("name, size, position, options", [
+    ("unet", 256, 128 + 2, {}),      # 2 mod 16: a position where the analytic range is widest
+    ("segnet", 448, 224 + 6, {}),    # 6 mod 32: likewise
+    ("unet", 192, 96 + 2, {"unet_depth": 3, "upsampling": "bilinear"}),
 ])
-def test_receptive_field_matches_gradient_experiment(name, size, position):
-    analytic = models.receptive_field(name)
-    extents = _gradient_extent(name, size, position)
+def test_receptive_field_matches_gradient_experiment(name, size, position, options):
+    analytic = models.receptive_field(name, **options)
+    extents = _gradient_extent(name, size, position, **options)
     # A gradient can only show part of the true field. For UNet it shows all of it. A SegNet pixel
     # unpooled at the deepest level also depends on the encoder pixel that *lost* its argmax (it decides
     # where the value goes) with no gradient, which hides one 16-px cell (388 of 404 are visible); the
     # argmax draw may hide a little more, so allow one pooling period.
     for extent in extents:
-        assert analytic - models.SIZE_DIVISOR[name] <= extent <= analytic
+        assert analytic - models.size_divisor(name, **options) <= extent <= analytic
         if name == "unet":
             assert extent == analytic
 
@@ -238,3 +239,63 @@ def test_build_from_config_needs_every_config_key():
     assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in model.layers)
     with pytest.raises(KeyError, match="lacks base_filters"):
         models.build_from_config({k: v for k, v in config.items() if k != "base_filters"})
+
+
+def test_unet_depth_and_upsampling_shape_the_network():
+    model = models.build_model("unet", 3, input_channels=2, base_filters=2, unet_depth=3, upsampling="bilinear")
+    images = _images((2, 40, 24, 2))  # multiples of 8, not of 16
+    assert tuple(model(images).shape) == (2, 40, 24, 3)
+    names = {layer.name for layer in model.layers}
+    assert "enc3_pool" in names and "enc4_conv1" not in names and "dec3_upsample" in names
+    assert not any(isinstance(layer, keras.layers.Conv2DTranspose) for layer in model.layers)
+    # Depth 3 halves the divisor and shrinks the receptive field; bilinear + 3x3 conv widens it.
+    assert models.size_divisor("unet", unet_depth=3) == 8 and models.size_divisor("unet") == 16
+    assert models.receptive_field("unet", unet_depth=3) == 100
+    assert models.receptive_field("unet", unet_depth=3, upsampling="bilinear") == 124
+    assert models.receptive_field("unet", unet_depth=4, upsampling="transpose") == 204
+    models.check_input_size("unet", 40, 24, unet_depth=3)
+    with pytest.raises(ValueError, match="divisible by 8.*height 36 -> use 32 or 40"):
+        models.check_input_size("unet", 36, 24, unet_depth=3)
+    # A whole config.json may be passed: keys of other models are ignored, missing ones default.
+    config = {"model": "unet", "number_classes": 2, "input_channels": 1, "base_filters": 2,
+              "batch_norm": True, "unet_depth": 3, "upsampling": "bilinear", "tile_size": 64}
+    rebuilt = models.build_from_config(config)
+    assert [w.shape for w in rebuilt.weights] == [w.shape for w in
+                                                  models.build_model("unet", 2, base_filters=2, unet_depth=3,
+                                                                     upsampling="bilinear").weights]
+    # A segnet config.json records the unet options at their defaults.
+    assert models.size_divisor("segnet", **config | {"unet_depth": 4, "upsampling": "transpose"}) == 32
+
+
+def test_bad_unet_options_name_the_flag():
+    with pytest.raises(ValueError, match="--unet_depth 0: expected an integer from 1 to 6"):
+        models.build_model("unet", 2, unet_depth=0)
+    with pytest.raises(ValueError, match="--upsampling 'nearest': expected one of transpose, bilinear"):
+        models.size_divisor("unet", upsampling="nearest")
+    with pytest.raises(ValueError, match="--unet_depth 3 applies to unet only, not to segnet"):
+        models.build_model("segnet", 2, unet_depth=3)
+
+
+def test_bilinear_unet_traces_for_any_size_and_round_trips_through_keras_file(tmp_path):
+    model = models.build_model("unet", 2, base_filters=2, unet_depth=3, upsampling="bilinear")
+    # What inference does: one tf.function for every tile size (unknown H, W when traced).
+    forward = tf.function(lambda x: model(x, training=False),
+                          input_signature=[tf.TensorSpec((None, None, None, 1), tf.float32)])
+    for height, width in ((16, 24), (40, 8)):
+        images = _images((1, height, width, 1))
+        np.testing.assert_allclose(forward(images).numpy(), model(images, training=False).numpy(), atol=1e-6)
+        assert forward(images).shape == (1, height, width, 2)
+    # The layer upsamples exactly like tf.image.resize's bilinear mode (half-pixel centres).
+    features = _images((1, 5, 3, 2))
+    upsample = model.get_layer("dec1_upsample")
+    np.testing.assert_allclose(upsample(features).numpy(),
+                               tf.image.resize(features, (10, 6), method="bilinear").numpy(), atol=1e-6)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.saving.load_model(tmp_path / "m.keras")
+    # A .keras file alone tells its shape options (inference needs them for the divisor and halo).
+    assert models.options_of(loaded) == {"unet_depth": 3, "upsampling": "bilinear"}
+    assert models.options_of(models.build_model("unet", 2, base_filters=2)) == {"unet_depth": 4,
+                                                                                 "upsampling": "transpose"}
+    assert models.options_of(models.build_model("segnet", 2, base_filters=2)) == {}
+    images = _images((2, 32, 16, 1))
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)

@@ -196,3 +196,21 @@ def test_default_tile_size_follows_the_memory():
     assert predictor.default_tile_size([small, wide], "unet", memory_bytes=gib) == \
         predictor.default_tile_size(wide, "unet", memory_bytes=gib)
     assert predictor.available_memory_bytes() > 0
+
+
+def test_shallower_unet_tiles_on_its_own_divisor_and_halo():
+    # --unet_depth 3 --upsampling bilinear: divisor 8 and a smaller halo; tiling must use them.
+    options = {"unet_depth": 3, "upsampling": "bilinear"}
+    assert predictor.size_divisor("unet", options) == 8
+    assert predictor.halo_for("unet", options) < predictor.halo_for("unet")
+    keras.utils.set_random_seed(5)
+    model = models.build_model("unet", CLASSES, input_channels=1, base_filters=2, **options)
+    forward = predictor.make_predictor(model)
+    image = np.random.default_rng(5).gamma(2.0, 300.0, size=(203, 310, 1)).astype(np.float32)
+    stats = normalization.channel_statistics(image)
+    tile = predictor.smallest_tile("unet", options) + 8
+    whole = predictor.predict_image(forward, image, stats, "unet", tile_size=1024, options=options)
+    tiled = predictor.predict_image(forward, image, stats, "unet", tile_size=tile, options=options)
+    assert predictor.count_tiles(203, 310, "unet", tile, options=options) > 2
+    np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(whole, whole_image_logits(model, image, 8), atol=1e-5, rtol=0)

@@ -105,3 +105,61 @@ def test_too_few_classes_for_0_255_masks_names_the_likely_cause(tmp_path):
     config = TrainConfig("unet", str(tmp_path / "binary"), str(tmp_path / "binary"), str(tmp_path / "o"), tile_size=32)
     with pytest.raises(ConfigError, match=r"--number_classes 2 is too small.*labels \[0, 255\].*0/255.*0/1"):
         train_config.validate_config(config, meta, meta)
+
+
+def test_recipe_flags_parse_into_the_config():
+    parser = train_config.build_parser("unet")
+    args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c",
+                              "--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "0", "--weight_decay",
+                              "3e-5", "--lr_schedule", "poly", "--warmup_steps", "20", "--max_steps", "400",
+                              "--foreground_crop_fraction", "0.33", "--unet_depth", "3", "--upsampling",
+                              "bilinear"])
+    config = train_config.config_from_args("unet", args)
+    assert (config.optimizer, config.momentum, config.nesterov, config.weight_decay) == ("sgd", 0.9, False, 3e-5)
+    assert (config.lr_schedule, config.warmup_steps, config.max_steps) == ("poly", 20, 400)
+    assert (config.foreground_crop_fraction, config.unet_depth, config.upsampling) == (0.33, 3, "bilinear")
+    settings = train_config.optimizer_settings(config, steps_per_epoch=50)
+    assert (settings.optimizer, settings.total_steps, settings.nesterov) == ("sgd", 400, False)
+    # --max_epochs x steps per epoch is the run length; with both, the shorter one.
+    assert train_config.run_length(dataclasses.replace(config, max_steps=None, max_epochs=3), 50) == 150
+    assert train_config.run_length(dataclasses.replace(config, max_epochs=3), 100) == 300
+    assert train_config.run_length(dataclasses.replace(config, max_steps=None), 100) is None
+    for bad in (["--optimizer", "lamb"], ["--lr_schedule", "step"], ["--upsampling", "nearest"], ["--nesterov", "2"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c", *bad])
+
+
+def test_recipe_flag_values_are_validated_by_name(tmp_path):
+    import records
+
+    make_synthetic_db(tmp_path / "db", num_records=3, shape=(40, 40), seed=0)
+    meta = records.read_metadata(str(tmp_path / "db"))
+
+    def check(**values):
+        config = TrainConfig("unet", str(tmp_path / "db"), str(tmp_path / "db"), str(tmp_path / "o"),
+                             tile_size=40, **{"unet_depth": 3, **values})
+        train_config.validate_config(config, meta, meta)
+
+    check()  # 40 px tiles suit a depth-3 UNet (divisor 8) ...
+    with pytest.raises(ConfigError, match=r"--tile_size 40: unet needs .*divisible by 16"):
+        check(unet_depth=4)  # ... but not the default depth 4
+    with pytest.raises(ConfigError, match=r"--unet_depth 0: expected an integer from 1 to 6"):
+        check(unet_depth=0)
+    with pytest.raises(ConfigError, match=r"--lr_schedule cosine decays over the run.*--max_steps, or --max_epochs"):
+        check(lr_schedule="cosine")
+    check(lr_schedule="cosine", max_epochs=5)
+    with pytest.raises(ConfigError, match=r"--warmup_steps 100 must be smaller than the run length \(100 steps\)"):
+        check(lr_schedule="poly", warmup_steps=100, max_steps=100)
+    with pytest.raises(ConfigError, match=r"--weight_decay needs --optimizer adamw or sgd"):
+        check(weight_decay=1e-4)
+    check(weight_decay=1e-4, optimizer="adamw")
+    with pytest.raises(ConfigError, match=r"--momentum 1.0: expected a value in \[0, 1\)"):
+        check(optimizer="sgd", momentum=1.0)
+    with pytest.raises(ConfigError, match=r"--max_steps 0: expected an integer >= 1"):
+        check(max_steps=0)
+    with pytest.raises(ConfigError, match=r"--foreground_crop_fraction 1.5: expected a share from 0 to 1"):
+        check(foreground_crop_fraction=1.5)
+    config = TrainConfig("segnet", str(tmp_path / "db"), str(tmp_path / "db"), str(tmp_path / "o"), tile_size=32,
+                         upsampling="bilinear")
+    with pytest.raises(ConfigError, match=r"--upsampling bilinear applies to unet only, not to segnet"):
+        train_config.validate_config(config, meta, meta)
