@@ -67,6 +67,10 @@ class DemoConfig:
     learning_rate: float = 1e-3
     lr_schedule: str = "poly"
     warmup_steps: int = 30
+    # A 3-level UNet with bilinear upsampling (NVIDIA's TinyUNet) learned the demo data much faster
+    # than the 4-level one in the README's ablation (foreground Dice 0.77 vs 0.57 after 100 steps).
+    unet_depth: int = 3
+    upsampling: str = "bilinear"
     # Cells cover under 2 % of the pixels; the Dice term keeps the rare class from being ignored.
     loss: str = "ce+dice"
 
@@ -182,10 +186,12 @@ def train(config, databases):
         "--tile_size", config.tile_size, "--batch_size", config.batch_size,
         "--test_every_n_steps", config.steps_per_epoch, "--max_epochs", config.max_epochs,
         "--learning_rate", config.learning_rate, "--lr_schedule", config.lr_schedule,
-        "--warmup_steps", config.warmup_steps, "--loss", config.loss, "--seed", config.seed,
+        "--warmup_steps", config.warmup_steps, "--unet_depth", config.unet_depth,
+        "--upsampling", config.upsampling, "--loss", config.loss, "--seed", config.seed,
         "--log_every_n_steps", max(1, config.steps_per_epoch // 2)]
     steps = config.steps_per_epoch * config.max_epochs
-    print(f"[3] training a UNet ({config.base_filters} base filters, {config.tile_size} px tiles, "
+    print(f"[3] training a {config.unet_depth}-level UNet ({config.base_filters} base filters, "
+          f"{config.upsampling} upsampling, {config.tile_size} px tiles, "
           f"{config.batch_size} per tower x {config.towers} CPU towers) for {steps} steps; "
           f"log: {os.path.join(config.logs_dir, 'train.log')}", flush=True)
     run_logged(command, os.path.join(config.logs_dir, "train.log"), "train_unet.py")

@@ -61,7 +61,7 @@ class TrainConfig:
     number_classes: int = flag("classes including background 0 (default %(default)s)", 2, kind=int)
     tile_size: int = flag("training crop and test tile size in pixels (default %(default)s; divisible "
                           "by {divisors})", 256, kind=int)
-    learning_rate: float = flag("peak learning rate (default %(default)g), reached after --warmup_steps", 1e-4,
+    learning_rate: float = flag("peak learning rate (default %(default)g), reached after --warmup_steps", 1e-3,
                                 kind=float)
     optimizer: str = flag("adam, adamw (decoupled weight decay) or sgd (with --momentum, --nesterov) "
                           "(default %(default)s)", "adam", choices=optim.OPTIMIZERS)
@@ -71,15 +71,16 @@ class TrainConfig:
     nesterov: bool = flag("Nesterov momentum for SGD (default %(default)s)", True, kind="binary")
     lr_schedule: str = flag("learning rate over the run: constant, cosine or poly ((1 - t)^0.9, nnU-Net's) "
                             "decay to 0 at the run's end (--max_steps, or --max_epochs x steps per epoch) "
-                            "(default %(default)s)", "constant", choices=optim.SCHEDULES)
-    warmup_steps: int = flag("linear learning-rate warm-up over the first N steps (default %(default)s)", 0,
-                             kind=int)
+                            "(default: poly when the run has a length, constant when only early stopping "
+                            "ends it)", choices=optim.SCHEDULES)
+    warmup_steps: int = flag("linear learning-rate warm-up over the first N steps (default: 10%% of the run "
+                             "length with a decaying schedule, else 0)", kind=int)
     max_steps: int = flag("stop after this many gradient steps (a test pass comes last); the run length "
                           "of --lr_schedule (default: --max_epochs x steps per epoch)", kind=int)
     foreground_crop_fraction: float = flag(
         "share of training crops placed on a pixel of a foreground class drawn uniformly from the classes "
-        "in the record (with jitter); the others are uniform random crops (default %(default)g)", 0.0,
-        kind=float)
+        "in the record (with jitter); the others are uniform random crops (default %(default)g, nnU-Net's "
+        "third)", 0.33, kind=float)
     unet_depth: int = flag("UNet levels (poolings); the size divisor is 2^depth and the receptive field "
                            "shrinks with it (default %(default)s)", 4, kind=int)
     upsampling: str = flag("UNet decoder upsampling: 2x2 transposed conv, or bilinear x2 + 3x3 conv "
@@ -114,13 +115,17 @@ class TrainConfig:
         choices=steps.MIXED_PRECISIONS, const="float16")
     xla: bool = flag("compile the replica step with XLA (not for {no_xla})", False, action="store_true")
     loss: str = flag("cross-entropy, soft Dice over the foreground classes, or their sum (default "
-                     "%(default)s)", "ce", choices=steps.LOSSES)
+                     "%(default)s; the Dice term keeps small and rare classes from being ignored)", "ce+dice",
+                     choices=steps.LOSSES)
     log_every_n_steps: int = flag("print one progress line every N steps (default %(default)s)", 10, kind=int)
     # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
     augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
 
     def __post_init__(self):
         # Code written when --mixed_precision was an on/off switch passes True / False.
+        if self.lr_schedule is None:
+            # Decay needs the run's length; a run ended by early stopping alone keeps a constant rate.
+            self.lr_schedule = "poly" if (self.max_steps or self.max_epochs) else "constant"
         if self.mixed_precision is True:
             self.mixed_precision = "float16"
         elif self.mixed_precision is False:
@@ -265,9 +270,13 @@ def optimizer_settings(config, steps_per_epoch, check=True):
     Args:
       steps_per_epoch: gradient steps between test passes (turns --max_epochs into steps).
     """
+    total_steps = run_length(config, steps_per_epoch)
+    warmup = config.warmup_steps
+    if warmup is None:
+        warmup = total_steps // 10 if total_steps and config.lr_schedule != "constant" else 0
     settings = optim.OptimizerSettings(
         optimizer=config.optimizer, learning_rate=config.learning_rate, lr_schedule=config.lr_schedule,
-        warmup_steps=config.warmup_steps, total_steps=run_length(config, steps_per_epoch),
+        warmup_steps=warmup, total_steps=total_steps,
         weight_decay=config.weight_decay, momentum=config.momentum, nesterov=bool(config.nesterov),
         mixed_precision=config.mixed_precision)
     if check:

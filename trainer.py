@@ -33,7 +33,7 @@ import steps
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
 from train_config import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                           ConfigError, TrainConfig, TrainingError, build_parser, config_from_args,
-                          model_options, optimizer_settings, read_database_metadata, run_length,
+                          model_options, optimizer_settings, read_database_metadata,
                           validate_config)
 
 
@@ -118,11 +118,13 @@ def train(config):
     keras.utils.set_random_seed(config.seed)
     global_batch = config.batch_size * len(towers) * info.num_workers
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
-    optimizer_settings(config, steps_per_epoch)  # ConfigError (nothing written yet) for a warm-up past the end
+    # ConfigError (nothing written yet) for a warm-up past the end; config.json records what is used.
+    settings = optimizer_settings(config, steps_per_epoch)
     config_dict = dict(dataclasses.asdict(config), input_channels=input_channels, effective_batch=global_batch,
                        towers=towers, num_workers=info.num_workers,
                        reduction=distribute.reduction_in_use(towers, reduce_to, info.num_workers),
-                       steps_per_epoch=steps_per_epoch, run_length=run_length(config, steps_per_epoch),
+                       steps_per_epoch=steps_per_epoch, run_length=settings.total_steps,
+                       warmup_steps=settings.warmup_steps,
                        tool_version=records.TOOL_VERSION,
                        train_database_fingerprint=fingerprints["train"],
                        test_database_fingerprint=fingerprints["test"])

@@ -27,7 +27,7 @@ def test_every_field_flag_is_declared_once_with_its_default():
     args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c"])
     config = train_config.config_from_args("unet", args)
     assert config == TrainConfig("unet", "a", "b", "c", augmentation=config.augmentation)
-    assert "default 4)" in parser.format_help() and "(default 0.0001)" in parser.format_help()
+    assert "default 4)" in parser.format_help() and "(default 0.001)" in parser.format_help()
 
 
 def test_parser_has_every_flag_with_help():
@@ -45,7 +45,14 @@ def test_parser_has_every_flag_with_help():
                               "--noise_augmentation_severity", "0.3", "--use_augmentation", "0"])
     config = train_config.config_from_args("unet", args)
     assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
-    assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-4, 10)
+    assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-3, 10)
+    # The recipe's defaults (see the README's ablation): CE + Dice, a third of the crops on foreground,
+    # and a poly decay whenever the run has a length (constant when only early stopping ends it).
+    assert (config.loss, config.foreground_crop_fraction, config.lr_schedule) == ("ce+dice", 0.33, "constant")
+    assert TrainConfig("unet", "a", "b", "c", max_epochs=5).lr_schedule == "poly"
+    assert train_config.optimizer_settings(TrainConfig("unet", "a", "b", "c", max_steps=400), 50).warmup_steps == 40
+    assert train_config.optimizer_settings(TrainConfig("unet", "a", "b", "c", max_steps=400,
+                                                       lr_schedule="constant"), 50).warmup_steps == 0
 
 
 def test_validate_config_messages(tmp_path):
