@@ -2,7 +2,7 @@
 
     python demo.py [--output_dir demo_output] [--seed 0] [--quick]
 
-On the CPU, in about 4 minutes on two idle cores, 6-9 when they are busy (``--quick``: well
+On the CPU, in about 5.5 minutes on two busy cores (330 s measured, 317 s of it training; ``--quick``: well
 under a minute, for tests):
   1. generate_data: write 48 synthetic 256 x 256 uint16 images and their masks (0 background,
      1 colony, 2 cell) into OUTPUT/data (skipped when a complete set is already there).
@@ -422,7 +422,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(
         description="Run the whole tool on a synthetic dataset: generate it, build the LMDBs, train a "
                     "small UNet on two CPU towers, segment the test images and draw a figure "
-                    "(4-9 minutes on two CPU cores).")
+                    "(about 5.5 minutes on two CPU cores).")
     parser.add_argument("--output_dir", default="demo_output",
                         help="folder for the demo data and everything built from it (default demo_output)")
     parser.add_argument("--seed", type=int, default=0,
