@@ -288,15 +288,15 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
     # (tile 64 = the record size, so each test record is one tile, normalised as a whole below)
     transfer = run_trainer("unet", [*dbs, *TINY, "--tile_size", 64, "--output_dir", tmp_path / "three",
                                     "--number_classes", 3, "--test_every_n_steps", 2, "--max_epochs", 1,
-                                    "--restore_checkpoint_filepath", out])
+                                    "--loss", "ce", "--restore_checkpoint_filepath", out])
     assert transfer.returncode == 0, transfer.stderr[-3000:]
     assert "transfer learning from" in transfer.stdout and "(2 -> 3 classes)" in transfer.stdout
     assert "not restored (fresh weights): logits;" in transfer.stdout
     rows = read_csv(tmp_path / "three" / "test_metrics.csv")
     assert [r["step"] for r in rows] == ["2"] and "iou_2" in rows[0]
 
-    # The logged test loss is exact: the mean cross-entropy over every pixel of every test record,
-    # recomputed here with the exported model (3 records over 2 towers x batch 2: one padded batch).
+    # The logged test loss is exact: the mean cross-entropy (--loss ce) over every pixel of every
+    # test image, recomputed here with the exported model.
     import keras
     import models  # noqa: F401  registers the custom layers
     import normalization
