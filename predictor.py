@@ -199,7 +199,7 @@ def available_memory_bytes(device="/CPU:0"):
             if line.startswith("MemAvailable:"):
                 free = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
-        pass
+        free = None  # no /proc/meminfo (not Linux): sysconf below
     if free is None:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     limit = _cgroup_free_bytes()
