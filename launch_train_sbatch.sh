@@ -114,8 +114,8 @@ import ast, sys
 for node in ast.parse(open(sys.argv[1]).read()).body:
     if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "MODEL_NAMES":
         print(" ".join(ast.literal_eval(node.value)))
-' "$CODE_DIR/models/__init__.py") && [ -n "$registered" ] ||
-  die "cannot read MODEL_NAMES from $CODE_DIR/models/__init__.py with PYTHON=$PYTHON"
+' "$CODE_DIR/models/__init__.py") || registered=""
+[ -n "$registered" ] || die "cannot read MODEL_NAMES from $CODE_DIR/models/__init__.py with PYTHON=$PYTHON"
 [[ " $registered " == *" $MODEL "* ]] || die "MODEL=$MODEL: expected ${registered// / or }"
 for name in BATCH_SIZE NUMBER_CLASSES TILE_SIZE GPUS_PER_NODE REQUEUE MAX_RESUBMISSIONS RESUBMISSION; do
   [[ ${!name} =~ ^[0-9]+$ ]] || die "$name=${!name}: expected a whole number"
