@@ -10,6 +10,8 @@ A checkpoint is a folder (``<output_dir>/checkpoints/latest`` or ``.../best``) h
     find_checkpoint(path, prefer="latest" | "best", required=...)       the one lookup (trainer, inference)
     restore_checkpoint(directory, model, optimizer, config, channels)   resume, or transfer learning
     export_model(output_dir, config_dict)                               model.keras from the best checkpoint
+    load_trained(path)                                                  a .keras file or checkpoint, ready
+                                                                        to predict (inference, export)
 """
 import dataclasses
 import hashlib
@@ -248,6 +250,96 @@ def transfer_weights(source, model):
         layer.set_weights(source_weights)
         restored.append(layer.name)
     return restored, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Load a trained model (inference.py, export_bioimageio.py)
+# ----------------------------------------------------------------------------------------------
+
+class ModelLoadError(Exception):
+    """A trained model that cannot be loaded; the message names the file and the problem."""
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    """A trained network and where it came from."""
+    model: object            # keras.Model
+    name: str                # registry name ("unet", "segnet")
+    config: dict | None      # the training config.json, None for a bare .keras file
+    config_path: str | None
+    source: str              # the file the weights came from (.keras or model.weights.h5)
+
+
+def read_training_config(folders):
+    """The first config.json found in ``folders`` as (dict, path), or (None, None)."""
+    for folder in folders:
+        path = os.path.join(folder, "config.json")
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    value = json.load(f)
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot read training config {path}: {exc}") from exc
+            if not isinstance(value, dict):
+                raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+            return value, path
+    return None, None
+
+
+def _registry_name(config, config_path, model, source):
+    """The model's registry name: config.json's "model", else the name its builder gave the saved
+    model (every registered builder names its keras.Model after itself); never guessed from layers."""
+    import models
+
+    if config is not None and "model" in config:
+        if config["model"] not in models.MODEL_NAMES:
+            raise ModelLoadError(f"{config_path}: model {config['model']!r} is not one of "
+                                 f"{', '.join(models.MODEL_NAMES)}")
+        return config["model"]
+    if model is not None and model.name in models.MODEL_NAMES:
+        return model.name
+    raise ModelLoadError(
+        f"cannot tell which model {source} is: it has no training config.json beside it and its name "
+        f"{getattr(model, 'name', None)!r} is not one of {', '.join(models.MODEL_NAMES)}; put the "
+        f"training config.json (with its \"model\" key) next to it")
+
+
+def load_trained(path):
+    """The trained model at ``path``: a .keras file (config.json beside it, when there is one), or a
+    checkpoint folder holding model.weights.h5 (rebuilt from the config.json in it or in one of the
+    two folders above it: <output>/checkpoints/<which>/). Raises ModelLoadError naming the file."""
+    import keras
+
+    import models
+
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        config, config_path = read_training_config([os.path.dirname(os.path.abspath(path))])
+        if config is not None:  # an unknown "model" fails before the slow load
+            _registry_name(config, config_path, None, path)
+        try:
+            model = keras.saving.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises many types for corrupt or foreign files.
+            raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+        return TrainedModel(model, _registry_name(config, config_path, model, path), config, config_path, path)
+
+    parent = os.path.dirname(os.path.abspath(path))
+    config, config_path = read_training_config([path, parent, os.path.dirname(parent)])
+    if config is None:
+        raise ModelLoadError(f"no config.json found for checkpoint {path} (looked in it and the two "
+                             f"folders above it); it is needed to rebuild the model")
+    name = _registry_name(config, config_path, None, path)
+    missing = [key for key in models.CONFIG_KEYS if key not in config]
+    if missing:
+        raise ModelLoadError(f"{config_path} lacks {', '.join(missing)} (needed to rebuild the model)")
+    weights = os.path.join(path, WEIGHTS_FILE)
+    try:
+        model = models.build_from_config(config)
+        model.load_weights(weights)
+    except Exception as exc:  # h5py/Keras errors for truncated or mismatched weight files.
+        raise ModelLoadError(f"cannot load weights {weights} into the {name} described by "
+                             f"{config_path}: {exc}") from exc
+    return TrainedModel(model, name, config, config_path, weights)
 
 
 # ----------------------------------------------------------------------------------------------

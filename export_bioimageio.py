@@ -51,6 +51,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import checkpoints
 import image_io
 import models
 import normalization
@@ -64,7 +65,6 @@ KERAS_V3_FORMAT_VERSION = "0.5.8"
 INPUT_ID = "image"
 OUTPUT_ID = "probabilities"
 SERVING_ENDPOINT = "serve"
-CONFIG_KEYS = ("model", "number_classes", "input_channels", "base_filters", "batch_norm")
 # bioimage.io's default epsilon of zero_mean_unit_variance: (x - mean) / (std + eps). Our z-score
 # divides by std alone (and maps a constant channel to zeros); for microscopy images, whose std is
 # many grey levels, the two differ by a relative 1e-6 / std, far below the test tolerance.
@@ -154,46 +154,27 @@ def load_run(folder):
     if not config_path.is_file():
         raise ExportError(f"--model {folder}: no config.json in it (expected a training output "
                           f"folder written by train_unet.py / train_segnet.py)")
+    keras_path = folder / "model.keras"
+    source = keras_path if keras_path.is_file() else checkpoints.find_checkpoint(
+        str(folder), prefer="best", required=(checkpoints.WEIGHTS_FILE,))
+    if source is None:
+        raise ExportError(f"--model {folder}: no model weights in it (looked for model.keras, "
+                          f"checkpoints/best/{checkpoints.WEIGHTS_FILE} and "
+                          f"checkpoints/latest/{checkpoints.WEIGHTS_FILE})")
     try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ExportError(f"cannot read {config_path}: {exc}") from exc
-    if not isinstance(config, dict):
-        raise ExportError(f"{config_path}: expected a JSON object, got {type(config).__name__}")
-    missing = [key for key in CONFIG_KEYS if key not in config]
+        trained = checkpoints.load_trained(source)
+    except checkpoints.ModelLoadError as exc:
+        raise ExportError(str(exc)) from exc
+    model, name, config, config_path = trained.model, trained.name, trained.config, trained.config_path
+    missing = [key for key in models.CONFIG_KEYS if key not in config]
     if missing:
         raise ExportError(f"{config_path} lacks {', '.join(missing)} (needed to describe the model)")
-    name = config["model"]
-    if name not in models.MODEL_NAMES:
-        raise ExportError(f"{config_path}: model {name!r} is not one of {', '.join(models.MODEL_NAMES)}")
-
-    keras_path = folder / "model.keras"
-    checkpoints = [folder / "checkpoints" / which / "model.weights.h5" for which in ("best", "latest")]
-    if keras_path.is_file():
-        source = keras_path
-        try:
-            model = keras.saving.load_model(str(keras_path), compile=False)
-        except Exception as exc:  # Keras raises many types for corrupt or foreign files.
-            raise ExportError(f"cannot load model {keras_path}: {exc}") from exc
-    else:
-        source = next((path for path in checkpoints if path.is_file()), None)
-        if source is None:
-            raise ExportError(f"--model {folder}: no model weights in it (looked for model.keras, "
-                              f"{checkpoints[0].relative_to(folder)} and "
-                              f"{checkpoints[1].relative_to(folder)})")
-        try:
-            model = models.build_from_config(config)
-            model.load_weights(str(source))
-        except Exception as exc:  # h5py/Keras errors for truncated or mismatched weight files.
-            raise ExportError(f"cannot load weights {source} into the {name} described by "
-                              f"{config_path}: {exc}") from exc
     if int(model.input_shape[-1]) != int(config["input_channels"]):
         raise ExportError(f"{source} takes {model.input_shape[-1]} channel(s) but {config_path} says "
                           f"input_channels {config['input_channels']}")
     return Run(folder=folder, config=config, model=model, name=name,
                number_classes=int(model.output_shape[-1]), input_channels=int(model.input_shape[-1]),
-               weights_source=source)
+               weights_source=pathlib.Path(trained.source))
 
 
 def size_rule(name, options=None):

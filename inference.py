@@ -57,7 +57,6 @@ import normalization
 import predictor
 
 DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
-CONFIG_KEYS = models.CONFIG_KEYS
 PROBABILITIES_SUFFIX = "_probabilities.npy"
 PROBABILITIES_ZARR_SUFFIX = "_probabilities.zarr"
 # Above this many pixels an image's outputs are streamed (tiled BigTIFF / Zarr), below it written
@@ -134,35 +133,6 @@ class LoadedModel:
 # Model loading
 # ----------------------------------------------------------------------------------------------
 
-def _read_training_config(folders):
-    """The first config.json found in ``folders`` as (dict, path), or (None, None)."""
-    for folder in folders:
-        path = pathlib.Path(folder) / "config.json"
-        if path.is_file():
-            try:
-                with open(path) as f:
-                    return json.load(f), path
-            except (OSError, ValueError) as exc:
-                raise InferenceError(f"cannot read training config {path}: {exc}") from exc
-    return None, None
-
-
-def _model_name(training_config, config_path, model, source):
-    """Registry name of a model: the training config's "model", else the name the builder gave the
-    saved model (every registered builder names its keras.Model after itself)."""
-    if training_config is not None and "model" in training_config:
-        name = training_config["model"]
-        if name not in models.MODEL_NAMES:
-            raise InferenceError(f"{config_path}: model {name!r} is not one of {', '.join(models.MODEL_NAMES)}")
-        return name
-    if model is not None and model.name in models.MODEL_NAMES:
-        return model.name
-    raise InferenceError(
-        f"cannot tell which model {source} is: it has no training config.json beside it and its name "
-        f"{getattr(model, 'name', None)!r} is not one of {', '.join(models.MODEL_NAMES)}; put the "
-        f"training config.json (with its \"model\" key) next to it")
-
-
 def _resolve_checkpoint_dir(path):
     """A directory holding model.weights.h5: ``path`` itself or, for an output folder, its best
     checkpoint (the one model.keras is exported from), else its latest."""
@@ -192,33 +162,14 @@ def load_model(config):
                     if (path / "checkpoints").is_dir() else "")
             raise InferenceError(f"model not found: {keras_path} (expected a .keras file or a training "
                                  f"output folder holding model.keras){hint}")
-        training_config, config_path = _read_training_config([keras_path.parent])
-        try:
-            model = keras.saving.load_model(str(keras_path), compile=False)
-        except Exception as exc:  # Keras raises many types for corrupt or foreign files.
-            raise InferenceError(f"cannot load model {keras_path}: {exc}") from exc
-        name = _model_name(training_config, config_path, model, keras_path)
-        source = str(keras_path)
+        source = keras_path
     else:
-        checkpoint = _resolve_checkpoint_dir(config.checkpoint_filepath)
-        # A checkpoint lives in <output>/checkpoints/<which>/, the config in <output>/.
-        training_config, config_path = _read_training_config(
-            [checkpoint, checkpoint.parent, checkpoint.parent.parent])
-        if training_config is None:
-            raise InferenceError(f"no config.json found for checkpoint {checkpoint} (looked in it and "
-                                 f"the two folders above it); it is needed to rebuild the model")
-        missing = [key for key in CONFIG_KEYS if key not in training_config]
-        if missing:
-            raise InferenceError(f"{config_path} lacks {', '.join(missing)} (needed to rebuild the model)")
-        name = _model_name(training_config, config_path, None, checkpoint)
-        weights = checkpoint / checkpoints.WEIGHTS_FILE
-        try:
-            model = models.build_from_config(training_config)
-            model.load_weights(str(weights))
-        except Exception as exc:  # h5py/Keras errors for truncated or mismatched weight files.
-            raise InferenceError(f"cannot load weights {weights} into the {name} described by "
-                                 f"{config_path}: {exc}") from exc
-        source = str(weights)
+        source = _resolve_checkpoint_dir(config.checkpoint_filepath)
+    try:
+        trained = checkpoints.load_trained(source)
+    except checkpoints.ModelLoadError as exc:
+        raise InferenceError(str(exc)) from exc
+    model, name, training_config, source = trained.model, trained.name, trained.config, trained.source
 
     tile = training_config.get("tile_size") if training_config else None
     # Depth changes the size divisor and the halo: from config.json, else from the model itself.

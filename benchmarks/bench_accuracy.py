@@ -4,8 +4,10 @@ Steps, each through the project's own command-line tools:
   1. build_lmdb.build_databases: 80/20 split of ../shared/data/nist_colonies (seed 0) into a train
      and a test LMDB in a work folder;
   2. `train_unet.py` for exactly --max_epochs x --test_every_n_steps steps (early stopping cannot
-     trigger earlier), with the trainer's default augmentation;
-  3. `inference.py` on the test images with the LAST checkpoint. The best checkpoint is chosen by
+     trigger earlier), with the trainer's default recipe; with --seeds N, N models (seeds --seed,
+     --seed + 1, ...);
+  3. `inference.py` on the test images with the LAST checkpoint of each model (and with --seeds > 1,
+     the ensemble of all of them: `--checkpoint_filepath A B C`). The best checkpoint is chosen by
      the test loss, i.e. on these same images, which would flatter the figures;
   4. foreground (class 1) Dice and IoU over all test pixels pooled (one confusion matrix, as the
      trainer's test pass computes them), next to a classical baseline on the same images: Gaussian
@@ -62,6 +64,8 @@ class AccuracyConfig:
     max_epochs: int = 10
     reader_count: int = 1
     seed: int = 0
+    seeds: int = 1  # models trained (seeds seed, seed + 1, ...); more than one adds their ensemble
+    tta: bool = False
     otsu_sigma: float = 2.0
 
 
@@ -84,36 +88,38 @@ def run_tool(command, log_path):
         raise SystemExit(f"{' '.join(map(str, command))} exited with {code}; end of {log_path}:\n{tail}")
 
 
-def train(config, train_db, test_db, output_dir):
+def train(config, train_db, test_db, output_dir, seed):
     """Train the UNet with train_unet.py. Returns (steps trained, wall seconds)."""
     command = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
                "--output_dir", output_dir, "--base_filters", config.base_filters,
                "--batch_size", config.batch_size, "--tile_size", config.tile_size,
                "--learning_rate", config.learning_rate, "--test_every_n_steps", config.test_every_n_steps,
                "--max_epochs", config.max_epochs, "--early_stopping", config.max_epochs,
-               "--reader_count", config.reader_count, "--seed", config.seed, "--gpus", "none"]
+               "--reader_count", config.reader_count, "--seed", seed, "--gpus", "none"]
     start = time.perf_counter()
-    run_tool([str(c) for c in command], pathlib.Path(config.work_dir) / "train.log")
+    run_tool([str(c) for c in command], pathlib.Path(output_dir).with_suffix(".log"))
     seconds = time.perf_counter() - start
     with open(pathlib.Path(output_dir) / "checkpoints" / "latest" / "state.json") as f:
         return json.load(f)["step"], seconds
 
 
-def predict(config, output_dir, test_images):
-    """Masks of the test images from inference.py with the last checkpoint, by file name."""
+def predict(config, output_dirs, test_images, name):
+    """Masks of the test images from inference.py with the LAST checkpoint of each run in
+    ``output_dirs`` (several: their ensemble), by file name."""
     import tifffile
 
     image_folder = pathlib.Path(config.work_dir) / "test_images"
-    prediction_folder = pathlib.Path(config.work_dir) / "predictions"
+    prediction_folder = pathlib.Path(config.work_dir) / f"predictions-{name}"
     image_folder.mkdir(exist_ok=True)
     for path in test_images:
         link = image_folder / pathlib.Path(path).name
         if not link.exists():
             link.symlink_to(path)
     run_tool([sys.executable, "inference.py", "--checkpoint_filepath",
-              str(pathlib.Path(output_dir) / "checkpoints" / "latest"), "--image_folder", str(image_folder),
-              "--output_folder", str(prediction_folder), "--gpu", "-1"],
-             pathlib.Path(config.work_dir) / "inference.log")
+              *[str(pathlib.Path(d) / "checkpoints" / "latest") for d in output_dirs],
+              "--image_folder", str(image_folder), "--output_folder", str(prediction_folder), "--gpu", "-1"]
+             + (["--tta"] if config.tta else []),
+             pathlib.Path(config.work_dir) / f"inference-{name}.log")
     return {pathlib.Path(p).name: tifffile.imread(prediction_folder / (pathlib.Path(p).stem + ".tif"))
             for p in test_images}
 
@@ -138,21 +144,30 @@ def otsu_predictions(images, sigma):
 
 
 def run(config):
-    """Build, train, predict and score. Returns the figures as a dict."""
+    """Build, train --seeds models, predict with each and (several) with their ensemble, score.
+    Returns the figures as a dict."""
     import tifffile
 
     work = pathlib.Path(config.work_dir)
     train_db, test_db, test_images = build_databases(work)
-    output_dir = str(work / "unet")
-    steps, seconds = train(config, train_db, test_db, output_dir)
-    predicted = predict(config, output_dir, test_images)
     names = [pathlib.Path(p).name for p in test_images]
     images = [tifffile.imread(DATA / "images" / n) for n in names]
     truths = [tifffile.imread(DATA / "masks" / n) for n in names]
-    unet = foreground_scores(truths, [predicted[n] for n in names])
+    members, runs = [], []
+    for seed in range(config.seed, config.seed + config.seeds):
+        output_dir = str(work / f"unet-seed{seed}")
+        steps, seconds = train(config, train_db, test_db, output_dir, seed)
+        predicted = predict(config, [output_dir], test_images, f"seed{seed}")
+        members.append(dict(seed=seed, steps=steps, seconds=seconds,
+                            scores=foreground_scores(truths, [predicted[n] for n in names])))
+        runs.append(output_dir)
+    ensemble = None
+    if len(runs) > 1:
+        predicted = predict(config, runs, test_images, "ensemble")
+        ensemble = foreground_scores(truths, [predicted[n] for n in names])
     otsu = max((foreground_scores(truths, candidate) + (polarity,)
                 for candidate, polarity in zip(otsu_predictions(images, config.otsu_sigma), ("bright", "dark"))))
-    return {"unet": unet, "otsu": otsu, "test_images": len(names), "steps": steps, "seconds": seconds}
+    return {"members": members, "ensemble": ensemble, "otsu": otsu, "test_images": len(names)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,11 +404,12 @@ def main(argv=None):
     parser.add_argument("--work_dir", default=None, help="keep the databases, run and predictions here "
                         "(default: a temporary folder, deleted afterwards)")
     for name in ("base_filters", "batch_size", "tile_size", "test_every_n_steps", "max_epochs",
-                 "reader_count", "seed"):
+                 "reader_count", "seed", "seeds"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate,
                         help=f"default {defaults.learning_rate}")
+    parser.add_argument("--tta", action="store_true", help="predict with inference.py --tta")
     parser.add_argument("--otsu_sigma", type=float, default=defaults.otsu_sigma,
                         help=f"Gaussian sigma in pixels before Otsu (default {defaults.otsu_sigma})")
     budget = AblationBudget()
@@ -424,12 +440,22 @@ def main(argv=None):
         os.makedirs(work_dir, exist_ok=True)
         config = AccuracyConfig(work_dir=work_dir, **values)
         result = run(config)
-    (unet_dice, unet_iou), (otsu_dice, otsu_iou, polarity) = result["unet"], result["otsu"]
-    print(f"accuracy: UNet dice {unet_dice:.2f} iou {unet_iou:.2f} vs Otsu dice {otsu_dice:.2f} "
-          f"iou {otsu_iou:.2f} ({result['test_images']} test images, {result['steps']} steps, "
-          f"{result['seconds']:.0f} s CPU wall) [unet f{config.base_filters}, {config.tile_size} px, "
-          f"batch {config.batch_size}, Adam {config.learning_rate:g}, last checkpoint; Otsu sigma "
-          f"{config.otsu_sigma:g}, {polarity} foreground; load avg {os.getloadavg()[0]:.1f}]")
+    otsu_dice, otsu_iou, polarity = result["otsu"]
+    members = result["members"]
+    dice = [m["scores"][0] for m in members]
+    figures = " ".join(f"{d:.3f}" for d in dice)
+    if len(members) == 1:
+        unet = f"UNet dice {dice[0]:.3f} iou {members[0]['scores'][1]:.3f}"
+    else:
+        ensemble_dice, ensemble_iou = result["ensemble"]
+        unet = (f"UNet dice per seed {figures} (mean {np.mean(dice):.3f}, best {max(dice):.3f}), "
+                f"{len(members)}-model ensemble dice {ensemble_dice:.3f} iou {ensemble_iou:.3f}")
+    seconds = " ".join(f"{m['seconds']:.0f}" for m in members)
+    print(f"accuracy: {unet} vs Otsu dice {otsu_dice:.3f} iou {otsu_iou:.3f} ({result['test_images']} test "
+          f"images, {members[0]['steps']} steps in {seconds} s CPU wall per model) [unet f{config.base_filters}, "
+          f"{config.tile_size} px, batch {config.batch_size}, peak lr {config.learning_rate:g}, the trainer's "
+          f"default recipe, last checkpoint{', TTA' if config.tta else ''}; Otsu sigma {config.otsu_sigma:g}, "
+          f"{polarity} foreground; load avg {os.getloadavg()[0]:.1f}]")
 
 
 if __name__ == "__main__":

@@ -50,6 +50,18 @@ def make_synthetic_db(path, num_records=10, shape=(32, 32), channels=1, dtype=np
                                   {"split": "train", "split_seed": 0, "train_fraction": 1.0})
 
 
+def whole_image_logits(model, image, divisor=16):
+    """Oracle: normalise the whole image, reflect-pad it to the divisor, one model call, crop."""
+    import normalization
+    import predictor
+
+    image = image.reshape(image.shape[:2] + (-1,))
+    normalized = normalization.normalize(image, normalization.channel_statistics(image))
+    padded, (top, left) = predictor.pad_to_divisor(normalized, divisor)
+    logits = np.asarray(model(padded[np.newaxis], training=False))[0]
+    return logits[top:top + image.shape[0], left:left + image.shape[1]]
+
+
 def free_ports(count):
     """Distinct free TCP ports on the loopback interface."""
     sockets = [socket.socket() for _ in range(count)]

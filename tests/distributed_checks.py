@@ -27,7 +27,7 @@ def model_and_step(towers, reduce_to, learning_rate=0.5, jit_compile=False):
     strategy = distribute.build_strategy(towers, reduce_to)
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = models.build_model("unet", 3, input_channels=1, base_filters=2, batch_norm=False)
+        model = models.build_model("unet", 3, input_channels=1, base_filters=2, unet_depth=2, batch_norm=False)
         optimizer = keras.optimizers.SGD(learning_rate)   # SGD: the update is proportional to the gradient
         optimizer.build(model.trainable_variables)
     step = steps.make_train_step(strategy, model, optimizer, "ce+dice", 3, global_batch_size=4,
@@ -85,7 +85,7 @@ def batch_norm_sync(towers, images, masks):
 
     strategy = distribute.build_strategy(towers, "/cpu:0")
     with strategy.scope():
-        model = models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=True)
+        model = models.build_model("unet", 2, input_channels=1, base_filters=2, unet_depth=2, batch_norm=True)
         optimizer = keras.optimizers.SGD(0.1)
         optimizer.build(model.trainable_variables)
     step = steps.make_train_step(strategy, model, optimizer, "ce", 2, global_batch_size=4)
@@ -111,7 +111,7 @@ def float16_model(strategy):
     config = train_config.TrainConfig("unet", "", "", "", learning_rate=1e-3, mixed_precision="float16")
     with strategy.scope():
         keras.utils.set_random_seed(0)
-        model = models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=False)
+        model = models.build_model("unet", 2, input_channels=1, base_filters=2, unet_depth=2, batch_norm=False)
         optimizer = steps.make_optimizer(config)
         optimizer.build(model.trainable_variables)
     return model, optimizer
@@ -159,7 +159,7 @@ def bfloat16_step(towers, images, masks):
         strategy = distribute.build_strategy(towers, "/cpu:0")
         config = train_config.TrainConfig("unet", "", "", "", learning_rate=1e-3, mixed_precision="bfloat16")
         with strategy.scope():
-            model = models.build_model("unet", 2, input_channels=1, base_filters=2)
+            model = models.build_model("unet", 2, input_channels=1, base_filters=2, unet_depth=2)
             optimizer = steps.make_optimizer(config)
             optimizer.build(model.trainable_variables)
         step = steps.make_train_step(strategy, model, optimizer, "ce", 2, global_batch_size=4)

@@ -11,6 +11,7 @@ import pytest
 import tifffile
 
 import build_lmdb
+import inference
 import metrics
 import records
 
@@ -41,7 +42,7 @@ def test_test_metrics_are_those_of_inference_masks(nist_dir, tmp_path):
 
     run_dir = tmp_path / "run"
     run_tool("train_unet.py", "--train_database", build.paths["train"], "--test_database", build.paths["test"],
-             "--output_dir", run_dir, "--tile_size", 96, "--batch_size", 2, "--base_filters", 4,
+             "--output_dir", run_dir, "--tile_size", 96, "--batch_size", 2, "--base_filters", 4, "--unet_depth", 2,
              "--test_every_n_steps", 3, "--max_epochs", 1, "--gpus", "none")
     with open(run_dir / "test_metrics.csv", newline="") as f:
         row = list(csv.DictReader(f))[-1]
@@ -50,8 +51,10 @@ def test_test_metrics_are_those_of_inference_masks(nist_dir, tmp_path):
     test_images.mkdir()
     for source in sources:
         os.symlink(source["image"], test_images / pathlib.Path(source["image"]).name)
-    run_tool("inference.py", "--checkpoint_filepath", run_dir, "--image_folder", test_images,
-             "--output_folder", tmp_path / "predicted", "--gpu", "-1")
+    summary = inference.run_inference(inference.InferenceConfig(
+        image_folder=str(test_images), output_folder=str(tmp_path / "predicted"),
+        checkpoint_filepath=str(run_dir), gpu=-1))
+    assert summary.failed_count == 0
     confusion = np.zeros((2, 2), np.int64)
     for source in sources:
         truth = tifffile.imread(source["mask"])

@@ -1,5 +1,6 @@
 """ImageReader: real LMDBs in tmp_path, real worker processes."""
 import collections
+import contextlib
 import json
 import os
 import pathlib
@@ -234,24 +235,23 @@ def test_exception_in_with_block_leaves_nothing(tmp_path):
     _assert_nothing_left(pids)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_to_parent_leaves_no_workers_or_shared_memory(tmp_path, signum):
-    # SIGTERM kills the parent without running atexit: the orphaned workers must notice and the
-    # resource tracker frees the segment. SIGINT goes to the whole process group, as Ctrl-C in a
-    # terminal does: the parent's KeyboardInterrupt runs the atexit shutdown, the workers ignore it.
+@contextlib.contextmanager
+def _reader_parent(tmp_path, loop, setup=""):
+    """A parent process, in a session of its own, that runs ``setup``, starts a 2-worker ImageReader
+    on a small database, prints {"pid", "workers"} as JSON and then runs ``loop``. Yields (process,
+    info); afterwards kills whatever of it is left."""
     make_synthetic_db(tmp_path / "db", num_records=4, shape=(32, 32))
     script = tmp_path / "parent.py"
     script.write_text(textwrap.dedent(f"""
-        import json, os, sys
+        import json, os, signal, sys
         sys.path.insert(0, {str(ROOT)!r})
         from imagereader import ImageReader
+    """) + textwrap.dedent(setup) + textwrap.dedent(f"""
         reader = ImageReader({str(tmp_path / "db")!r}, 2, num_workers=2)
         reader.startup()
         reader.get_batch(timeout=30)
         print(json.dumps({{"pid": os.getpid(), "workers": reader.worker_pids}}), flush=True)
-        while True:
-            reader.get_batch(timeout=30)
-    """))
+    """) + textwrap.dedent(loop))
     # stderr to a file: orphaned workers that failed to exit would hold a pipe open forever.
     with open(tmp_path / "stderr.txt", "w") as stderr:
         parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True,
@@ -262,6 +262,26 @@ def test_signal_to_parent_leaves_no_workers_or_shared_memory(tmp_path, signum):
         while line.startswith("Input Queue Starvation"):
             line = parent.stdout.readline()
         info = json.loads(line)
+        yield parent, info
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        parent.stdout.close()
+        for pid in info["workers"]:
+            if not _gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_to_parent_leaves_no_workers_or_shared_memory(tmp_path, signum):
+    # SIGTERM kills the parent without running atexit: the orphaned workers must notice and the
+    # resource tracker frees the segment. SIGINT goes to the whole process group, as Ctrl-C in a
+    # terminal does: the parent's KeyboardInterrupt runs the atexit shutdown, the workers ignore it.
+    with _reader_parent(tmp_path, loop="""
+        while True:
+            reader.get_batch(timeout=30)
+    """) as (parent, info):
         assert len(_segments(info["pid"])) == 1
         if signum == signal.SIGINT:
             os.killpg(parent.pid, signum)
@@ -273,13 +293,6 @@ def test_signal_to_parent_leaves_no_workers_or_shared_memory(tmp_path, signum):
             time.sleep(0.1)
         assert all(map(_gone, info["workers"]))
         assert _segments(info["pid"]) == []
-    finally:
-        parent.kill()
-        parent.wait()
-        parent.stdout.close()
-        for pid in info["workers"]:
-            if not _gone(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_workers_do_not_rerun_the_main_script(tmp_path):
@@ -425,46 +438,22 @@ def test_mode_replaces_shuffle_which_stays_a_deprecated_alias(tmp_path):
 def test_sigterm_to_the_process_group_leaves_shutdown_to_the_parent(tmp_path):
     # Slurm signals every process of the job step. The workers must keep serving so the parent
     # (which handles SIGTERM itself) can finish and shut them down: no leftover process or segment.
-    make_synthetic_db(tmp_path / "db", num_records=4, shape=(32, 32))
-    script = tmp_path / "parent.py"
-    script.write_text(textwrap.dedent(f"""
-        import json, os, signal, sys
-        sys.path.insert(0, {str(ROOT)!r})
-        from imagereader import ImageReader
+    with _reader_parent(tmp_path, setup="""
         stopping = []
         signal.signal(signal.SIGTERM, lambda signum, frame: stopping.append(signum))
-        reader = ImageReader({str(tmp_path / "db")!r}, 2, num_workers=2)
-        reader.startup()
-        reader.get_batch(timeout=30)
-        print(json.dumps({{"pid": os.getpid(), "workers": reader.worker_pids}}), flush=True)
+    """, loop="""
         while not stopping:
             reader.get_batch(timeout=30)
         after = [reader.get_batch(timeout=30) for _ in range(5)]  # e.g. the last steps before a checkpoint
         reader.shutdown()
         print("after", len(after), flush=True)
-    """))
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                  start_new_session=True)
-    info = {"workers": []}
-    try:
-        line = parent.stdout.readline()
-        while line.startswith("Input Queue Starvation"):
-            line = parent.stdout.readline()
-        info = json.loads(line)
+    """) as (parent, info):
         os.killpg(parent.pid, signal.SIGTERM)
         out, _ = parent.communicate(timeout=30)
         assert parent.returncode == 0, (tmp_path / "stderr.txt").read_text()
         assert "after 5" in out
         assert all(map(_gone, info["workers"]))
         assert _segments(info["pid"]) == []
-    finally:
-        if parent.poll() is None:
-            parent.kill()
-            parent.wait()
-        for pid in info["workers"]:
-            if not _gone(pid):
-                os.kill(pid, signal.SIGKILL)
 
 
 def _foreground_db(path):

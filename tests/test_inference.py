@@ -17,6 +17,7 @@ import inference
 import models
 import normalization
 import predictor
+from conftest import whole_image_logits
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CLASSES = 3
@@ -35,15 +36,6 @@ def save_model_folder(folder, name="unet", number_classes=CLASSES, input_channel
         "model": name, "number_classes": number_classes, "tile_size": tile_size,
         "input_channels": input_channels, "base_filters": base_filters, "batch_norm": True}))
     return model
-
-
-def whole_image_logits(model, image, divisor=16):
-    """Oracle: z-score the whole image, reflect-pad it to the divisor, one model call, crop."""
-    image = image.reshape(image.shape[:2] + (-1,))
-    normalized = normalization.normalize(image, normalization.channel_statistics(image))
-    padded, (top, left) = predictor.pad_to_divisor(normalized, divisor)
-    logits = np.asarray(model(padded[np.newaxis], training=False))[0]
-    return logits[top:top + image.shape[0], left:left + image.shape[1]]
 
 
 def assert_labels_match(labels, logits, tolerance=1e-4):
@@ -443,28 +435,29 @@ def test_non_finite_pixels_fail_the_file_by_name_and_count(tmp_path, unet_1ch, c
     assert os.listdir(tmp_path / "out") == ["ok.tif"]
 
 
-def test_cli_process_exit_code(tmp_path, unet_1ch):
+def test_cli_process_exit_code(tmp_path, unet_1ch, capsys):
     folder, _ = unet_1ch
     (tmp_path / "images").mkdir()
     tifffile.imwrite(tmp_path / "images" / "a.tif", np.ones((40, 40), dtype=np.uint16))
     command = [sys.executable, str(ROOT / "inference.py"), "--model", str(folder),
                "--image_folder", str(tmp_path / "images"), "--output_folder", str(tmp_path / "out")]
 
+    # One real process (the exit code is main()'s), the other outcomes through main() in this one.
     ok = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert ok.returncode == 0, ok.stderr
     assert "[1/1] a.tif 40x40x1 uint16" in ok.stdout and "1 mask(s) written" in ok.stdout
 
     (tmp_path / "images" / "b.png").write_bytes(b"\x89PNG broken")
-    failed = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert failed.returncode == 1
-    assert "b.png: cannot read image" in failed.stderr
-    assert "1 mask(s) written" in failed.stdout and "1 failed" in failed.stdout
+    assert inference.main(command[2:]) == 1
+    out, err = capsys.readouterr()
+    assert "b.png: cannot read image" in err
+    assert "1 mask(s) written" in out and "1 failed" in out
 
     (tmp_path / "a_file").write_text("not a folder")
     command[command.index("--output_folder") + 1] = str(tmp_path / "a_file")
-    refused = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert f"--output_folder {tmp_path / 'a_file'} is an existing file" in refused.stderr
+    assert inference.main(command[2:]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"--output_folder {tmp_path / 'a_file'} is an existing file" in err
     assert (tmp_path / "a_file").read_text() == "not a folder"
 
 
@@ -512,8 +505,8 @@ def test_nist_dice_beats_baseline(tmp_path, nist_dir):
     training = subprocess.run(
         [sys.executable, "train_unet.py", "--train_database", str(tmp_path / "train.lmdb"),
          "--test_database", str(tmp_path / "test.lmdb"), "--output_dir", str(run),
-         "--base_filters", "8", "--batch_size", "4", "--tile_size", "256", "--learning_rate", "1e-3",
-         "--max_epochs", "8", "--seed", "0"],
+         "--base_filters", "8", "--batch_size", "4", "--tile_size", "128", "--max_steps", "150",
+         "--test_every_n_steps", "75", "--seed", "0"],
         capture_output=True, text=True, timeout=1200, cwd=ROOT)
     assert training.returncode == 0, training.stderr[-3000:]
 

@@ -66,7 +66,7 @@ def two_workers(tmp_path_factory):
         argv = ["--train_database", str(tmp / "train.lmdb"), "--test_database", str(tmp / "test.lmdb"),
                 # Each worker gets its own output folder so the test can see what each one wrote.
                 "--output_dir", str(folder / "out"), "--batch_size", str(BATCH_SIZE), "--tile_size", "32",
-                "--base_filters", "2", "--test_every_n_steps", str(STEPS_PER_EPOCH),
+                "--base_filters", "2", "--unet_depth", "2", "--test_every_n_steps", str(STEPS_PER_EPOCH),
                 "--max_epochs", str(EPOCHS), "--gpus", "none", "--log_every_n_steps", "1",
                 # Not used with several workers: the trainer says so and records what is used.
                 "--gradient_update_location", "cpu"]

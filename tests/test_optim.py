@@ -89,7 +89,7 @@ def dbs(tmp_path_factory):
 def _config(dbs, output_dir, **overrides):
     import trainer
 
-    values = dict(batch_size=2, tile_size=32, base_filters=2, test_every_n_steps=3, log_every_n_steps=1,
+    values = dict(batch_size=2, tile_size=32, base_filters=2, unet_depth=2, test_every_n_steps=3, log_every_n_steps=1,
                   use_augmentation=False, learning_rate=0.01, optimizer="sgd", lr_schedule="poly",
                   warmup_steps=2, max_steps=8)
     values.update(overrides)

@@ -7,17 +7,9 @@ import pytest
 import models
 import normalization
 import predictor
+from conftest import whole_image_logits
 
 CLASSES = 3
-
-
-def whole_image_logits(model, image, divisor=16):
-    """Oracle: normalise the whole image, reflect-pad it to the divisor, one model call, crop."""
-    image = image.reshape(image.shape[:2] + (-1,))
-    normalized = normalization.normalize(image, normalization.channel_statistics(image))
-    padded, (top, left) = predictor.pad_to_divisor(normalized, divisor)
-    logits = np.asarray(model(padded[np.newaxis], training=False))[0]
-    return logits[top:top + image.shape[0], left:left + image.shape[1]]
 
 
 class RowReader:

@@ -137,7 +137,7 @@ def job_settings(tmp_path, databases, extra_train_args="--max_epochs 2", **overr
         "OUTPUT_ROOT": str(tmp_path / "results"), "SCRATCH_DIR": str(tmp_path / "scratch"),
         "MODEL": "unet", "PYTHON": sys.executable, "BATCH_SIZE": "4", "TILE_SIZE": "32", "NUMBER_CLASSES": "2", "GPUS_PER_NODE": "0",
         "TEST_EVERY_N_STEPS": str(TEST_EVERY_N_STEPS),
-        "EXTRA_TRAIN_ARGS": f"--base_filters 2 --log_every_n_steps 1 --use_augmentation 0 {extra_train_args}",
+        "EXTRA_TRAIN_ARGS": f"--base_filters 2 --unet_depth 2 --log_every_n_steps 1 --use_augmentation 0 {extra_train_args}",
         # The trainer's temporary files (a non-chief worker's checkpoints) go here, to be checked.
         "TMPDIR": str(tmp_path / "task_tmp"),
     }
@@ -243,11 +243,11 @@ def wait_for_job(slurm, job, timeout):
 @pytest.mark.slurm
 def test_time_limit_checkpoints_resubmits_and_resumes(slurm, nist_databases, tmp_path):
     # A 2-minute job whose batch shell gets SIGTERM 60 s before the limit, i.e. ~60 s in. The
-    # training asked for is far longer: 80 epochs of ~1.5 s on an idle 2-core machine (~3 s when
-    # busy) against the ~45 s left after start-up, so the trainer checkpoints, exits 143 and the
-    # job resubmits itself; the continuation gets a longer limit below and completes the run.
+    # training asked for is longer: 50 epochs of ~1.5 s on an idle 2-core machine (~3 s when busy)
+    # against the ~45 s left after start-up, so the trainer checkpoints, exits 143 and the job
+    # resubmits itself; the continuation gets a longer limit below and completes the run.
     # SBATCH_SIGNAL rather than --signal so that the continuation inherits it (see the script).
-    epochs, steps_per_epoch = 80, 20
+    epochs, steps_per_epoch = 50, 20
     settings = job_settings(tmp_path, nist_databases,
                             extra_train_args=f"--max_epochs {epochs} --early_stopping 1000",
                             TEST_EVERY_N_STEPS=str(steps_per_epoch), REQUEUE="1", SBATCH_SIGNAL="B:TERM@60")

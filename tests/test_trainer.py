@@ -20,8 +20,22 @@ import trainer
 from conftest import make_synthetic_db
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-TINY = ["--batch_size", "2", "--tile_size", "32", "--base_filters", "2", "--cpu_towers", "2",
+# A 2-level UNet: tracing the train step is most of a tiny run's cost, and depth does not matter here.
+TINY = ["--batch_size", "2", "--tile_size", "32", "--base_filters", "2", "--unet_depth", "2", "--cpu_towers", "2",
         "--log_every_n_steps", "1"]
+
+
+# The same in this process (one CPU device: logical towers need a process of their own), which
+# saves a TensorFlow start per run where the test is about the run, not the process.
+ONE_TOWER = TINY[:TINY.index("--cpu_towers")] + TINY[TINY.index("--cpu_towers") + 2:]
+
+
+def train_here(capsys, args):
+    """trainer.main("unet", args) in this process. Returns (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = trainer.main("unet", [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
 
 
 def run_trainer(model, args, timeout=240):
@@ -67,12 +81,18 @@ def test_metrics_from_a_hand_computed_confusion_matrix():
 # Flags and validation
 # ---------------------------------------------------------------------------------------------
 
-def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path):
-    result = run_trainer("unet", ["--train_database", tmp_path / "nowhere", *dbs[2:], "--output_dir", tmp_path / "o"])
-    assert result.returncode == 2
-    assert f"--train_database {tmp_path / 'nowhere'}" in result.stderr and "not an LMDB database" in result.stderr
-    result = run_trainer("unet", [*dbs, "--output_dir", tmp_path / "o", "--loss", "focal"])
-    assert result.returncode == 2 and "invalid choice: 'focal'" in result.stderr
+def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path, capsys):
+    # In this process: the exit code is main()'s return value (argparse's own SystemExit for a bad
+    # choice); the real processes of the runs below exit with it.
+    code = trainer.main("unet", list(map(str, ["--train_database", tmp_path / "nowhere", *dbs[2:],
+                                               "--output_dir", tmp_path / "o"])))
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"--train_database {tmp_path / 'nowhere'}" in err and "not an LMDB database" in err
+    with pytest.raises(SystemExit) as exited:
+        trainer.main("unet", list(map(str, [*dbs, "--output_dir", tmp_path / "o", "--loss", "focal"])))
+    assert exited.value.code == 2 and "invalid choice: 'focal'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_refused_runs_create_nothing(dbs, tmp_path, capsys):
@@ -103,10 +123,10 @@ def test_refused_runs_create_nothing(dbs, tmp_path, capsys):
 # Training runs
 # ---------------------------------------------------------------------------------------------
 
-def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path):
+def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path, capsys):
     out = tmp_path / "run"
-    common = [*dbs, *TINY, "--output_dir", out, "--test_every_n_steps", 3, "--batch_norm", 0]
-    first = run_trainer("unet", [*common, "--max_epochs", 2, "--learning_rate", 1e-3])
+    common = [*dbs, "--output_dir", out, "--test_every_n_steps", 3, "--batch_norm", 0]
+    first = run_trainer("unet", [*common, *TINY, "--max_epochs", 2, "--learning_rate", 1e-3])
     assert first.returncode == 0, first.stderr[-3000:]
     assert "effective batch: 2 per tower x 2 tower(s) x 1 worker(s) = 4" in first.stdout
     assert "--max_epochs reached" in first.stdout
@@ -114,13 +134,13 @@ def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path):
     state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
     assert state["step"] == 6 and len(state["history"]) == 2
 
-    # Resume with a learning rate of 0: the test loss stays flat, so early stopping fires after
-    # 2 epochs without improvement, counted from the restored history.
-    second = run_trainer("unet", [*common, "--learning_rate", 0, "--early_stopping", 2, "--max_epochs", 20,
-                                  "--restore_checkpoint_filepath", out])
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "step 6, epoch 2" in second.stdout
-    assert "early stopping" in second.stdout
+    # Resume (on one tower, in this process) with a learning rate of 0: the test loss stays flat, so
+    # early stopping fires after 2 epochs without improvement, counted from the restored history.
+    code, stdout, stderr = train_here(capsys, [*common, *ONE_TOWER, "--learning_rate", 0, "--early_stopping", 2,
+                                               "--max_epochs", 20, "--restore_checkpoint_filepath", out])
+    assert code == 0, stderr[-3000:]
+    assert "resumed from" in stdout and "step 6, epoch 2" in stdout
+    assert "early stopping" in stdout
     tests = read_csv(out / "test_metrics.csv")
     steps = [int(r["step"]) for r in read_csv(out / "train_loss.csv")]
     assert steps == list(range(1, 3 * len(tests) + 1))
@@ -133,16 +153,16 @@ def test_max_epochs_then_resume_with_early_stopping_then_nan(dbs, tmp_path):
     assert state["step"] == steps[-1] and state["epochs_without_improvement"] == 2
 
     # A diverging run stops with a clear message and leaves the last good checkpoint alone.
-    third = run_trainer("unet", [*common, "--max_epochs", 20, "--learning_rate", 1e12,
-                                 "--restore_checkpoint_filepath", out])
-    assert third.returncode == 1
-    assert "the training loss became" in third.stderr and f"(step {steps[-1]})" in third.stderr
+    code, _, stderr = train_here(capsys, [*common, *ONE_TOWER, "--max_epochs", 20, "--learning_rate", 1e12,
+                                          "--restore_checkpoint_filepath", out])
+    assert code == 1
+    assert "the training loss became" in stderr and f"(step {steps[-1]})" in stderr
     assert json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"] == steps[-1]
 
 
 def _tiny_config(dbs, output_dir, **overrides):
     """A TrainConfig of a tiny in-process run: one CPU tower, 2 steps per epoch, 2 epochs."""
-    values = dict(batch_size=2, tile_size=32, base_filters=2, test_every_n_steps=2, max_epochs=2,
+    values = dict(batch_size=2, tile_size=32, base_filters=2, unet_depth=2, test_every_n_steps=2, max_epochs=2,
                   log_every_n_steps=100, use_augmentation=False)
     values.update(overrides)
     return trainer.TrainConfig("unet", str(dbs[1]), str(dbs[3]), str(output_dir), **values)
@@ -207,7 +227,9 @@ def test_resuming_into_another_folder_keeps_the_best_checkpoint_and_names_other_
         np.testing.assert_array_equal(a, b)
 
 
-def _children(pid):
+def _processes(field, value, live_only=False):
+    """Pids whose /proc/<pid>/stat ``field`` (1 = parent pid, 2 = process group) equals ``value``;
+    ``live_only`` leaves out zombies."""
     found = []
     for entry in pathlib.Path("/proc").iterdir():
         if entry.name.isdigit():
@@ -215,23 +237,18 @@ def _children(pid):
                 fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid:
+            if int(fields[field]) == value and not (live_only and fields[0] == "Z"):
                 found.append(int(entry.name))
     return found
+
+
+def _children(pid):
+    return _processes(1, pid)
 
 
 def _group_members(pgid):
     """Live (not zombie) processes of process group ``pgid``."""
-    found = []
-    for entry in pathlib.Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                found.append(int(entry.name))
-    return found
+    return _processes(2, pgid, live_only=True)
 
 
 def _wait_until_group_is_gone(pgid, seconds=20):
@@ -269,7 +286,7 @@ def test_reader_crash_stops_training_with_exit_1(dbs, tmp_path):
     assert "an image reader failed" in message and f"pid {workers[0]}" in message
 
 
-def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path):
+def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to_three_classes(dbs, tmp_path, capsys):
     out = tmp_path / "sig"
     with open(tmp_path / "stderr.txt", "w") as stderr:
         process = _start_training_until(out, dbs, stderr)
@@ -286,12 +303,12 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
 
     # The checkpoint restores into a 3-class model: everything but the logits layer.
     # (tile 64 = the record size, so each test record is one tile, normalised as a whole below)
-    transfer = run_trainer("unet", [*dbs, *TINY, "--tile_size", 64, "--output_dir", tmp_path / "three",
-                                    "--number_classes", 3, "--test_every_n_steps", 2, "--max_epochs", 1,
-                                    "--loss", "ce", "--restore_checkpoint_filepath", out])
-    assert transfer.returncode == 0, transfer.stderr[-3000:]
-    assert "transfer learning from" in transfer.stdout and "(2 -> 3 classes)" in transfer.stdout
-    assert "not restored (fresh weights): logits;" in transfer.stdout
+    code, stdout, stderr = train_here(capsys, [*dbs, *ONE_TOWER, "--tile_size", 64, "--output_dir", tmp_path / "three",
+                                               "--number_classes", 3, "--test_every_n_steps", 2, "--max_epochs", 1,
+                                               "--loss", "ce", "--restore_checkpoint_filepath", out])
+    assert code == 0, stderr[-3000:]
+    assert "transfer learning from" in stdout and "(2 -> 3 classes)" in stdout
+    assert "not restored (fresh weights): logits;" in stdout
     rows = read_csv(tmp_path / "three" / "test_metrics.csv")
     assert [r["step"] for r in rows] == ["2"] and "iou_2" in rows[0]
 
@@ -316,7 +333,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
     assert float(rows[0]["loss"]) == pytest.approx(total / pixels, rel=1e-4)
 
 
-def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path):
+def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path, capsys):
     # A test set of 400 records makes the pass long enough to be signalled in the middle of it.
     make_synthetic_db(tmp_path / "big_test", num_records=400, shape=(32, 32), seed=2)
     run = [*dbs[:2], "--test_database", tmp_path / "big_test"]
@@ -337,9 +354,9 @@ def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that
     assert read_csv(out / "test_metrics.csv") == []
 
     # The resubmitted run (same command plus the restore flag) tests first, then stops at max_epochs.
-    resumed = run_trainer("unet", [*run, *TINY, "--output_dir", out, "--test_every_n_steps", 3, "--max_epochs", 1,
-                                   "--restore_checkpoint_filepath", out])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    code, _, stderr = train_here(capsys, [*run, *ONE_TOWER, "--output_dir", out, "--test_every_n_steps", 3,
+                                          "--max_epochs", 1, "--restore_checkpoint_filepath", out])
+    assert code == 0, stderr[-3000:]
     assert [(r["epoch"], r["step"]) for r in read_csv(out / "test_metrics.csv")] == [("1", "3")]
     assert [r["step"] for r in read_csv(out / "train_loss.csv")] == ["1", "2", "3"]
 
