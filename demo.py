@@ -59,7 +59,7 @@ class DemoConfig:
     # constant rate left the test metrics jumping between epochs: the demo's 300 steps do what 550
     # constant-rate steps did.
     tile_size: int = 128
-    base_filters: int = 16
+    base_filters: int = 12
     batch_size: int = 4  # per tower
     towers: int = 2
     steps_per_epoch: int = 100

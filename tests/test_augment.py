@@ -283,6 +283,24 @@ def test_elastic_with_affine_is_one_resampling_at_composed_coordinates():
     assert np.abs(affine_only - out_image).max() > 100
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (9, 4)])
+def test_samples_beyond_one_reflection_match_scipy(shape):
+    # Displacements of up to three image sizes on a tiny image: the padded source then holds
+    # reflections of reflections (np.pad), still scipy's "reflect" everywhere.
+    rng = np.random.default_rng(3)
+    image = rng.uniform(0, 1000, shape).astype(np.float32)
+    mask = rng.integers(0, 4, shape).astype(np.uint8)
+    work = augment._Workspace(*shape, 1)
+    field = rng.uniform(-3, 3, (2,) + shape).astype(np.float32) * max(shape)
+    matrix, offset = np.eye(2), np.zeros(2)
+    out_image, out_mask = augment._warp(image[..., None], mask, matrix, offset, work, field)
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float64)
+    coords = np.stack([rows + field[0], cols + field[1]])
+    np.testing.assert_allclose(out_image[..., 0], ndi.map_coordinates(image, coords, order=1, mode="reflect"),
+                               atol=0.05)
+    assert (out_mask == ndi.map_coordinates(mask, coords, order=0, mode="reflect")).mean() > 0.9
+
+
 def test_elastic_keeps_class_ids_and_warps_the_mask():
     mask = block_mask(labels=(0, 2, 5))
     image = textured_image()
