@@ -321,7 +321,7 @@ def gaussian_blur(image, sigma, work=None, out=None):
     if radius >= min(height, width):  # the reflection would wrap more than once: scipy handles that
         return scipy.ndimage.gaussian_filter(image, (sigma, sigma, 0.0), mode="reflect", truncate=_BLUR_TRUNCATE)
     if work is None:
-        work = _Workspace(height, width, channels)
+        work = _workspace(height, width, channels)
     taps = np.exp(-0.5 * (np.arange(radius + 1) / sigma) ** 2)
     weights = (taps / (2.0 * taps.sum() - taps[0])).astype(np.float32)
     rows = _blur_axis(image, weights, 0, work, work.blurred)
