@@ -15,7 +15,9 @@ Start-up, tracing and test passes are excluded: each side first runs --warmup un
 --rounds rounds each time 1 + --steps steps of the trainer and then of model.fit, from the end of the
 first step to the end of the last. The machine is shared, so besides the best rate of each side the
 line gives the median ratio of the two rates of the same round and the CPU milliseconds per image
-(trainer: its process plus the reader workers), which depend little on what else is running.
+(trainer: its process plus the reader workers), which depend little on what else is running, and
+the trainer's host work per step outside the compiled step (queue read, hand-over to the strategy,
+loss check, logging): what a prefetching thread could hide at most.
 Target: trainer >= 0.95 x model.fit (readers, towers and logging cost under 5%).
 
 Data: the nist_colonies images (../shared/data/nist_colonies, 256 x 256 uint16) when present, else
@@ -103,14 +105,29 @@ class TrainerLoop:
                                global_batch=BATCH)
         self.stop = self.run.stop = trainer.StopSignals()
         self.state = trainer.TrainState()
+        # Time spent inside the compiled step, so the line can say how much of a step is the
+        # trainer's own host work around it (queue read, hand-over to the strategy, logging).
+        self.step_seconds = 0.0
+        compiled_step = self.run.train_step
+
+        def timed_step(batch):
+            start = time.perf_counter()
+            loss = compiled_step(batch).numpy()
+            self.step_seconds += time.perf_counter() - start
+            return loss
+
+        self.run.train_step = timed_step
 
     def run_steps(self, count):
-        """``count`` steps exactly as trainer.Run.loop does them; returns a Mark after each."""
-        marks = []
+        """``count`` steps exactly as trainer.Run.loop does them; returns (a Mark after each, the
+        milliseconds per step outside the compiled step from the end of the first to the last)."""
+        marks, inside = [], []
         for _ in range(count):
             self.run.train_one_step(self.state)
             marks.append(Mark.now(self.run.train_reader.worker_pids))
-        return marks
+            inside.append(self.step_seconds)
+        host_ms = ((marks[-1].wall - marks[0].wall) - (inside[-1] - inside[0])) * 1e3 / max(count - 1, 1)
+        return marks, host_ms
 
 
 @dataclasses.dataclass
@@ -173,7 +190,8 @@ def measure(marks):
 
 
 def run(config):
-    """Returns (trainer measure() per round, fit ones per round, reader wait s per round, data label)."""
+    """Returns (trainer measure() + host ms per step, per round; fit measure() per round; reader
+    wait s per round; data label)."""
     with tempfile.TemporaryDirectory(prefix="bench_train-") as tmp:
         database = pathlib.Path(tmp) / "train.lmdb"
         data_label = write_training_database(database)
@@ -193,7 +211,8 @@ def run(config):
                               batch_size=BATCH, epochs=1, shuffle=False, verbose=0)
                 for _ in range(config.rounds):
                     waited = reader.starvation_seconds
-                    trainer_results.append(measure(loop.run_steps(1 + config.steps)))
+                    marks, host_ms = loop.run_steps(1 + config.steps)
+                    trainer_results.append(measure(marks) + (host_ms,))
                     waits.append(reader.starvation_seconds - waited)
                     timer = make_fit_timer()
                     fit_model.fit(images, masks, batch_size=BATCH, epochs=1, shuffle=False, verbose=0,
@@ -222,14 +241,16 @@ def main(argv=None):
     # Rounds run back to back, so a round's two rates saw about the same load: their ratio is less
     # noisy than the ratio of the best rates, and CPU ms per image hardly depends on the load at all.
     paired = np.median([t[0] / f[0] for t, f in zip(trainer_results, fit_results)])
-    trainer_cpu, reader_cpu = (np.median([r[i] for r in trainer_results]) for i in (1, 2))
+    trainer_cpu, reader_cpu, host_ms = (np.median([r[i] for r in trainer_results]) for i in (1, 2, 3))
+    step_ms = 1e3 * BATCH / np.median([r[0] for r in trainer_results])
     fit_cpu = np.median([r[1] for r in fit_results])
     print(f"train: trainer {best_trainer:.1f} img/s, model.fit {best_fit:.1f} img/s, ratio "
           f"{best_trainer / best_fit:.2f} (target >= 0.95) [CPU, unet f16, 128 px, batch 8, "
           f"{config.reader_count} reader process(es), {os.cpu_count()} cores; best of {config.rounds} "
           f"interleaved rounds x {config.steps} steps; median paired ratio {paired:.2f}; CPU ms/img "
           f"trainer {trainer_cpu:.0f} + readers {reader_cpu:.1f} vs fit {fit_cpu:.0f} "
-          f"(fit/trainer {fit_cpu / (trainer_cpu + reader_cpu):.2f}); reader wait {sum(waits):.1f} s; "
+          f"(fit/trainer {fit_cpu / (trainer_cpu + reader_cpu):.2f}); trainer host work outside the "
+          f"compiled step {host_ms:.1f} of {step_ms:.0f} ms/step; reader wait {sum(waits):.1f} s; "
           f"{data_label}; load avg {load_before:.1f} -> {load_after:.1f}]")
 
 if __name__ == "__main__":
