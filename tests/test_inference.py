@@ -250,14 +250,29 @@ def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, une
 
 
 def _peak_rss_mb(command, log):
-    """Peak RSS of the process running ``command``, in MB (its own rusage, from wait4)."""
+    """Peak RSS of the process running ``command``, in MB, through benchmarks/peak_rss.py: a child
+    spawned from this pytest process directly would report pytest's own peak when that is larger."""
+    peak_file = pathlib.Path(str(log) + ".maxrss")
     with open(log, "w") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
-        _, status, usage = os.wait4(process.pid, 0)
-        process.returncode = os.waitstatus_to_exitcode(status)
-    assert process.returncode == 0, pathlib.Path(log).read_text()[-3000:]
-    return usage.ru_maxrss / 1024
+        returncode = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "peak_rss.py"),
+                                     str(peak_file), *command], stdout=out, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")).returncode
+    assert returncode == 0, pathlib.Path(log).read_text()[-3000:]
+    return int(peak_file.read_text()) / 1024
+
+
+def test_peak_rss_is_the_commands_own_not_the_callers(tmp_path):
+    # This process holds 600 MB more than the command ever does; spawned directly, Linux would
+    # report the command's peak as at least this process's.
+    ballast = np.ones(600 * 1024 ** 2, np.uint8)
+    child = [sys.executable, "-c", "import numpy; a = numpy.ones(100 * 1024 ** 2, numpy.uint8)"]
+    peak = _peak_rss_mb(child, tmp_path / "child.log")
+    assert 100 <= peak < 300, peak
+    assert ballast.sum() == ballast.size
+    peak_file = tmp_path / "failed.maxrss"
+    failed = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "peak_rss.py"), str(peak_file),
+                             sys.executable, "-c", "raise SystemExit(3)"])
+    assert failed.returncode == 3 and int(peak_file.read_text()) > 0
 
 
 def test_peak_memory_of_a_large_image_stays_bounded(tmp_path):
