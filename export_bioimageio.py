@@ -73,13 +73,6 @@ ZMUV_EPS = 1e-6
 MAX_TEST_SIDE = 512
 COVER_HEIGHT = 300
 DEFAULT_LICENSE = "CC-BY-4.0"
-ARCHITECTURE_CITATIONS = {
-    "unet": ("Ronneberger, Fischer, Brox: U-Net: Convolutional Networks for Biomedical Image "
-             "Segmentation. MICCAI 2015", "10.1007/978-3-319-24574-4_28"),
-    "segnet": ("Badrinarayanan, Kendall, Cipolla: SegNet: A Deep Convolutional Encoder-Decoder "
-               "Architecture for Image Segmentation. IEEE TPAMI 2017", "10.1109/TPAMI.2016.2644615"),
-}
-DISPLAY_NAMES = {"unet": "UNet", "segnet": "SegNet"}
 # Characters bioimage.io allows in a model name.
 NAME_CHARACTERS = set(string.ascii_letters + string.digits + "_+- ()")
 # Class colours of the cover's mask panel (class 0, the background in most runs, black).
@@ -395,7 +388,7 @@ def default_name(run):
 
 
 def default_description(run):
-    return (f"{DISPLAY_NAMES[run.name]} semantic segmentation of {run.input_channels}-channel 2D images "
+    return (f"{models.display_name(run.name)} semantic segmentation of {run.input_channels}-channel 2D images "
             f"into {run.number_classes} classes, trained with segtool. Input: raw image, normalised "
             f"per image and channel (zero mean, unit variance). Output: per-class softmax "
             f"probabilities along the channel axis; the class mask is their argmax over channels.")
@@ -413,7 +406,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
     halo = predictor.halo_for(run.name, run.options)
     authors = [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
                for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
-    citations = config.cite or [ARCHITECTURE_CITATIONS[run.name]]
+    citations = config.cite or [models.citation(run.name)]
     cite = [{"text": text, ("url" if reference.startswith(("http://", "https://")) else "doi"): reference}
             for text, reference in citations]
 
@@ -502,7 +495,7 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
 {description}
 
 ## Model
-- Architecture: {DISPLAY_NAMES[run.name]}, {run.config['base_filters']} base filters, batch norm \
+- Architecture: {models.display_name(run.name)}, {run.config['base_filters']} base filters, batch norm \
 {batch_norm}; {run.input_channels} input channel(s), {run.number_classes} classes; receptive field \
 {models.receptive_field(run.name, **run.options)} px.
 - Trained with segtool (training tile size {run.config.get('tile_size')}); exported by \

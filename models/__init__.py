@@ -7,10 +7,12 @@ Each model is one module ``models/<name>.py`` exporting:
                     options; ``size_divisor(**options)`` when the options change it
   receptive_field(**options)  side in input pixels of what one output pixel sees (see models.unet)
   XLA_PROBLEM       None if XLA can compile the model, else why not (shown when --xla is refused)
+  DISPLAY_NAME      how people write its name ("UNet"), for model cards
+  CITATION          (reference text, DOI) of the architecture's paper, cited by exported packages
   OPTIONS           optional: {training-config key: (builder argument, default)} of the options that
                     shape the network (UNet: unet_depth -> depth, upsampling)
 Adding a model is that file plus its name in ``MODEL_NAMES``; the trainer, the ``--xla`` check,
-inference and launch_train_sbatch.sh read this registry.
+inference, the bioimage.io export and launch_train_sbatch.sh read this registry.
 
 The functions that depend on a network's shape (``size_divisor``, ``receptive_field``,
 ``check_input_size``, ``build_model``) take the options as keyword arguments under their config keys,
@@ -36,7 +38,8 @@ OPTION_KEYS = tuple(sorted({key for module in _MODULES.values() for key in getat
 
 __all__ = ["CONFIG_KEYS", "MODEL_NAMES", "OPTION_KEYS", "SIZE_DIVISOR", "MaxPoolingWithArgmax2D",
            "MaxUnpooling2D", "build_from_config", "build_model", "check_input_size", "check_name",
-           "check_options", "model_options", "options_of", "receptive_field", "size_divisor", "xla_problem"]
+           "check_options", "citation", "display_name", "model_options", "options_of", "receptive_field",
+           "size_divisor", "xla_problem"]
 
 
 def check_name(name):
@@ -137,3 +140,15 @@ def xla_problem(name):
     """None if XLA can compile model ``name``, else the reason it cannot."""
     check_name(name)
     return _MODULES[name].XLA_PROBLEM
+
+
+def display_name(name):
+    """How people write model ``name`` ("UNet", "SegNet")."""
+    check_name(name)
+    return _MODULES[name].DISPLAY_NAME
+
+
+def citation(name):
+    """(reference text, DOI) of the paper that introduced architecture ``name``."""
+    check_name(name)
+    return _MODULES[name].CITATION

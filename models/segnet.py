@@ -21,6 +21,9 @@ SIZE_DIVISOR = 2 ** len(BLOCK_CONVS)
 # Registry entry (see models/__init__.py): why --xla is refused for this model.
 XLA_PROBLEM = ("its argmax max-pooling (tf.nn.max_pool_with_argmax) has no XLA kernel; train SegNet "
                "without --xla")
+DISPLAY_NAME = "SegNet"
+CITATION = ("Badrinarayanan, Kendall, Cipolla: SegNet: A Deep Convolutional Encoder-Decoder Architecture for "
+            "Image Segmentation. IEEE TPAMI 2017", "10.1109/TPAMI.2016.2644615")
 
 
 def build_segnet(number_classes, input_channels=1, base_filters=64, input_size=None, batch_norm=True):

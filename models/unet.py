@@ -20,6 +20,9 @@ UPSAMPLING = ("transpose", "bilinear")
 SIZE_DIVISOR = 2 ** DEPTH  # of the default depth; size_divisor(depth) for the others
 # Registry entries (see models/__init__.py): every op of a UNet has an XLA kernel.
 XLA_PROBLEM = None
+DISPLAY_NAME = "UNet"
+CITATION = ("Ronneberger, Fischer, Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation. "
+            "MICCAI 2015", "10.1007/978-3-319-24574-4_28")
 # The training-config keys that shape this network -> (builder argument, default).
 OPTIONS = {"unet_depth": ("depth", DEPTH), "upsampling": ("upsampling", "transpose")}
 

@@ -228,6 +228,9 @@ def test_every_registered_model_module_exports_the_registry_contract():
         assert models.SIZE_DIVISOR[name] == module.SIZE_DIVISOR and module.SIZE_DIVISOR in (16, 32)
         assert models.receptive_field(name) == module.receptive_field()
         assert models.xla_problem(name) == module.XLA_PROBLEM
+        assert models.display_name(name).lower() == name
+        text, doi = models.citation(name)
+        assert text and doi.startswith("10.")
         assert models.build_model(name, 2, base_filters=2).name == name
     assert models.xla_problem("unet") is None and "no XLA kernel" in models.xla_problem("segnet")
 
