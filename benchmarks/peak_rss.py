@@ -19,8 +19,9 @@ def main(argv):
     if pid == 0:
         try:
             os.execvp(command[0], command)
-        finally:  # exec failed: its error is already on stderr
-            os._exit(127)
+        except OSError as error:  # only reached when exec failed
+            print(f"peak_rss.py: cannot run {command[0]}: {error}", file=sys.stderr, flush=True)
+        os._exit(127)
     _, status, usage = os.wait4(pid, 0)
     with open(peak_file, "w") as out:
         out.write(f"{usage.ru_maxrss}\n")

@@ -249,16 +249,22 @@ def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, une
     assert one.ok_count == 1 and os.listdir(tmp_path / "one") == ["ome.zarr"]
 
 
-def _peak_rss_mb(command, log):
-    """Peak RSS of the process running ``command``, in MB, through benchmarks/peak_rss.py: a child
+def _run_measured(command, log):
+    """(exit code, peak RSS in MB) of ``command`` run through benchmarks/peak_rss.py: a child
     spawned from this pytest process directly would report pytest's own peak when that is larger."""
     peak_file = pathlib.Path(str(log) + ".maxrss")
     with open(log, "w") as out:
         returncode = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "peak_rss.py"),
                                      str(peak_file), *command], stdout=out, stderr=subprocess.STDOUT,
                                     env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")).returncode
+    return returncode, (int(peak_file.read_text()) / 1024 if peak_file.exists() else None)
+
+
+def _peak_rss_mb(command, log):
+    """Peak RSS in MB of ``command``, which must succeed."""
+    returncode, peak = _run_measured(command, log)
     assert returncode == 0, pathlib.Path(log).read_text()[-3000:]
-    return int(peak_file.read_text()) / 1024
+    return peak
 
 
 def test_peak_rss_is_the_commands_own_not_the_callers(tmp_path):
@@ -269,10 +275,10 @@ def test_peak_rss_is_the_commands_own_not_the_callers(tmp_path):
     peak = _peak_rss_mb(child, tmp_path / "child.log")
     assert 100 <= peak < 300, peak
     assert ballast.sum() == ballast.size
-    peak_file = tmp_path / "failed.maxrss"
-    failed = subprocess.run([sys.executable, "-S", str(ROOT / "benchmarks" / "peak_rss.py"), str(peak_file),
-                             sys.executable, "-c", "raise SystemExit(3)"])
-    assert failed.returncode == 3 and int(peak_file.read_text()) > 0
+    returncode, peak = _run_measured([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "failed.log")
+    assert returncode == 3 and peak > 0
+    returncode, _ = _run_measured([str(tmp_path / "no-such-program")], tmp_path / "missing.log")
+    assert returncode == 127 and "cannot run" in (tmp_path / "missing.log").read_text()
 
 
 def test_peak_memory_of_a_large_image_stays_bounded(tmp_path):
