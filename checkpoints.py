@@ -23,7 +23,7 @@ import tempfile
 
 import numpy as np
 
-from train_config import ConfigError, TrainingError
+from errors import ConfigError, TrainingError
 
 CHECKPOINT_FILES = ("model.weights.h5", "optimizer.npz", "state.json", "config.json")
 WEIGHTS_FILE = "model.weights.h5"

@@ -95,16 +95,6 @@ def precision_policy(mixed_precision):
     return _POLICIES[mixed_precision]
 
 
-def make_optimizer(config, steps_per_epoch=None):
-    """The optimizer of a TrainConfig run (created under the strategy's scope by the caller): the
-    one factory, optim.make_optimizer, with the settings train_config derives from the flags
-    (``steps_per_epoch`` turns --max_epochs into the schedule's run length)."""
-    import optim
-    import train_config
-
-    return optim.make_optimizer(train_config.optimizer_settings(config, steps_per_epoch))
-
-
 def make_train_step(strategy, model, optimizer, loss_name, number_classes, global_batch_size,
                     jit_compile=False):
     """A tf.function running one optimizer step on a distributed (images, masks) batch.

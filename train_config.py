@@ -14,19 +14,12 @@ import math
 import os
 
 import augment
+import models
 import optim
 import records
 import steps
-
-EXIT_OK, EXIT_ERROR, EXIT_BAD_FLAGS, EXIT_SIGINT, EXIT_SIGTERM = 0, 1, 2, 130, 143
-
-
-class ConfigError(ValueError):
-    """A flag value or database that cannot be trained on; the message says which and why."""
-
-
-class TrainingError(RuntimeError):
-    """Training stopped on an error (non-finite loss, unusable checkpoint)."""
+from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
+                    ConfigError, TrainingError)  # (defined in errors.py, re-exported for callers)
 
 
 def flag(help, default=None, *, required=False, kind=None, choices=None, action=None, const=None):
@@ -138,8 +131,6 @@ def _flag_fields():
 
 def build_parser(model_name):
     """The argparse parser of train_<model_name>.py, generated from TrainConfig's fields."""
-    import models
-
     parser = argparse.ArgumentParser(
         prog=f"train_{model_name}.py",
         description=f"Train a {model_name} segmentation network on LMDB databases made by build_lmdb.py.")
@@ -187,7 +178,6 @@ def read_database_metadata(path, role):
 
 def validate_config(config, train_metadata, test_metadata):
     """Raise ConfigError with a clear message for any value training cannot use."""
-    import models
 
     if config.model not in models.MODEL_NAMES:
         raise ConfigError(f"model {config.model!r}: expected one of {', '.join(models.MODEL_NAMES)}")
@@ -217,7 +207,7 @@ def validate_config(config, train_metadata, test_metadata):
     # needs no run length, and a warm-up longer than --max_steps, is refused here already.
     _check_optimizer_settings(optimizer_settings(config, None, check=False),
                               config.max_steps or (math.inf if config.max_epochs else None))
-    options = model_options(config)
+    options = models.shape_options(config)
     try:
         models.check_options(config.model, **options)
     except ValueError as error:
@@ -248,11 +238,6 @@ def validate_config(config, train_metadata, test_metadata):
         raise ConfigError(
             f"the training database has {train_metadata['channels']} channel(s), the test database "
             f"{test_metadata['channels']}: they must match")
-
-
-def model_options(config):
-    """The flags that shape the network, by config key (see models.OPTION_KEYS)."""
-    return {"unet_depth": config.unet_depth, "upsampling": config.upsampling}
 
 
 def run_length(config, steps_per_epoch):

@@ -26,15 +26,17 @@ import augment
 import checkpoints
 import distribute
 import evaluation
+import imagereader
+import models
 import optim
 import outputs
 import records
 import steps
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
-from train_config import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
-                          ConfigError, TrainConfig, TrainingError, build_parser, config_from_args,
-                          model_options, optimizer_settings, read_database_metadata,
-                          validate_config)
+from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
+                    ConfigError, TrainingError)
+from train_config import (TrainConfig, build_parser, config_from_args,  # noqa: F401 (re-exported)
+                          optimizer_settings, read_database_metadata, validate_config)
 
 
 def main(model_name, argv=None):
@@ -61,17 +63,14 @@ def main(model_name, argv=None):
 
 
 def _reader_error_types():
-    import imagereader
     return (imagereader.ImageReaderError,)
 
 
 def build_model(config, input_channels):
     """The network described by ``config`` (any input H, W divisible by the model's divisor)."""
-    import models
-
     return models.build_model(config.model, config.number_classes, input_channels=input_channels,
                               base_filters=config.base_filters, batch_norm=config.batch_norm,
-                              **model_options(config))
+                              **models.shape_options(config))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ def train(config):
                        test_database_fingerprint=fingerprints["test"])
     with strategy.scope():
         model = build_model(config, input_channels)
-        optimizer = steps.make_optimizer(config, steps_per_epoch)
+        optimizer = optim.make_optimizer(settings)
         optimizer.build(model.trainable_variables)
     state, resumed = TrainState(), False
     if checkpoint_dir:
@@ -201,8 +200,6 @@ def find_restore_checkpoint(path):
 def make_train_reader(config, towers, info, start_step):
     """The training ImageReader of this worker (not started). (The test pass reads its whole test
     images itself: see evaluation.py.)"""
-    import imagereader
-
     augmentation = augment.AugmentationConfig(**config.augmentation)
     # A resumed run draws a new sampling stream instead of replaying the batches already seen.
     seed = config.seed + 7919 * start_step
@@ -237,7 +234,7 @@ class Run:
                                                 global_batch, jit_compile=config.xla)
         self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
                                               config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers, options=model_options(config))
+                                              shard_count=info.num_workers, options=models.shape_options(config))
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.stop = None

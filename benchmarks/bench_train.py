@@ -41,9 +41,11 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 import distribute  # noqa: E402
+import optim  # noqa: E402
 import outputs  # noqa: E402
 import records  # noqa: E402
 import steps  # noqa: E402
+import train_config  # noqa: E402
 import trainer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nist_colonies"
@@ -96,7 +98,7 @@ class TrainerLoop:
         info = distribute.cluster_info(strategy)
         with strategy.scope():
             model = trainer.build_model(self.config, input_channels=1)
-            optimizer = steps.make_optimizer(self.config)
+            optimizer = optim.make_optimizer(train_config.optimizer_settings(self.config, None))
             optimizer.build(model.trainable_variables)
         train_reader = trainer.make_train_reader(self.config, len(towers), info, 0)
         run_outputs = outputs.Outputs(str(output_dir), NUMBER_CLASSES, enabled=True)

@@ -39,6 +39,7 @@ OPTION_KEYS = tuple(sorted({key for module in _MODULES.values() for key in getat
 __all__ = ["CONFIG_KEYS", "MODEL_NAMES", "OPTION_KEYS", "SIZE_DIVISOR", "MaxPoolingWithArgmax2D",
            "MaxUnpooling2D", "build_from_config", "build_model", "check_input_size", "check_name",
            "check_options", "citation", "display_name", "model_options", "options_of", "receptive_field",
+           "shape_options",
            "size_divisor", "xla_problem"]
 
 
@@ -57,6 +58,13 @@ def model_options(name, **config):
         value = config.get(key)
         options[argument] = default if value is None else value
     return options
+
+
+def shape_options(config):
+    """The shape options (``OPTION_KEYS``) of a training config, a TrainConfig or a config.json dict:
+    the one place that knows which config keys shape a network; None for a key the config lacks."""
+    get = config.get if isinstance(config, dict) else lambda key: getattr(config, key, None)
+    return {key: get(key) for key in OPTION_KEYS}
 
 
 def check_options(name, **config):

@@ -106,13 +106,14 @@ def float16_model(strategy):
 
     import models
     import steps
+    import optim
     import train_config
 
     config = train_config.TrainConfig("unet", "", "", "", learning_rate=1e-3, mixed_precision="float16")
     with strategy.scope():
         keras.utils.set_random_seed(0)
         model = models.build_model("unet", 2, input_channels=1, base_filters=2, unet_depth=2, batch_norm=False)
-        optimizer = steps.make_optimizer(config)
+        optimizer = optim.make_optimizer(train_config.optimizer_settings(config, None))
         optimizer.build(model.trainable_variables)
     return model, optimizer
 
@@ -152,6 +153,7 @@ def bfloat16_step(towers, images, masks):
 
     import models
     import steps
+    import optim
     import train_config
 
     keras.mixed_precision.set_global_policy(steps.precision_policy("bfloat16"))
@@ -160,7 +162,7 @@ def bfloat16_step(towers, images, masks):
         config = train_config.TrainConfig("unet", "", "", "", learning_rate=1e-3, mixed_precision="bfloat16")
         with strategy.scope():
             model = models.build_model("unet", 2, input_channels=1, base_filters=2, unet_depth=2)
-            optimizer = steps.make_optimizer(config)
+            optimizer = optim.make_optimizer(train_config.optimizer_settings(config, None))
             optimizer.build(model.trainable_variables)
         step = steps.make_train_step(strategy, model, optimizer, "ce", 2, global_batch_size=4)
         loss = float(step(distribute.distribute_batches(strategy, split(images, masks % 2))))

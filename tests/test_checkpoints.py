@@ -9,7 +9,7 @@ import pytest
 import checkpoints
 import models
 from checkpoints import TrainState
-from train_config import TrainingError
+from errors import TrainingError
 
 CONFIG = {"model": "unet", "number_classes": 2, "input_channels": 1, "base_filters": 2, "batch_norm": True}
 

@@ -155,7 +155,7 @@ def test_early_stopping_still_ends_a_scheduled_run(dbs, tmp_path):
 
 def test_a_schedule_needs_a_run_length_and_a_warmup_inside_it(dbs, tmp_path):
     import trainer
-    from train_config import ConfigError
+    from errors import ConfigError
 
     with pytest.raises(ConfigError, match="--lr_schedule cosine decays over the run.*--max_steps"):
         trainer.train(_config(dbs, tmp_path / "a", lr_schedule="cosine", max_steps=None))
