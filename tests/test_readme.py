@@ -31,6 +31,11 @@ FOREIGN_FLAGS = {"--export", "--nodes", "--signal", "--gres", "--cpus-per-task",
 TOKEN = re.compile(r"(?P<tick>`)|(?P<script>(?<![\w./-])(?:[\w-]+/)*[\w-]+\.(?:py|sh))(?![\w.])"
                    r"|(?P<flag>(?<![\w-])--[A-Za-z][\w-]*)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+SLURM_SCRIPT = ROOT / "launch_train_sbatch.sh"
+# launch_train_sbatch.sh takes environment variables, set per job as `--export=ALL,NAME=value,...`
+# or named in the first column of docs/slurm.md's settings table.
+EXPORTED = re.compile(r"--export=ALL,([\w=,./:-]+)")
+SETTING_ROW = re.compile(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \|", flags=re.M)
 
 
 def doc_files():
@@ -176,6 +181,19 @@ def _doc(path):
     return path.read_text(encoding="utf-8"), str(path.relative_to(ROOT))
 
 
+def slurm_settings():
+    """The variables of launch_train_sbatch.sh's settings block (`: "${NAME:=default}"` lines)."""
+    return set(re.findall(r'^: "\$\{([A-Z_]+):=', SLURM_SCRIPT.read_text(encoding="utf-8"), flags=re.M))
+
+
+def unknown_slurm_variables(text, label):
+    """Variables the doc sets for launch_train_sbatch.sh (or lists as its settings) that it lacks."""
+    named = [name for exports in EXPORTED.findall(text) for name in re.findall(r"(?:^|,)([A-Z_]+)=", exports)]
+    named += [name for cell in SETTING_ROW.findall(text) for name in re.findall(r"`([A-Z_]+)`", cell)]
+    known = slurm_settings()
+    return [f"{label}: {name} is not a setting of {SLURM_SCRIPT.name}" for name in named if name not in known]
+
+
 def test_readme_is_short_and_starts_with_the_two_commands():
     text = README.read_text(encoding="utf-8")
     lines = text.splitlines()
@@ -195,6 +213,14 @@ def test_every_flag_the_docs_name_exists():
 def test_every_relative_link_of_the_docs_exists():
     problems = [problem for path in doc_files() for problem in broken_links(*_doc(path)[:1], path.parent, _doc(path)[1])]
     assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_every_slurm_setting_the_docs_name_exists():
+    assert {"TRAIN_DATABASE", "BATCH_SIZE", "REQUEUE"} <= slurm_settings()
+    problems = [problem for path in doc_files() for problem in unknown_slurm_variables(*_doc(path))]
+    assert not problems, "Slurm settings the docs name that the script lacks:\n" + "\n".join(problems)
+    assert unknown_slurm_variables("sbatch --export=ALL,BATCH_SIZE=16,BATCH=2 x.sh\n| `NOPE` | 1 |", "probe") == [
+        f"probe: BATCH is not a setting of {SLURM_SCRIPT.name}", f"probe: NOPE is not a setting of {SLURM_SCRIPT.name}"]
 
 
 def test_the_checks_find_a_wrong_flag_its_script_and_a_broken_link(tmp_path):
