@@ -32,8 +32,8 @@ TOKEN = re.compile(r"(?P<tick>`)|(?P<script>(?<![\w./-])(?:[\w-]+/)*[\w-]+\.(?:p
                    r"|(?P<flag>(?<![\w-])--[A-Za-z][\w-]*)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 SLURM_SCRIPT = ROOT / "launch_train_sbatch.sh"
-# launch_train_sbatch.sh takes environment variables, set per job as `--export=ALL,NAME=value,...`
-# or named in the first column of docs/slurm.md's settings table.
+# launch_train_sbatch.sh takes environment variables, not flags: the docs set them per job as
+# `--export=ALL,NAME=value,...` and list them in the first column of docs/slurm.md's settings table.
 EXPORTED = re.compile(r"--export=ALL,([\w=,./:-]+)")
 SETTING_ROW = re.compile(r"^\| (`[A-Z_]+`(?:, `[A-Z_]+`)*) \|", flags=re.M)
 
@@ -211,7 +211,10 @@ def test_every_flag_the_docs_name_exists():
 
 
 def test_every_relative_link_of_the_docs_exists():
-    problems = [problem for path in doc_files() for problem in broken_links(*_doc(path)[:1], path.parent, _doc(path)[1])]
+    problems = []
+    for path in doc_files():
+        text, label = _doc(path)
+        problems += broken_links(text, path.parent, label)
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
