@@ -218,6 +218,15 @@ def test_every_relative_link_of_the_docs_exists():
     assert not problems, "broken links:\n" + "\n".join(problems)
 
 
+def test_readme_links_every_docs_page():
+    linked = {(ROOT / target.partition("#")[0]).resolve()
+              for target in LINK.findall(README.read_text(encoding="utf-8")) if not re.match(r"[a-z]+:", target)}
+    pages = [*sorted((ROOT / "docs").glob("*.md")), ROOT / "benchmarks" / "README.md"]
+    missing = [str(page.relative_to(ROOT)) for page in pages if page.resolve() not in linked]
+    assert len(pages) >= 2
+    assert not missing, "README.md does not link these docs pages (add them to its Documentation list): " + ", ".join(missing)
+
+
 def test_every_slurm_setting_the_docs_name_exists():
     assert {"TRAIN_DATABASE", "BATCH_SIZE", "REQUEUE"} <= slurm_settings()
     problems = [problem for path in doc_files() for problem in unknown_slurm_variables(*_doc(path))]
