@@ -557,7 +557,7 @@ class AugmentationConfig:
     """Which augmentations run and how strongly.
 
     The first seven defaults are the original toolkit's. Gamma 0.5 and contrast 0.25 (nnU-Net's ranges,
-    gamma in [0.67, 1.5], contrast x [0.75, 1.25]) are on: in the README's ablation they helped on the
+    gamma in [0.67, 1.5], contrast x [0.75, 1.25]) are on: in the ablation of docs/recipe.md they helped on the
     demo data and were neutral on nist_colonies. Elastic is off: it lowered the Dice on both sets at
     the ablation's shortest budget and was neutral at twice that (0.04 on a 3 x 3 grid, the U-Net
     paper's 10 px at 256 px, is the value to try with very few images and a long run).

@@ -69,7 +69,7 @@ class DemoConfig:
     lr_schedule: str = "poly"
     warmup_steps: int = 22
     # A 3-level UNet with bilinear upsampling (NVIDIA's TinyUNet) learned the demo data much faster
-    # than the 4-level one in the README's ablation (foreground Dice 0.77 vs 0.57 after 100 steps; the
+    # than the 4-level one in the ablation of docs/recipe.md (foreground Dice 0.77 vs 0.57 after 100 steps; the
     # two are level at 200, 0.951 vs 0.950), and the demo's budget is a few hundred steps.
     unet_depth: int = 3
     upsampling: str = "bilinear"

@@ -15,7 +15,7 @@ Steps, each through the project's own command-line tools:
      below the threshold) that scores better over the test set.
 The default budget (base_filters 8, batch 8, 256 px tiles, 10 x 100 = 1000 steps, Adam 1e-3, about
 100 epochs of the 80 training images) takes about 9 minutes of training on the 2-core development
-machine under light load (about 0.5 s per step). The README's figures come from the shorter
+machine under light load (about 0.5 s per step). The figures of docs/recipe.md come from the shorter
 `--tile_size 128 --max_epochs 6 --seeds 3 --tta` (600 steps of 128 px crops, about 4 minutes per
 model, 13.5 minutes in all).
 Skips (exit 0) when the data is not on this machine.
@@ -342,7 +342,7 @@ def format_row(r):
 
 
 def markdown_table(results, budget):
-    """The ablation as a README table: one line per row, nist and demo figures side by side."""
+    """The ablation as a Markdown table (docs/recipe.md): one line per row, nist and demo figures side by side."""
     rows = {}
     for r in results:
         rows.setdefault(r["row"], {})[r["data"]] = r

@@ -487,7 +487,7 @@ def test_bad_shapes_and_rng():
 
 def test_config_defaults_kwargs_and_disabled():
     config = augment.AugmentationConfig()
-    # The defaults the ablation chose (README "The training recipe"): gamma and contrast on,
+    # The defaults the ablation chose (docs/recipe.md): gamma and contrast on,
     # elastic off.
     assert config.to_dict() == dict(reflection=True, rotation=True, jitter=0.1, noise=0.02, scale=0.1,
                                     blur_max_sigma=2.0, intensity=0.0, elastic=0.0,

@@ -46,7 +46,7 @@ def test_parser_has_every_flag_with_help():
     config = train_config.config_from_args("unet", args)
     assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
     assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-3, 10)
-    # The recipe's defaults (see the README's ablation): CE + Dice, a third of the crops on foreground,
+    # The recipe's defaults (see the ablation in docs/recipe.md): CE + Dice, a third of the crops on foreground,
     # and a poly decay whenever the run has a length (constant when only early stopping ends it).
     assert (config.loss, config.foreground_crop_fraction, config.lr_schedule) == ("ce+dice", 0.33, "constant")
     assert TrainConfig("unet", "a", "b", "c", max_epochs=5).lr_schedule == "poly"
