@@ -900,7 +900,8 @@ def build_parser():
                     "trained model or an ensemble; writes <stem>.tif class masks (uint8, uint16 above "
                     "256 classes) of the same size into the output folder (tiled compressed BigTIFF "
                     f"above {_side(STREAM_PIXELS)} px; <stem>.zarr for Zarr input). Exit "
-                    "code 1: some image failed; 2: the run could not start.")
+                    "code 1: some image failed; 2: the run could not start; 143 / 130: stopped by "
+                    "SIGTERM / SIGINT (the interrupted image's partial output removed).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", nargs="+", help="trained model(s): a .keras file, or a training "
                         "output folder (uses its model.keras); several: an ensemble averaging their "
