@@ -602,6 +602,8 @@ def atomic_folder(path):
         os.replace(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        if os.path.lexists(old) and not os.path.lexists(path):  # stopped between the two renames
+            os.replace(old, path)
         raise
     if old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
