@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import tempfile
+import zipfile
 
 import numpy as np
 
@@ -27,6 +28,10 @@ from errors import ConfigError, TrainingError
 
 CHECKPOINT_FILES = ("model.weights.h5", "optimizer.npz", "state.json", "config.json")
 WEIGHTS_FILE = "model.weights.h5"
+# The input normalisation a model is trained with (normalization.py), recorded in its config.json
+# so that inference can refuse an ensemble of models that expect different inputs. Models trained
+# before it was recorded used this one too.
+NORMALIZATION = "z-score per channel, statistics of the whole source image"
 
 
 @dataclasses.dataclass
@@ -317,10 +322,18 @@ def load_trained(path):
         config, config_path = read_training_config([os.path.dirname(os.path.abspath(path))])
         if config is not None:  # an unknown "model" fails before the slow load
             _registry_name(config, config_path, None, path)
+        if not zipfile.is_zipfile(path):
+            # Keras says "File not found" for a file that exists but is no zip archive.
+            raise ModelLoadError(f"cannot load model {path}: the file exists but cannot be read as a "
+                                 f"Keras model (a .keras file is a zip archive; this one is not): it may "
+                                 f"be damaged or incompletely copied; copy it again, or export it again "
+                                 f"from its training output folder")
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # Keras raises many types for corrupt or foreign files.
-            raise ModelLoadError(f"cannot load model {path}: {exc}") from exc
+            raise ModelLoadError(f"cannot load model {path}: it cannot be read as a Keras model and may "
+                                 f"be damaged, or was saved by another program "
+                                 f"({type(exc).__name__}: {exc})") from exc
         return TrainedModel(model, _registry_name(config, config_path, model, path), config, config_path, path)
 
     parent = os.path.dirname(os.path.abspath(path))

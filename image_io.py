@@ -5,14 +5,24 @@ one "write to a temporary file beside the target, then rename" helper.
     parse_extensions("tif,png" | "tif png" | [...])   ("tif", "png")
     list_files(folder, extensions)           sorted non-hidden files with those extensions
     atomic_write(path, write)                write(file) to a temporary file, then os.replace
+    scratch_path(path, "tmp"|"old")          .<name>.<host>-<pid>.<kind> beside path (this process's)
+    remove_stale_scratch(folder)             scratch of processes of this host no longer running
 """
 import contextlib
 import os
 import pathlib
+import re
+import shutil
+import socket
 
 import numpy as np
 
 TIFF_EXTENSIONS = ("tif", "tiff")
+# Scratch beside a target: ".<name>.<host>-<pid>.tmp" (being written) or ".old" (the previous
+# output, moved aside for the instant of a folder swap). Host and pid say whose it is, so a later
+# run can tell scratch of a killed process from that of one still running (maybe on another host
+# sharing the folder).
+_SCRATCH_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.(?P<kind>tmp|old)$")
 
 
 class ImageFileError(Exception):
@@ -85,7 +95,7 @@ def atomic_write(path, write, mode="wb"):
     new one; the temporary file is removed when writing fails or is interrupted.
     """
     path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = scratch_path(path, "tmp")
     try:
         with open(temporary, mode) as f:
             write(f)
@@ -94,3 +104,56 @@ def atomic_write(path, write, mode="wb"):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def _host():
+    # "-" separates host from pid and "." the name's parts: neither may occur in the host part.
+    return socket.gethostname().replace("-", "_").replace(".", "_") or "host"
+
+
+def scratch_path(path, kind="tmp"):
+    """This process's scratch name beside ``path``: ``.<name>.<host>-<pid>.<kind>``."""
+    path = pathlib.Path(path)
+    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{kind}")
+
+
+def _process_running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_scratch(folder):
+    """Remove the scratch files and folders (see scratch_path) of processes of this host that are
+    no longer running, as build_lmdb.remove_stale_scratch does for its scratch folders.
+
+    A run killed with SIGKILL (or by a crash, or a node failure) cannot clean up after itself. An
+    ``.old`` previous output whose target is missing (killed between the two renames of a swap) is
+    moved back rather than deleted. Scratch of other hosts and of running processes is left alone.
+    Returns one line per action, for the user.
+    """
+    folder = pathlib.Path(folder)
+    actions = []
+    if not folder.is_dir():
+        return actions
+    for entry in sorted(folder.iterdir()):
+        match = _SCRATCH_NAME.match(entry.name)
+        if not match or match["host"] != _host() or _process_running(int(match["pid"])):
+            continue
+        target = folder / match["target"]
+        if match["kind"] == "old" and not os.path.lexists(target):
+            os.rename(entry, target)
+            actions.append(f"restored {target} from {entry.name}, left by process {match['pid']} "
+                           f"that is no longer running")
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+        actions.append(f"removed {entry}, left by process {match['pid']} that is no longer running")
+    return actions

@@ -30,9 +30,13 @@ complete, so an existing output is only ever replaced by a complete new one.
 --tta averages the softmax over the 8 flips / quarter turns of every tile (each undone exactly),
 --model A B C averages the softmax of several models (same classes, channels and architecture).
 
-An image that cannot be read, has the wrong number of channels or holds NaN/Inf pixels is reported
-(naming the file) and skipped; the others are still processed, and the exit code is 1 if any image
-failed. A run that cannot start (model, flags, folders) exits with code 2.
+An image that cannot be read (also a damaged one whose read fails midway), has the wrong number of
+channels or holds NaN/Inf pixels is reported (naming the file) and skipped; the others are still
+processed, and the exit code is 1 if any image failed. A run that cannot start (model, flags,
+folders) exits with code 2. SIGTERM (scancel, a Slurm time limit, preemption) or SIGINT (Ctrl-C)
+stops the run within a tile batch: the interrupted image's partial output is removed, the masks
+already written stay, and the exit code is 143 / 130. Scratch left in --output_folder by a run that
+was killed outright (SIGKILL) is removed by the next run.
 """
 import argparse
 import contextlib
@@ -42,7 +46,9 @@ import mmap
 import os
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 import time
 
 import keras
@@ -77,6 +83,17 @@ class InferenceError(Exception):
 
 class ImageError(Exception):
     """One image cannot be segmented (unreadable, wrong shape or channel count); others go on."""
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived (raised by main's handler in the main thread). A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way swallows it, while every
+    ``except BaseException``/``finally`` that removes scratch still runs."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+        self.image = None  # the image being segmented, set by run_inference
 
 
 @dataclasses.dataclass
@@ -178,6 +195,14 @@ def load_model(config):
     try:
         models.check_options(name, **options)
     except ValueError as exc:
+        if training_config is None:
+            # The options were read from the model's layers, not given by anyone: a message naming
+            # a flag (e.g. "--unet_depth 0") would blame a flag the user never gave.
+            raise InferenceError(
+                f"{source} is not a model trained by this tool: it is named {name!r}, but its layers "
+                f"are not those of this tool's {models.display_name(name)}. Inference needs the "
+                f"model.keras that train_unet.py / train_segnet.py export into their output folder "
+                f"(with its config.json), or such a folder's checkpoint (--checkpoint_filepath)") from exc
         raise InferenceError(f"{source}: {exc}") from exc
     return LoadedModel(model=model, name=name, number_classes=int(model.output_shape[-1]),
                        input_channels=int(model.input_shape[-1]),
@@ -205,15 +230,16 @@ def resolve_device(gpu):
 
 
 def _recorded_normalization(source):
-    """The "normalization" entry of the training config.json beside a loaded model, or None."""
+    """The "normalization" entry of the training config.json beside a loaded model; a model without
+    one (trained before it was recorded, or a bare .keras file) used checkpoints.NORMALIZATION."""
     folder = pathlib.Path(source).parent
     for candidate in (folder, folder.parent, folder.parent.parent):
         path = candidate / "config.json"
         if path.is_file():
-            with contextlib.suppress(OSError, ValueError):
-                return json.loads(path.read_text()).get("normalization")
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                return json.loads(path.read_text()).get("normalization", checkpoints.NORMALIZATION)
             return None
-    return None
+    return checkpoints.NORMALIZATION
 
 
 def load_models(config):
@@ -278,9 +304,15 @@ class ImageSource:
 
     def __getitem__(self, rows):
         index = tuple(rows if a == "y" else 0 if a == "-" else slice(None) for a in self.axes)
-        block = self.array[index]
-        # A copy detaches the rows from a memory map (zarr already returns a new array).
-        block = np.array(block) if self._mapping is not None else np.asarray(block)
+        try:
+            block = self.array[index]
+            # A copy detaches the rows from a memory map (zarr already returns a new array).
+            block = np.array(block) if self._mapping is not None else np.asarray(block)
+        except Exception as exc:  # decoders raise many types, e.g. tifffile's "corrupted tile"
+            # Damage past the header shows only when its chunks are decoded, at any point of the
+            # statistics pass or the prediction: this image fails by name, the others go on.
+            raise ImageError(f"{self.name}: cannot read rows {rows.start}-{rows.stop} "
+                             f"({type(exc).__name__}: {exc}); the file is damaged or truncated") from exc
         kept = [a for a in self.axes if a != "-"]
         block = np.transpose(block, [kept.index(a) for a in "yxc" if a in kept])
         if "c" not in kept:
@@ -296,6 +328,59 @@ class ImageSource:
             with contextlib.suppress(Exception):
                 close()
         self._on_close = []
+
+
+# Axis letters meaning "not declared": tifffile names an axis of a file without axis metadata 'Q'
+# (shaped, unknown) or 'I' (a plain sequence of pages).
+UNDECLARED_AXES = ("Q", "I")
+STACK_AXES = {"Z": "a Z stack of {n} planes", "T": "a time series of {n} frames"}
+
+
+def _declared_axes(path, names, shape):
+    """ImageSource axes from the axis names a file declares (tifffile's series axes such as "ZYX",
+    "YXS", "CYX"; OME-Zarr / Zarr dimension names), or None when it declares none.
+
+    C and S (samples, e.g. RGB) are channels, Y and X the image plane, length-1 axes are dropped; any
+    other axis longer than 1 (Z, T, ...) is refused by name: its planes are not channels.
+    """
+    names = [str(name).upper() for name in names]
+    if len(names) != len(shape) or any(n in UNDECLARED_AXES and size > 1 for n, size in zip(names, shape)):
+        return None
+    axes = ""
+    for name, size in zip(names, shape):
+        if name in ("Y", "X"):
+            axes += name.lower()
+        elif size == 1:
+            axes += "-"
+        elif name in ("C", "S") and "c" not in axes:
+            axes += "c"
+        else:
+            what = STACK_AXES.get(name, f"{{n}} planes along axis {name!r}").format(n=size)
+            raise ImageError(
+                f"{path.name}: {what} (axes {' '.join(names)}, shape {tuple(shape)}); only 2-D images "
+                f"(Y, X and channels) are segmented: save one image per plane (or a projection) and "
+                f"segment those")
+    return axes if "y" in axes and "x" in axes else None
+
+
+def _guessed_axes(path, shape, channels):
+    """Axes of an array whose file declares none (_axes_from_shape), said in one printed line when
+    there was a choice. A 3-D array whose ends both differ from the model's channel count and whose
+    first axis is the shorter is refused as a stack: reading its 256 rows as channels blames the
+    wrong axis."""
+    kept = [size for size in shape if size != 1] if len(shape) > 3 else list(shape)
+    if len(kept) == 3 and channels not in (kept[0], kept[-1]) and kept[0] < kept[-1]:
+        raise ImageError(
+            f"{path.name}: shape {tuple(shape)} without axis names: a stack of {kept[0]} planes along "
+            f"its first axis, which may be channels, Z or time; the model expects {channels} "
+            f"channel(s). Only 2-D images are segmented: save one image per plane (or a projection), "
+            f"or write the file with its axes (e.g. tifffile's metadata={{'axes': 'CYX'}})")
+    axes = _axes_from_shape(shape, channels)
+    if axes is not None and len(kept) == 3:
+        layout = "C x H x W" if axes.replace("-", "") == "cyx" else "H x W x C"
+        print(f"    {path.name}: the file does not declare its axes; shape {tuple(shape)} read as "
+              f"{layout}", flush=True)
+    return axes
 
 
 def _axes_from_shape(shape, channels):
@@ -330,12 +415,18 @@ def _check_source(source, path, channels):
     return source
 
 
-def _make_source(path, array, channels, kind, on_close=(), mapping=None, axes=None):
-    axes = axes or _axes_from_shape(tuple(array.shape), channels)
-    if axes is None:
+def _make_source(path, array, channels, kind, on_close=(), mapping=None, axes=None, names=None):
+    """ImageSource of ``array``: with ``axes`` as given, else from the axis ``names`` the file
+    declares, else guessed from the shape."""
+    try:
+        axes = axes or (_declared_axes(path, names, tuple(array.shape)) if names else None)
+        axes = axes or _guessed_axes(path, tuple(array.shape), channels)
+        if axes is None:
+            raise ImageError(f"{path.name}: shape {tuple(array.shape)} is not H x W or H x W x C")
+    except ImageError:
         for close in on_close:
             close()
-        raise ImageError(f"{path.name}: shape {tuple(array.shape)} is not H x W or H x W x C")
+        raise
     return ImageSource(path.name, array, axes, kind, list(on_close), mapping)
 
 
@@ -349,20 +440,24 @@ def _open_tiff(path, channels):
             raise ImageError(f"{path.name}: cannot read image (no pixel data found)")
         series = tif.series[0]
         level = series.levels[0]  # full resolution of a pyramid
+        if len(tif.series) > 1:
+            print(f"    {path.name}: holds {len(tif.series)} image series; segmenting the first, "
+                  f"series 0 (axes {series.axes}, shape {tuple(series.shape)})", flush=True)
         if level.dataoffset is not None and level.dtype is not None:
             # Uncompressed and contiguous in the file: memory-map it.
             mapping = mmap.mmap(tif.filehandle.fileno(), 0, access=mmap.ACCESS_READ)
             array = np.ndarray(level.shape, level.dtype.newbyteorder(tif.byteorder), buffer=mapping,
                                offset=level.dataoffset)
             return _make_source(path, array, channels, "memory-mapped TIFF",
-                                [mapping.close, tif.close], mapping)
+                                [mapping.close, tif.close], mapping, names=level.axes)
         try:
             import zarr
         except ImportError:  # without zarr a compressed TIFF can only be read whole
-            return _make_source(path, level.asarray(), channels, "TIFF", [tif.close])
+            return _make_source(path, level.asarray(), channels, "TIFF", [tif.close], names=level.axes)
         store = tif.aszarr(series=0, level=0)
         array = zarr.open(store, mode="r")
-        return _make_source(path, array, channels, "chunked TIFF", [store.close, tif.close])
+        return _make_source(path, array, channels, "chunked TIFF", [store.close, tif.close],
+                            names=level.axes)
     except ImageError:
         tif.close()
         raise
@@ -379,20 +474,11 @@ def _ome_zarr_level0(group, path):
         return None, None
     first = multiscales[0]
     array = group[first["datasets"][0]["path"]]
-    names = [axis["name"] if isinstance(axis, dict) else axis for axis in first.get("axes", [])]
-    if len(names) != array.ndim:
-        return array, None
-    axes = ""
-    for name, size in zip(names, array.shape):
-        name = name.lower()
-        if name in ("y", "x", "c"):
-            axes += name
-        elif size == 1:
-            axes += "-"
-        else:
-            raise ImageError(f"{path.name}: has {size} planes along axis {name!r} (shape "
-                             f"{tuple(array.shape)}); only 2-D images (y, x, channels) are segmented")
-    return array, axes
+    # NGFF 0.4 axes are {"name", "type"} (a type "channel" / "time" axis may have any name), 0.3's
+    # plain names ("tczyx").
+    names = [({"channel": "C", "time": "T"}.get(axis.get("type"), axis.get("name", "?"))
+              if isinstance(axis, dict) else axis) for axis in first.get("axes", [])]
+    return array, _declared_axes(path, names, tuple(array.shape))
 
 
 def _open_zarr(path, channels):
@@ -413,11 +499,16 @@ def _open_zarr(path, channels):
                 array = node[arrays[0]]
         else:
             array = node
+        # A plain array's axis names: Zarr v3 dimension_names, or xarray's attribute in Zarr v2.
+        names = (getattr(array.metadata, "dimension_names", None)
+                 or array.attrs.asdict().get("_ARRAY_DIMENSIONS"))
     except ImageError:
         raise
     except Exception as exc:  # zarr raises many types for damaged or foreign folders
         raise ImageError(f"{path.name}: cannot read Zarr image ({type(exc).__name__}: {exc})") from exc
-    return _make_source(path, array, channels, "Zarr", axes=axes)
+    if names is not None and any(name is None for name in names):
+        names = None
+    return _make_source(path, array, channels, "Zarr", axes=axes, names=names)
 
 
 def open_image(path, channels):
@@ -437,7 +528,9 @@ def open_image(path, channels):
             array = image_io.read_array(path, kind="image")
         except image_io.ImageFileError as exc:
             raise ImageError(str(exc)) from exc
-        source = _make_source(path, array, channels, "in memory")
+        # PNG and JPEG store H x W or H x W x C by definition: nothing to guess.
+        source = _make_source(path, array, channels, "in memory",
+                              axes={2: "yx", 3: "yxc"}.get(array.ndim))
     try:
         return _check_source(source, path, channels)
     except ImageError:
@@ -500,8 +593,7 @@ def atomic_folder(path):
     """Yield a temporary folder beside ``path`` to fill; when the block completes, it replaces
     ``path`` (the old one is removed only after the new one is in place). Removed on failure."""
     path = pathlib.Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    old = path.with_name(f".{path.name}.{os.getpid()}.old")
+    temporary, old = image_io.scratch_path(path, "tmp"), image_io.scratch_path(path, "old")
     shutil.rmtree(temporary, ignore_errors=True)
     try:
         yield temporary
@@ -510,6 +602,8 @@ def atomic_folder(path):
         os.replace(temporary, path)
     except BaseException:
         shutil.rmtree(temporary, ignore_errors=True)
+        if os.path.lexists(old) and not os.path.lexists(path):  # stopped between the two renames
+            os.replace(old, path)
         raise
     if old.is_dir():
         shutil.rmtree(old, ignore_errors=True)
@@ -578,6 +672,35 @@ def _duration(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+def _interruptible(forward, device):
+    """``forward`` run in a helper thread while the main thread waits for it.
+
+    Python runs a signal handler only in the main thread, between bytecodes: during one network call
+    SIGTERM would wait for the call to end, about 2 minutes for the default UNet on a 2,368 px tile
+    on a 2-core CPU (measured), past Slurm's usual 30 s before SIGKILL. A main thread waiting here
+    handles it at once; the call still running is abandoned (see the end of this file).
+    """
+    def call(batch):
+        outcome = {}
+
+        def work():
+            try:
+                with tf.device(device):  # device scopes are per thread
+                    outcome["logits"] = forward(batch)
+            except BaseException as exc:  # handed to the main thread, e.g. ResourceExhaustedError
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=work, name="inference-forward", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.25)
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["logits"]
+
+    return call
+
+
 def _segment_file(path, output_folder, loaded, forward, tile_size, device, config):
     """Read, normalise, predict and write one image. Returns (outputs written, description).
 
@@ -604,7 +727,8 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
 
         def bands():
             with tf.device(device):
-                yield from predictor.iter_bands(forward, source, stats, first.name, tile_size,
+                yield from predictor.iter_bands(_interruptible(forward, device), source, stats,
+                                                first.name, tile_size,
                                                 config.batch_size, config.tta, outputs=outputs,
                                                 progress=progress, options=first.options)
 
@@ -748,6 +872,8 @@ def run_inference(config):
         output_folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
+    for action in image_io.remove_stale_scratch(output_folder):
+        print(action)
     halo = predictor.halo_for(first.name, first.options)
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
@@ -773,6 +899,9 @@ def run_inference(config):
             failed[path.name] = str(exc)
             print(f"[{index}/{len(images)}] FAILED {exc}", file=sys.stderr, flush=True)
             continue
+        except Interrupted as exc:
+            exc.image = path.name
+            raise
         written.append(str(targets[0]))
         elapsed = time.perf_counter() - start_time
         eta = (f", folder ETA {_duration(elapsed / index * (len(images) - index))}"
@@ -804,7 +933,8 @@ def build_parser():
                     "trained model or an ensemble; writes <stem>.tif class masks (uint8, uint16 above "
                     "256 classes) of the same size into the output folder (tiled compressed BigTIFF "
                     f"above {_side(STREAM_PIXELS)} px; <stem>.zarr for Zarr input). Exit "
-                    "code 1: some image failed; 2: the run could not start.")
+                    "code 1: some image failed; 2: the run could not start; 143 / 130: stopped by "
+                    "SIGTERM / SIGINT (the interrupted image's partial output removed).")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", nargs="+", help="trained model(s): a .keras file, or a training "
                         "output folder (uses its model.keras); several: an ensemble averaging their "
@@ -860,10 +990,23 @@ def config_from_args(args):
                            image_extensions=extensions)
 
 
+def _raise_interrupted(signum, frame):
+    # Further signals are ignored while the scratch is removed; a second Ctrl-C would otherwise
+    # break off the cleanup itself. main() restores the handlers.
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main(argv=None):
     """Command-line entry point. Returns the exit code: 0 all written, 1 an image failed, 2 the run
-    could not start (model, flags, folders)."""
+    could not start (model, flags, folders), 128 + the signal number when SIGTERM (143) or SIGINT
+    (130) stopped it."""
     args = build_parser().parse_args(argv)
+    # SIGTERM's default action ends the process at once, leaving the scratch file of the image being
+    # written; raised as an exception instead, the writers' cleanup runs.
+    previous = {number: signal.signal(number, _raise_interrupted)
+                for number in (signal.SIGTERM, signal.SIGINT)}
     try:
         config = config_from_args(args)
         print("config: " + json.dumps(dataclasses.asdict(config)))
@@ -871,8 +1014,24 @@ def main(argv=None):
     except InferenceError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CANNOT_START
+    except Interrupted as exc:
+        where = (f"while segmenting {exc.image} (its partial output was removed)" if exc.image
+                 else "before any image was segmented")
+        print(f"interrupted by {signal.Signals(exc.signum).name} {where}; the masks written before it "
+              f"are complete", file=sys.stderr, flush=True)
+        return 128 + exc.signum
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
     return EXIT_IMAGE_FAILED if summary.failed_count else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        # A network call may still run in its helper thread (_interruptible): leave now, without
+        # waiting for it or tearing TensorFlow down under it; this run's scratch is already removed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

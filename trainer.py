@@ -124,7 +124,7 @@ def train(config):
                        reduction=distribute.reduction_in_use(towers, reduce_to, info.num_workers),
                        steps_per_epoch=steps_per_epoch, run_length=settings.total_steps,
                        warmup_steps=settings.warmup_steps,
-                       tool_version=records.TOOL_VERSION,
+                       tool_version=records.TOOL_VERSION, normalization=checkpoints.NORMALIZATION,
                        train_database_fingerprint=fingerprints["train"],
                        test_database_fingerprint=fingerprints["test"])
     with strategy.scope():
