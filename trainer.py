@@ -232,6 +232,7 @@ class Run:
         self.model, self.optimizer = model, optimizer
         self.train_reader, self.outputs = train_reader, outputs
         self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
+        self.optimizer_settings = optimizer_settings(config, steps_per_epoch)
         self.local_replicas = distribute.local_replica_count(strategy)
         self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
                                                 global_batch, jit_compile=config.xla)
@@ -323,7 +324,9 @@ class Run:
             if self.stop is not None and self.stop.requested:
                 return False
             raise
-        # The rate this update uses (optimizer.iterations == state.step before it), for the log.
+        # The schedule follows the trainer's step, not optimizer.iterations: under float16 the inner
+        # optimizer's counter does not advance on an update skipped for overflowing gradients.
+        optim.set_step(self.optimizer, self.optimizer_settings, state.step)
         rate = optim.current_learning_rate(self.optimizer) if self.logs_step(state.step + 1) else None
         loss = float(self.train_step(distribute.distribute_batches(self.strategy, batches)))
         self.check_finite(loss, state.step + 1)
