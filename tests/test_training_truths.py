@@ -6,6 +6,8 @@
   - the test pass sizes its tile from the training device's memory and survives out-of-memory (item 6);
   - a database tiled at or below the crop size makes fixed crops, and the trainer says so (item 7).
 """
+import csv
+
 import numpy as np
 import pytest
 
@@ -64,19 +66,16 @@ def dbs(tmp_path_factory):
     return str(root / "train"), str(root / "test")
 
 
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def _config(dbs, output_dir, **overrides):
     values = dict(batch_size=2, tile_size=32, base_filters=2, unet_depth=2, test_every_n_steps=3,
                   log_every_n_steps=1, use_augmentation=False, learning_rate=0.01, optimizer="sgd", max_steps=3)
     values.update(overrides)
     return trainer.TrainConfig("unet", dbs[0], dbs[1], str(output_dir), **values)
-
-
-@pytest.fixture
-def float32_afterwards():
-    """A run under --mixed_precision leaves its global Keras policy; later tests expect float32."""
-    yield
-    import keras
-    keras.mixed_precision.set_global_policy("float32")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,32 +88,166 @@ def _logged_rates(text):
             if line.startswith("step ") and line.split()[4] == "lr"}
 
 
-def test_float16_schedule_counts_skipped_updates(dbs, tmp_path, capsys, monkeypatch, float32_afterwards):
+@pytest.fixture(scope="module")
+def float16_run(dbs, tmp_path_factory):
+    """One --mixed_precision float16 run (8 steps, poly schedule, one test pass at the end) whose
+    step 3 has "overflowing" gradients: the loss-scale optimizer skips that update (and the inner
+    optimizer's iterations), as it does for a real inf/NaN gradient. Records the logits the test
+    pass computed. Returns (summary, printed output, output folder, [(image, stats, logits)])."""
+    import contextlib
+    import io
+
+    import keras
     import tensorflow as tf
 
     import distribute
+    import predictor
 
-    # Step 3's gradients "overflow": the loss-scale optimizer skips that update (and the inner
-    # optimizer's iterations), as it does for a real inf/NaN gradient.
-    calls, skipped_step = [], 3
-    original = distribute.all_replicas_true
+    calls, skipped_step, predicted = [], 3, []
+    original_agree, original_predict = distribute.all_replicas_true, predictor.predict_image
 
     def not_finite_on_the_skipped_step():
         calls.append(1)
         return len(calls) != skipped_step
 
-    monkeypatch.setattr(distribute, "all_replicas_true", lambda flag: tf.logical_and(
-        original(flag), tf.py_function(not_finite_on_the_skipped_step, [], tf.bool)))
-    summary = trainer.train(_config(dbs, tmp_path / "run", mixed_precision="float16", lr_schedule="poly",
-                                    warmup_steps=2, max_steps=8, test_every_n_steps=8))
-    assert (summary["exit_code"], summary["step"]) == (0, 8) and len(calls) == 8
-    with np.load(tmp_path / "run" / "checkpoints" / "latest" / "optimizer.npz") as saved:
+    def recording_predict(forward, image, stats, *args, **kwargs):
+        logits = original_predict(forward, image, stats, *args, **kwargs)
+        predicted.append((np.array(image), stats, logits))
+        return logits
+
+    out_dir, printed = tmp_path_factory.mktemp("float16") / "run", io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(distribute, "all_replicas_true", lambda flag: tf.logical_and(
+            original_agree(flag), tf.py_function(not_finite_on_the_skipped_step, [], tf.bool)))
+        patch.setattr(predictor, "predict_image", recording_predict)
+        try:
+            summary = trainer.train(_config(dbs, out_dir, mixed_precision="float16", lr_schedule="poly",
+                                            warmup_steps=2, max_steps=8, test_every_n_steps=8))
+        finally:
+            keras.mixed_precision.set_global_policy("float32")
+    assert (summary["exit_code"], summary["step"], summary["epoch"]) == (0, 8, 1) and len(calls) == 8
+    return summary, printed.getvalue(), out_dir, predicted
+
+
+def test_float16_schedule_counts_skipped_updates(float16_run):
+    summary, printed, out_dir, _ = float16_run
+    with np.load(out_dir / "checkpoints" / "latest" / "optimizer.npz") as saved:
         applied = int(saved["SGD/iteration"])
     assert applied <= 7  # the forced skip happened (float16 may skip more early updates by itself)
     # The rate of the update at step s (logged with it) is learning_rate_at(s - 1) whatever was skipped,
     # so the last update uses the schedule's last rate.
-    rates = _logged_rates(capsys.readouterr().out)
+    rates = _logged_rates(printed)
     expected = [optim.learning_rate_at(s - 1, 0.01, "poly", 2, 8) for s in range(1, 9)]
     assert sorted(rates) == list(range(1, 9))
     np.testing.assert_allclose([rates[s] for s in range(1, 9)], expected, rtol=1e-5)
     assert rates[8] == pytest.approx(optim.learning_rate_at(7, 0.01, "poly", 2, 8), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 5: the test pass predicts in float32 under --mixed_precision
+# ---------------------------------------------------------------------------------------------
+
+def test_float16_test_pass_predicts_what_the_float32_export_predicts(float16_run, dbs):
+    import keras
+
+    import evaluation
+    import models  # noqa: F401  (registers the layers model.keras needs)
+    import predictor
+
+    summary, _, out_dir, predicted = float16_run
+    exported = keras.models.load_model(out_dir / "model.keras")
+    assert {layer.dtype_policy.name for layer in exported.layers} == {"float32"}
+    options = trainer.model_options(_config(dbs, out_dir))
+    forward = predictor.make_predictor(exported)
+    assert len(predicted) == 2  # the two test images, once each
+    for image, stats, logits in predicted:
+        expected = predictor.predict_image(forward, image, stats, "unet", 64, options=options)
+        # float16 logits differ from these by ~1e-3; the float32 pass only by rounding.
+        np.testing.assert_allclose(predictor._softmax(logits), predictor._softmax(expected), rtol=0, atol=2e-6)
+    # The logged test loss (early stopping and the best checkpoint use it) is the export's.
+    logged = float(read_csv(out_dir / "test_metrics.csv")[-1]["loss"])
+    row, _, _ = evaluation.Evaluator(exported, "unet", dbs[1], 2, "ce+dice", options=options).run()
+    assert logged == pytest.approx(row["loss"], abs=1e-5)  # the CSV keeps 6 digits
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 6: the test pass's tile from the training device's memory, and out-of-memory fallback
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def wide_test_db(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wide") / "test"
+    make_synthetic_db(path, num_records=2, shape=(96, 96), seed=3)
+    return str(path)
+
+
+def _tiny_unet():
+    import models
+
+    return models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=True, unet_depth=2)
+
+
+def test_test_pass_tile_comes_from_the_training_device_memory(wide_test_db, monkeypatch):
+    import tensorflow as tf
+
+    import evaluation
+    import predictor
+
+    model, options = _tiny_unet(), {"unet_depth": 2}
+    asked = []
+
+    def fake_memory(device="/CPU:0"):
+        asked.append(device)
+        return 64 * 1024 ** 2 if "GPU" in device else 512 * 1024 ** 3  # a 64 MiB GPU in a 512 GB host
+
+    monkeypatch.setattr(predictor, "available_memory_bytes", fake_memory)
+    evaluator = evaluation.Evaluator(model, "unet", wide_test_db, 2, "ce", options=options, device="/GPU:1")
+    assert asked == ["/GPU:1"]
+    assert evaluator.tile_size == predictor.default_tile_size(model, "unet", memory_bytes=64 * 1024 ** 2,
+                                                              options=options)
+    assert evaluator.tile_size < predictor.MAX_DEFAULT_TILE  # what the host's RAM would have given
+    # The trainer asks for the first visible GPU by its physical index (nvidia-smi's numbering).
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:2", device_type="GPU")
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
+    assert trainer.test_pass_memory_device() == "/GPU:2"
+    monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: [])
+    assert trainer.test_pass_memory_device() == "/CPU:0"
+
+
+def test_test_pass_halves_its_tile_on_out_of_memory(wide_test_db, capsys):
+    import tensorflow as tf
+
+    import evaluation
+
+    model, options = _tiny_unet(), {"unet_depth": 2}
+    reference = evaluation.Evaluator(model, "unet", wide_test_db, 2, "ce", tile_size=96, options=options).run()[0]
+
+    # A device where tiles above 64 px do not fit: 96 -> 48, raised to the smallest tile, 60.
+    evaluator = evaluation.Evaluator(model, "unet", wide_test_db, 2, "ce", tile_size=96, options=options)
+    fits = evaluator.forward
+    sides = []
+
+    def forward(batch):
+        sides.append(batch.shape[1])
+        if batch.shape[1] > 64:
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+        return fits(batch)
+
+    evaluator.forward = forward
+    capsys.readouterr()
+    row = evaluator.run()[0]
+    assert evaluator.tile_size == 60 and sides[0] == 96 and set(sides[1:]) == {60}  # kept for image 2
+    # Tiling never changes the result: every metric of the pass is the one-tile pass's.
+    assert sorted(row) == sorted(reference)
+    assert row == pytest.approx(reference, rel=1e-6)
+    assert row["test_pixels"] == reference["test_pixels"] == 2 * 96 * 96
+    assert "ran out of memory on /CPU:0 with 96 px tiles; predicting with 60 px tiles" in capsys.readouterr().err
+
+    # Nothing fits: a clear error naming the device and the smallest tile, not a traceback.
+    def never_fits(batch):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+    evaluator.forward = never_fits
+    with pytest.raises(trainer.TrainingError, match=r"out of memory on /CPU:0 even with unet's smallest tile "
+                                                    r"\(60 px, batch 1\)"):
+        evaluator.run()
