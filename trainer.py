@@ -149,6 +149,8 @@ def train(config):
             print(f"environment: {distribute.env_summary()}", flush=True)
         print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
               f"{info.num_workers} worker(s) = {global_batch}", flush=True)
+        for warning in fixed_crop_warnings(config, train_metadata):
+            print(warning, file=sys.stderr, flush=True)
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
         if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
             checkpoints.copy_previous_run(source_dir, config.output_dir)
@@ -216,6 +218,27 @@ def make_train_reader(config, towers, info, start_step):
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
     return train_reader
+
+
+def fixed_crop_warnings(config, train_metadata):
+    """Warnings (lines) when the training crops cannot move: a database tiled by build_lmdb.py at or
+    below the crop size holds records no larger than a crop, and a crop never crosses a record's
+    border, so every crop is a whole stored tile (the network sees a fixed grid of tiles) and
+    --foreground_crop_fraction cannot place a crop anywhere. Empty when crops can move."""
+    tiled_at = train_metadata.get("tile_size")
+    largest = max(max(shape[0], shape[1]) for shape in train_metadata["image_shapes"])
+    if not tiled_at or largest > config.tile_size:
+        return []
+    lines = [f"warning: --train_database {config.train_database} was built with --tile_size {tiled_at} "
+             f"(records of at most {largest} px) and --tile_size {config.tile_size} crops it, so every crop is "
+             "a whole stored tile: training sees a fixed grid of tiles, crop positions never vary and crops "
+             "never cross tile borders (flips, rotations and intensity changes still vary). For random crops, "
+             "rebuild the database with build_lmdb.py without --tile_size (whole images) or with a --tile_size "
+             f"larger than {config.tile_size} (e.g. {2 * config.tile_size})"]
+    if config.foreground_crop_fraction > 0:
+        lines.append(f"warning: --foreground_crop_fraction {config.foreground_crop_fraction:g} does nothing with "
+                     "this database: a crop of a record no larger than the crop is the whole record")
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

@@ -251,3 +251,47 @@ def test_test_pass_halves_its_tile_on_out_of_memory(wide_test_db, capsys):
     with pytest.raises(trainer.TrainingError, match=r"out of memory on /CPU:0 even with unet's smallest tile "
                                                     r"\(60 px, batch 1\)"):
         evaluator.run()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 7: a database tiled at the crop size makes fixed crops, and the trainer says so
+# ---------------------------------------------------------------------------------------------
+
+def _tiled_db(path, tile, num_records=4, seed=0):
+    """A train database as build_lmdb.py --tile_size ``tile`` writes it: records of tile x tile px."""
+    import records
+
+    rng = np.random.default_rng(seed)
+
+    def pairs():
+        for i in range(num_records):
+            mask = np.zeros((tile, tile), np.uint8)
+            mask[tile // 4:tile // 2, tile // 4:] = 1
+            image = (1000.0 * mask + rng.normal(500, 50, (tile, tile))).astype(np.uint16)[..., None]
+            yield image, mask, {"image": "a.tif", "mask": "a.tif", "tile": [0, i * tile]}
+
+    return records.write_database(str(path), pairs(), {"split": "train", "split_seed": 0, "train_fraction": 1.0,
+                                                       "extra": {"tile_size": tile, "tile_overlap": 0}})
+
+
+def test_a_database_tiled_at_the_crop_size_is_named_at_start(dbs, tmp_path, capsys):
+    _tiled_db(tmp_path / "tiled32", 32)
+    code = trainer.main("unet", [str(a) for a in [
+        "--train_database", tmp_path / "tiled32", "--test_database", dbs[1], "--output_dir", tmp_path / "run",
+        "--batch_size", 2, "--tile_size", 32, "--base_filters", 2, "--unet_depth", 2, "--max_steps", 1,
+        "--foreground_crop_fraction", 0.5]])
+    err = capsys.readouterr().err
+    assert code == 0
+    assert (f"--train_database {tmp_path / 'tiled32'} was built with --tile_size 32 (records of at most 32 px) "
+            "and --tile_size 32 crops it, so every crop is a whole stored tile") in err
+    assert "rebuild the database with build_lmdb.py without --tile_size (whole images) or with a --tile_size " \
+           "larger than 32 (e.g. 64)" in err
+    assert "--foreground_crop_fraction 0.5 does nothing with this database" in err
+
+    # Crops that can move: whole images, or tiles larger than the crop; no foreground warning at 0.
+    def warnings(metadata, **overrides):
+        return trainer.fixed_crop_warnings(_config(dbs, tmp_path / "x", **overrides), metadata)
+
+    assert warnings({"tile_size": None, "image_shapes": [[32, 32, 1]]}) == []
+    assert warnings({"tile_size": 64, "image_shapes": [[64, 64, 1], [40, 64, 1]]}) == []
+    assert len(warnings({"tile_size": 32, "image_shapes": [[32, 32, 1]]}, foreground_crop_fraction=0.0)) == 1
