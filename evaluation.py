@@ -47,19 +47,20 @@ class Evaluator:
       tile_size: tile side; None = inference.py's default rule for this model and ``device``.
       options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
       device: the device whose free memory sizes the default tile (predictor.available_memory_bytes:
-        "/GPU:<index as nvidia-smi numbers it>" when the pass runs on a GPU, else "/CPU:0").
+        "/GPU:<index as nvidia-smi numbers it>" or "/CPU:0"); None = the one the pass runs on
+        (predictor.default_memory_device: the training GPU, else the CPU).
     """
 
     def __init__(self, model, model_name, test_database, number_classes, loss_name, shard_index=0,
-                 shard_count=1, batch_size=1, tile_size=None, options=None, device="/CPU:0"):
+                 shard_count=1, batch_size=1, tile_size=None, options=None, device=None):
         self.model_name, self.options, self.test_database = model_name, options, test_database
         self.number_classes, self.loss_name = number_classes, loss_name
         self.shard_index, self.shard_count, self.batch_size = shard_index, shard_count, batch_size
-        self.model, self.device = model, device
+        self.model, self.device = model, device or predictor.default_memory_device()
         self.twin = float32_twin(model)
         predicting = self.twin if self.twin is not None else model
-        self.tile_size = tile_size or predictor.default_tile_size(predicting, model_name, batch_size, device=device,
-                                                                  options=options)
+        self.tile_size = tile_size or predictor.default_tile_size(predicting, model_name, batch_size,
+                                                                  device=self.device, options=options)
         self.forward = predictor.make_predictor(predicting)
 
     def run(self, combine=lambda totals: totals, should_stop=lambda: False):

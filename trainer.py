@@ -261,8 +261,7 @@ class Run:
                                                 global_batch, jit_compile=config.xla)
         self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
                                               config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers, options=model_options(config),
-                                              device=test_pass_memory_device())
+                                              shard_count=info.num_workers, options=model_options(config))
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.stop = None
@@ -417,17 +416,6 @@ class Run:
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
         self.last_checkpoint = state.step
-
-
-def test_pass_memory_device():
-    """The device whose free memory sizes the test pass's tile. The pass runs on TensorFlow's default
-    device: the first visible GPU, named by its physical index (what nvidia-smi numbers, after
-    CUDA_VISIBLE_DEVICES; --gpus may have hidden the others), else the CPU. Never the host's RAM for
-    a GPU: 64 GB of RAM would give a tile needing ~29 GB on a 16 GB GPU."""
-    import tensorflow as tf
-
-    gpus = tf.config.get_visible_devices("GPU")
-    return "/GPU:" + gpus[0].name.rsplit(":", 1)[-1] if gpus else "/CPU:0"
 
 
 def next_test_step(state, steps_per_epoch):

@@ -157,7 +157,7 @@ def test_float16_test_pass_predicts_what_the_float32_export_predicts(float16_run
     summary, _, out_dir, predicted = float16_run
     exported = keras.models.load_model(out_dir / "model.keras")
     assert {layer.dtype_policy.name for layer in exported.layers} == {"float32"}
-    options = trainer.model_options(_config(dbs, out_dir))
+    options = {"unet_depth": 2}
     forward = predictor.make_predictor(exported)
     assert len(predicted) == 2  # the two test images, once each
     for image, stats, logits in predicted:
@@ -206,12 +206,16 @@ def test_test_pass_tile_comes_from_the_training_device_memory(wide_test_db, monk
     assert evaluator.tile_size == predictor.default_tile_size(model, "unet", memory_bytes=64 * 1024 ** 2,
                                                               options=options)
     assert evaluator.tile_size < predictor.MAX_DEFAULT_TILE  # what the host's RAM would have given
-    # The trainer asks for the first visible GPU by its physical index (nvidia-smi's numbering).
+    # Without a device (the trainer's case), the one the pass runs on: the first visible GPU, by its
+    # physical index (nvidia-smi's numbering; --gpus may have hidden GPU 0 and 1), else the CPU.
     gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:2", device_type="GPU")
     monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: [gpu] if kind == "GPU" else [])
-    assert trainer.test_pass_memory_device() == "/GPU:2"
+    assert predictor.default_memory_device() == "/GPU:2"
+    asked.clear()
+    evaluation.Evaluator(model, "unet", wide_test_db, 2, "ce", options=options)
+    assert asked == ["/GPU:2"]
     monkeypatch.setattr(tf.config, "get_visible_devices", lambda kind=None: [])
-    assert trainer.test_pass_memory_device() == "/CPU:0"
+    assert predictor.default_memory_device() == "/CPU:0"
 
 
 def test_test_pass_halves_its_tile_on_out_of_memory(wide_test_db, capsys):
