@@ -170,6 +170,30 @@ def test_float16_test_pass_predicts_what_the_float32_export_predicts(float16_run
     assert logged == pytest.approx(row["loss"], abs=1e-5)  # the CSV keeps 6 digits
 
 
+def test_bfloat16_model_is_scored_in_float32_with_its_current_weights(dbs):
+    import keras
+
+    import evaluation
+    import models
+    import predictor
+
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=True, unet_depth=2)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    reference = models.build_model("unet", 2, input_channels=1, base_filters=2, batch_norm=True, unet_depth=2)
+    evaluator = evaluation.Evaluator(model, "unet", dbs[1], 2, "ce", tile_size=64, options={"unet_depth": 2})
+    # Weights changed after the evaluator was made (training goes on): the pass scores the new ones.
+    model.set_weights([w + 0.01 for w in model.get_weights()])
+    reference.set_weights(model.get_weights())
+    row = evaluator.run()[0]
+    expected = evaluation.Evaluator(reference, "unet", dbs[1], 2, "ce", tile_size=64, options={"unet_depth": 2})
+    assert row == pytest.approx(expected.run()[0], rel=1e-6)
+    batch = np.random.default_rng(0).normal(size=(1, 64, 64, 1)).astype(np.float32)
+    np.testing.assert_allclose(evaluator.forward(batch), predictor.make_predictor(reference)(batch), atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------
 # Item 6: the test pass's tile from the training device's memory, and out-of-memory fallback
 # ---------------------------------------------------------------------------------------------
