@@ -167,9 +167,9 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels):
     if saved["number_classes"] == config.number_classes:
         model.load_weights(weights)
         load_optimizer(os.path.join(directory, "optimizer.npz"), optimizer)
-        # The learning rate is not restored: it is this run's flags. A schedule is a function of
-        # the restored step counter (optimizer.iterations), so the run continues at the rate an
-        # uninterrupted run has at that step; a constant rate is the --learning_rate of this run.
+        # The learning rate is not restored: it is this run's flags. The schedule is a function of
+        # the restored trainer step (state.json), so the run continues at the rate an uninterrupted
+        # run has at that step; a constant rate is the --learning_rate of this run.
         with open(os.path.join(directory, "state.json")) as f:
             state = TrainState(**json.load(f))
         state.best_loss = math.inf if state.best_loss is None else state.best_loss

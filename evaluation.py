@@ -12,7 +12,17 @@ With several workers each predicts its share of the images (records ``worker::wo
 are added across workers once at the end, together with a "stopped" flag, so that a stop signal on
 any worker makes every worker drop the pass at the same point (no worker is left waiting in the
 collective). Within a worker the images are predicted on the default device, one after the other.
+
+Precision and memory, as inference.py has them:
+  - the pass predicts in float32 whatever --mixed_precision: a model computing in float16 /
+    bfloat16 is predicted through a float32 twin holding its current weights (the twin is what
+    model.keras holds), so early stopping and the best checkpoint are chosen on the predictions
+    inference.py makes;
+  - the default tile comes from the free memory of the device the pass runs on (the training GPU,
+    not the host's RAM), and an out-of-memory error halves the tile (down to the model's smallest)
+    and predicts the image again: tiling never changes the result, only the speed.
 """
+import sys
 import time
 
 import numpy as np
@@ -21,6 +31,7 @@ import metrics
 import predictor
 import records
 import steps
+from train_config import TrainingError
 
 
 class Evaluator:
@@ -33,17 +44,24 @@ class Evaluator:
       number_classes, loss_name: as in training.
       shard_index, shard_count: this worker's share of the test images.
       batch_size: tiles per network call.
-      tile_size: tile side; None = inference.py's default rule for this model.
+      tile_size: tile side; None = inference.py's default rule for this model and ``device``.
       options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
+      device: the device whose free memory sizes the default tile (predictor.available_memory_bytes:
+        "/GPU:<index as nvidia-smi numbers it>" or "/CPU:0"); None = the one the pass runs on
+        (predictor.default_memory_device: the training GPU, else the CPU).
     """
 
     def __init__(self, model, model_name, test_database, number_classes, loss_name, shard_index=0,
-                 shard_count=1, batch_size=1, tile_size=None, options=None):
+                 shard_count=1, batch_size=1, tile_size=None, options=None, device=None):
         self.model_name, self.options, self.test_database = model_name, options, test_database
         self.number_classes, self.loss_name = number_classes, loss_name
         self.shard_index, self.shard_count, self.batch_size = shard_index, shard_count, batch_size
-        self.tile_size = tile_size or predictor.default_tile_size(model, model_name, batch_size, options=options)
-        self.forward = predictor.make_predictor(model)
+        self.model, self.device = model, device or predictor.default_memory_device()
+        self.twin = float32_twin(model)
+        predicting = self.twin if self.twin is not None else model
+        self.tile_size = tile_size or predictor.default_tile_size(predicting, model_name, batch_size,
+                                                                  device=self.device, options=options)
+        self.forward = predictor.make_predictor(predicting)
 
     def run(self, combine=lambda totals: totals, should_stop=lambda: False):
         """One pass over this worker's test images.
@@ -61,14 +79,15 @@ class Evaluator:
         totals = {"pixels": np.zeros(()), "ce_sum": np.zeros(()), "intersection": np.zeros(k),
                   "prob_sum": np.zeros(k), "label_sum": np.zeros(k), "confusion": np.zeros((k, k))}
         examples, stopped = [], False
+        if self.twin is not None:  # this pass scores the current weights
+            self.twin.set_weights(self.model.get_weights())
         for _, image, mask, stats, _ in records.iter_source_records(self.test_database, self.shard_index,
                                                                     self.shard_count):
             if should_stop():
                 stopped = True
                 break
             labels = mask.astype(np.int32)
-            logits = predictor.predict_image(self.forward, image, stats, self.model_name, self.tile_size,
-                                             self.batch_size, options=self.options)
+            logits = self.predict(image, stats)
             sums = steps.pixel_sums(logits[None], labels[None], k, axis=(0, 1, 2), dtype="float64")
             for name, value in sums._asdict().items():
                 totals[name] = totals[name] + np.asarray(value, dtype=np.float64)
@@ -86,3 +105,45 @@ class Evaluator:
                "test_pixels": int(round(float(totals["pixels"])))}
         shown = tuple(np.stack(parts) for parts in zip(*examples)) if examples else None
         return row, shown, time.perf_counter() - start
+
+    def predict(self, image, stats):
+        """Logits of one whole test image; on out-of-memory, again with half the tile (kept for the
+        following images) down to the model's smallest tile, then TrainingError."""
+        import tensorflow as tf
+
+        while True:
+            try:
+                return predictor.predict_image(self.forward, image, stats, self.model_name, self.tile_size,
+                                               self.batch_size, options=self.options)
+            except tf.errors.ResourceExhaustedError:
+                smallest = predictor.smallest_tile(self.model_name, self.options)
+                if self.tile_size <= smallest:
+                    raise TrainingError(
+                        f"the test pass ran out of memory on {self.device} even with {self.model_name}'s "
+                        f"smallest tile ({smallest} px, batch {self.batch_size}): free that device's memory "
+                        "(other processes on it?) or train a smaller network (--base_filters)") from None
+                divisor = predictor.size_divisor(self.model_name, self.options)
+                smaller = max(smallest, self.tile_size // 2 - (self.tile_size // 2) % divisor)
+                print(f"warning: the test pass ran out of memory on {self.device} with {self.tile_size} px "
+                      f"tiles; predicting with {smaller} px tiles from now on (same results, slower)",
+                      file=sys.stderr, flush=True)
+                self.tile_size = smaller
+
+
+def float32_twin(model):
+    """A float32 copy of ``model`` (weights copied at every pass), or None when it already computes in
+    float32. Under --mixed_precision the training model computes in float16 / bfloat16, inference.py
+    runs the float32 model.keras: measured on a tiny UNet, their logits differ by ~1e-3 (float16)."""
+    import keras
+
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model.layers):
+        return None
+
+    def in_float32(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32"
+        return layer.__class__.from_config(config)
+
+    twin = keras.models.clone_model(model, clone_function=in_float32)
+    twin.set_weights(model.get_weights())
+    return twin

@@ -16,9 +16,13 @@ import dataclasses
 
 import numpy as np
 
-# A channel whose std is at most this fraction of |mean| is constant up to float32 rounding: it is
-# mapped to zeros rather than amplifying rounding noise to unit variance.
+# A channel whose std is at most this fraction of |mean| is constant up to rounding: it is mapped to
+# zeros rather than amplifying rounding noise to unit variance. Float data carries float32 rounding
+# (the images are float32 or were computed in it, e.g. by augmentation); integer data is exact, and
+# only the float64 statistics round. The integer rule must not be the float32 one: int32 values of
+# 1e8 +- 10 have a real std of 10, below 4 eps32 x 1e8 = 48, and would become all zeros.
 CONSTANT_RELATIVE_STD = 4 * float(np.finfo(np.float32).eps)
+CONSTANT_RELATIVE_STD_EXACT = 4 * float(np.finfo(np.float64).eps)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,9 +98,10 @@ def channel_statistics(image, rows_per_block=1024):
 def normalize(image, stats):
     """(image - mean) / std per channel, float32, same shape as ``image`` (H x W or H x W x C).
 
-    A constant channel (std 0, or only rounding noise relative to its mean) becomes zeros. Real but
-    small spreads are still scaled to unit std: the network expects the same input statistics
-    whatever the image's units.
+    A constant channel (std 0, or only rounding noise relative to its mean: float32 rounding for
+    float data, float64 rounding of the statistics for integer data) becomes zeros. Real but small
+    spreads are still scaled to unit std: the network expects the same input statistics whatever
+    the image's units. The subtraction is done in float64, so large integer offsets lose nothing.
     """
     array = np.asarray(image)
     flat = array.ndim == 2
@@ -105,9 +110,16 @@ def normalize(image, stats):
     std = np.asarray(stats.std, dtype=np.float64)
     if mean.size != hwc.shape[-1]:
         raise ValueError(f"image has {hwc.shape[-1]} channel(s), the statistics {mean.size}")
-    constant = std <= CONSTANT_RELATIVE_STD * np.abs(mean)
-    scale = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std)).astype(np.float32)
-    result = hwc.astype(np.float32)
-    result -= mean.astype(np.float32)
+    if np.issubdtype(hwc.dtype, np.floating):  # float16 data: its own, coarser rounding
+        relative = max(CONSTANT_RELATIVE_STD, 4 * float(np.finfo(hwc.dtype).eps))
+    else:
+        relative = CONSTANT_RELATIVE_STD_EXACT
+    constant = std <= relative * np.abs(mean)
+    scale = np.where(constant, 0.0, 1.0 / np.where(constant, 1.0, std))
+    # The mean is subtracted in float64: in float32, integers above 2**24 (and the mean) are rounded
+    # to a multiple of 2 or more before the subtraction, which can erase a small spread entirely.
+    result = hwc.astype(np.float64)
+    result -= mean
     result *= scale
+    result = result.astype(np.float32)
     return result[..., 0] if flat else result

@@ -1,15 +1,19 @@
 """Optimizers and learning-rate schedules.
 
-    learning_rate_at(step, ...)      the schedule as a plain function of the step (tests, logs)
-    make_optimizer(settings)         Keras optimizer whose learning rate follows that schedule (the
-                                     only place optimizers are made; steps.make_optimizer and the
-                                     trainer come here through train_config.optimizer_settings)
+    learning_rate_at(step, ...)      the schedule: a plain function of the trainer's step
+    make_optimizer(settings)         Keras optimizer with a learning-rate variable (the only place
+                                     optimizers are made; steps.make_optimizer and the trainer come
+                                     here through train_config.optimizer_settings)
+    set_step(optimizer, settings, step)  its rate for the update after ``step`` trainer steps
     current_learning_rate(optimizer) the rate of its next update
 
-The schedule is a function of the optimizer's own step counter (``optimizer.iterations``), which is
-saved in and restored from every checkpoint. A resumed run therefore continues at exactly the
-learning rate an uninterrupted run has at that step: nothing re-derives it from flags or wall time,
-which is how peers get "the LR restarts from warm-up after a resume" bugs.
+The schedule is driven by the trainer's step (TrainState.step, saved in every checkpoint), set
+before every update, not by the optimizer's own counter: under --mixed_precision float16 the
+loss-scale optimizer skips the inner optimizer's update (and its ``iterations``) on every step
+whose gradients overflowed, so a schedule of ``iterations`` would lag behind the run and never
+reach its last value at --max_steps. A resumed run continues at exactly the rate an uninterrupted
+run has at that step: nothing re-derives it from flags or wall time, which is how peers get "the LR
+restarts from warm-up after a resume" bugs.
 """
 import dataclasses
 import math
@@ -53,41 +57,6 @@ def learning_rate_at(step, base, schedule="constant", warmup_steps=0, total_step
     raise ValueError(f"schedule {schedule!r}: expected one of {', '.join(SCHEDULES)}")
 
 
-def _schedule_class():
-    import keras
-    from keras import ops
-
-    class WarmupDecay(keras.optimizers.schedules.LearningRateSchedule):
-        """learning_rate_at as a Keras schedule of the optimizer's step counter."""
-
-        def __init__(self, base, schedule, warmup_steps, total_steps):
-            self.base, self.schedule = float(base), schedule
-            self.warmup_steps, self.total_steps = int(warmup_steps), total_steps
-
-        def __call__(self, step):
-            step = ops.cast(step, "float32")
-            base = ops.cast(self.base, "float32")
-            if self.schedule == "constant":
-                decayed = base
-            else:
-                span = float(max((self.total_steps or 1) - self.warmup_steps, 1))
-                progress = ops.clip((step - self.warmup_steps) / span, 0.0, 1.0)
-                if self.schedule == "cosine":
-                    decayed = base * 0.5 * (1.0 + ops.cos(math.pi * progress))
-                else:
-                    decayed = base * ops.power(1.0 - progress, POLY_EXPONENT)
-            if self.warmup_steps <= 0:
-                return decayed
-            warm = base * (step + 1.0) / float(self.warmup_steps)
-            return ops.where(step < self.warmup_steps, warm, decayed)
-
-        def get_config(self):
-            return {"base": self.base, "schedule": self.schedule, "warmup_steps": self.warmup_steps,
-                    "total_steps": self.total_steps}
-
-    return WarmupDecay
-
-
 def check_settings(settings):
     """ValueError naming the flag for settings no optimizer can use."""
     if settings.optimizer not in OPTIMIZERS:
@@ -123,10 +92,10 @@ def make_optimizer(settings):
     import keras
 
     check_settings(settings)
-    rate = settings.learning_rate
-    if settings.lr_schedule != "constant" or settings.warmup_steps:
-        rate = _schedule_class()(settings.learning_rate, settings.lr_schedule, settings.warmup_steps,
-                                 settings.total_steps)
+    # A plain rate (a variable), set_step moves it along the schedule; it starts at the first
+    # update's rate so an optimizer nobody steps uses the schedule's step 0.
+    rate = learning_rate_at(0, settings.learning_rate, settings.lr_schedule, settings.warmup_steps,
+                            settings.total_steps)
     if settings.optimizer == "adam":
         optimizer = keras.optimizers.Adam(learning_rate=rate, name="adam")
     elif settings.optimizer == "adamw":
@@ -161,11 +130,19 @@ def _agreed_loss_scale_optimizer_class():
     return AgreedLossScaleOptimizer
 
 
+def set_step(optimizer, settings, step):
+    """Set the rate of ``optimizer``'s next update to the schedule's value after ``step`` completed
+    trainer steps (learning_rate_at). Called before every update: skipped float16 updates count."""
+    inner = getattr(optimizer, "inner_optimizer", optimizer)
+    inner.learning_rate = learning_rate_at(step, settings.learning_rate, settings.lr_schedule,
+                                           settings.warmup_steps, settings.total_steps)
+
+
 def current_learning_rate(optimizer):
     """The learning rate the next update of ``optimizer`` uses, as a float."""
     import keras
 
-    # Keras evaluates a schedule at the optimizer's iterations here; convert_to_numpy also reads the
-    # variable under a tf.distribute strategy (a MirroredVariable has no float()).
+    # convert_to_numpy also reads the variable under a tf.distribute strategy (a MirroredVariable
+    # has no float()).
     inner = getattr(optimizer, "inner_optimizer", optimizer)
     return float(keras.ops.convert_to_numpy(inner.learning_rate))

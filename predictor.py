@@ -206,6 +206,17 @@ def available_memory_bytes(device="/CPU:0"):
     return free if limit is None else min(free, limit)
 
 
+def default_memory_device():
+    """The device a network call runs on by default, named as available_memory_bytes expects: the
+    first visible GPU by its physical index (what nvidia-smi numbers, after CUDA_VISIBLE_DEVICES; the
+    trainer's --gpus may have hidden the others), else the CPU. The trainer's test pass sizes its
+    tile from it: from the host's RAM, 64 GB would give a tile needing ~29 GB on a 16 GB GPU."""
+    import tensorflow as tf
+
+    gpus = tf.config.get_visible_devices("GPU")
+    return "/GPU:" + gpus[0].name.rsplit(":", 1)[-1] if gpus else "/CPU:0"
+
+
 def default_tile_size(model, model_name, batch_size=1, memory_bytes=None, device="/CPU:0", options=None):
     """The default (largest) tile side for ``model``: the biggest multiple of the size divisor whose
     batch of ``batch_size`` tiles needs at most MEMORY_FRACTION of ``memory_bytes`` (default: the

@@ -148,6 +148,8 @@ def train(config):
             print(f"environment: {distribute.env_summary()}", flush=True)
         print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
               f"{info.num_workers} worker(s) = {global_batch}", flush=True)
+        for warning in fixed_crop_warnings(config, train_metadata):
+            print(warning, file=sys.stderr, flush=True)
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
         if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
             checkpoints.copy_previous_run(source_dir, config.output_dir)
@@ -215,6 +217,27 @@ def make_train_reader(config, towers, info, start_step):
     return train_reader
 
 
+def fixed_crop_warnings(config, train_metadata):
+    """Warnings (lines) when the training crops cannot move: a database tiled by build_lmdb.py at or
+    below the crop size holds records no larger than a crop, and a crop never crosses a record's
+    border, so every crop is a whole stored tile (the network sees a fixed grid of tiles) and
+    --foreground_crop_fraction cannot place a crop anywhere. Empty when crops can move."""
+    tiled_at = train_metadata.get("tile_size")
+    largest = max(max(shape[0], shape[1]) for shape in train_metadata["image_shapes"])
+    if not tiled_at or largest > config.tile_size:
+        return []
+    lines = [f"warning: --train_database {config.train_database} was built with --tile_size {tiled_at} "
+             f"(records of at most {largest} px) and --tile_size {config.tile_size} crops it, so every crop is "
+             "a whole stored tile: training sees a fixed grid of tiles, crop positions never vary and crops "
+             "never cross tile borders (flips, rotations and intensity changes still vary). For random crops, "
+             "rebuild the database with build_lmdb.py without --tile_size (whole images) or with a --tile_size "
+             f"larger than {config.tile_size} (e.g. {2 * config.tile_size})"]
+    if config.foreground_crop_fraction > 0:
+        lines.append(f"warning: --foreground_crop_fraction {config.foreground_crop_fraction:g} does nothing with "
+                     "this database: a crop of a record no larger than the crop is the whole record")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # The run: its pieces, the loop, and the loop's helpers
 # ----------------------------------------------------------------------------------------------
@@ -229,6 +252,7 @@ class Run:
         self.model, self.optimizer = model, optimizer
         self.train_reader, self.outputs = train_reader, outputs
         self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
+        self.optimizer_settings = optimizer_settings(config, steps_per_epoch)
         self.local_replicas = distribute.local_replica_count(strategy)
         self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
                                                 global_batch, jit_compile=config.xla)
@@ -320,7 +344,9 @@ class Run:
             if self.stop is not None and self.stop.requested:
                 return False
             raise
-        # The rate this update uses (optimizer.iterations == state.step before it), for the log.
+        # The schedule follows the trainer's step, not optimizer.iterations: under float16 the inner
+        # optimizer's counter does not advance on an update skipped for overflowing gradients.
+        optim.set_step(self.optimizer, self.optimizer_settings, state.step)
         rate = optim.current_learning_rate(self.optimizer) if self.logs_step(state.step + 1) else None
         loss = float(self.train_step(distribute.distribute_batches(self.strategy, batches)))
         self.check_finite(loss, state.step + 1)

@@ -1,5 +1,5 @@
-"""optim.py: schedule values at given steps; the Keras schedule equals the plain function; a
-restored optimizer continues at the uninterrupted learning rate."""
+"""optim.py: schedule values at given steps; an update uses the rate of the trainer step set; a
+restored run continues at the uninterrupted learning rate."""
 import math
 
 import numpy as np
@@ -20,36 +20,24 @@ def test_schedule_values_at_given_steps():
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "poly"])
-def test_keras_schedule_matches_and_resume_continues_exactly(schedule):
+def test_updates_use_the_rate_of_the_step_set(schedule):
     import keras
 
+    # SGD without momentum and a unit gradient: each update moves the weights by exactly its rate.
     settings = optim.OptimizerSettings(optimizer="sgd", learning_rate=0.1, lr_schedule=schedule,
-                                       warmup_steps=3, total_steps=20)
-    weights = keras.Variable(np.ones(4, np.float32))
-
-    def run(optimizer, steps):
-        rates = []
-        for _ in range(steps):
-            rates.append(optim.current_learning_rate(optimizer))
-            optimizer.apply([keras.ops.ones(4)], [weights])
-        return rates
-
-    uninterrupted = optim.make_optimizer(settings)
-    uninterrupted.build([weights])
-    rates = run(uninterrupted, 12)
-    expected = [optim.learning_rate_at(s, 0.1, schedule, 3, 20) for s in range(12)]
-    np.testing.assert_allclose(rates, expected, rtol=1e-6)
-
-    # "Resume": a fresh optimizer gets the saved variables (iterations among them) after 7 steps.
-    first = optim.make_optimizer(settings)
-    first.build([weights])
-    run(first, 7)
-    saved = [np.array(v.numpy()) for v in first.variables]
-    resumed = optim.make_optimizer(settings)
-    resumed.build([weights])
-    for variable, value in zip(resumed.variables, saved):
-        variable.assign(value)
-    np.testing.assert_allclose(run(resumed, 5), expected[7:], rtol=1e-6)
+                                       warmup_steps=3, total_steps=20, momentum=0.0)
+    weights = keras.Variable(np.zeros(4, np.float32))
+    optimizer = optim.make_optimizer(settings)
+    optimizer.build([weights])
+    expected = [optim.learning_rate_at(s, 0.1, schedule, 3, 20) for s in range(20)]
+    assert optim.current_learning_rate(optimizer) == pytest.approx(expected[0])  # never stepped: step 0
+    # Steps in any order (a resumed run starts at its saved step): the rate is that of the step.
+    for step in (7, 8, 19, 0, 12):
+        optim.set_step(optimizer, settings, step)
+        assert optim.current_learning_rate(optimizer) == pytest.approx(expected[step], rel=1e-6)
+        before = weights.numpy().copy()
+        optimizer.apply([keras.ops.ones(4)], [weights])
+        np.testing.assert_allclose(before - weights.numpy(), expected[step], rtol=1e-5)
 
 
 def test_bad_settings_name_the_flag():
