@@ -15,6 +15,7 @@ import os
 
 import augment
 import optim
+import plan
 import records
 import steps
 
@@ -77,6 +78,10 @@ class TrainConfig:
                              "length with a decaying schedule, else 0)", kind=int)
     max_steps: int = flag("stop after this many gradient steps (a test pass comes last); the run length "
                           "of --lr_schedule (default: --max_epochs x steps per epoch)", kind=int)
+    time_budget: str = flag(
+        "wall time for the whole run, like 90s, 45m, 2h or 1d: the trainer measures its step and test-pass "
+        "times and sets --max_steps and the test spacing so training, test passes and the export fit "
+        "(see docs/planning.md; not with --max_steps or --max_epochs)")
     foreground_crop_fraction: float = flag(
         "share of training crops placed on a pixel of a foreground class drawn uniformly from the classes "
         "in the record (with jitter); the others are uniform random crops (default %(default)g, nnU-Net's "
@@ -125,7 +130,7 @@ class TrainConfig:
         # Code written when --mixed_precision was an on/off switch passes True / False.
         if self.lr_schedule is None:
             # Decay needs the run's length; a run ended by early stopping alone keeps a constant rate.
-            self.lr_schedule = "poly" if (self.max_steps or self.max_epochs) else "constant"
+            self.lr_schedule = "poly" if (self.max_steps or self.max_epochs or self.time_budget) else "constant"
         if self.mixed_precision is True:
             self.mixed_precision = "float16"
         elif self.mixed_precision is False:
@@ -215,8 +220,9 @@ def validate_config(config, train_metadata, test_metadata):
                           "from 0 to 1")
     # The run length in steps is known only with the towers (train() checks it again then); all that
     # needs no run length, and a warm-up longer than --max_steps, is refused here already.
+    _check_time_budget(config)
     _check_optimizer_settings(optimizer_settings(config, None, check=False),
-                              config.max_steps or (math.inf if config.max_epochs else None))
+                              config.max_steps or (math.inf if config.max_epochs or config.time_budget else None))
     options = model_options(config)
     try:
         models.check_options(config.model, **options)
@@ -248,6 +254,20 @@ def validate_config(config, train_metadata, test_metadata):
         raise ConfigError(
             f"the training database has {train_metadata['channels']} channel(s), the test database "
             f"{test_metadata['channels']}: they must match")
+
+
+def _check_time_budget(config):
+    """ConfigError for an unreadable --time_budget or one given with another run length."""
+    if config.time_budget is None:
+        return
+    try:
+        plan.parse_duration(config.time_budget)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for name in ("max_steps", "max_epochs"):
+        if getattr(config, name) is not None:
+            raise ConfigError(f"--time_budget {config.time_budget} and --{name} {getattr(config, name)} both set "
+                              f"the run length: give one of them")
 
 
 def model_options(config):

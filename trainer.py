@@ -28,6 +28,7 @@ import distribute
 import evaluation
 import optim
 import outputs
+import plan
 import records
 import steps
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
@@ -89,6 +90,7 @@ def train(config):
       ConfigError / distribute.DistributionError for unusable settings, TrainingError on a
       non-finite loss, imagereader.ImageReaderError when a reader fails.
     """
+    started = time.perf_counter()  # the --time_budget counts from here
     # Everything that can refuse the run comes before anything is written: a refused run
     # creates nothing.
     train_metadata = read_database_metadata(config.train_database, "train")
@@ -98,11 +100,12 @@ def train(config):
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
     fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
                     "test": checkpoints.database_fingerprint(test_metadata)}
-    database_warnings = []
+    database_warnings, run_plan = [], None
     if checkpoint_dir:
         saved = checkpoints.read_config(checkpoint_dir)
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
         database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
+        config, run_plan = kept_plan(config, saved, checkpoint_dir)
 
     # Devices and strategy come before any other TensorFlow work (see distribute.py).
     cluster = distribute.detect_cluster(os.environ)
@@ -117,6 +120,22 @@ def train(config):
     keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     global_batch = config.batch_size * len(towers) * info.num_workers
+    with strategy.scope():
+        model = build_model(config, input_channels)
+    train_reader = evaluator = None
+    if config.time_budget and run_plan is None:
+        # Measuring needs the run's own model, data and devices; the plan then sets the run length
+        # (and with it the learning-rate schedule) before the real optimizer exists.
+        train_reader = make_train_reader(config, len(towers), info, 0)
+        evaluator = make_evaluator(config, model, info)
+        try:
+            train_reader.startup()
+            run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started)
+        except BaseException:
+            train_reader.shutdown()
+            raise
+        config = dataclasses.replace(config, max_steps=run_plan.steps,
+                                     test_every_n_steps=config.test_every_n_steps or run_plan.test_every)
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
     # ConfigError (nothing written yet) for a warm-up past the end; config.json records what is used.
     settings = optimizer_settings(config, steps_per_epoch)
@@ -128,14 +147,16 @@ def train(config):
                        tool_version=records.TOOL_VERSION,
                        train_database_fingerprint=fingerprints["train"],
                        test_database_fingerprint=fingerprints["test"])
+    if run_plan is not None:
+        config_dict["plan"] = run_plan.to_dict()
     with strategy.scope():
-        model = build_model(config, input_channels)
         optimizer = steps.make_optimizer(config, steps_per_epoch)
         optimizer.build(model.trainable_variables)
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
-    train_reader = make_train_reader(config, len(towers), info, state.step)
+    if train_reader is None:
+        train_reader = make_train_reader(config, len(towers), info, state.step)
 
     if info.is_chief:
         _create_output_dir(config.output_dir, config_dict)
@@ -149,6 +170,8 @@ def train(config):
             print(f"environment: {distribute.env_summary()}", flush=True)
         print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
               f"{info.num_workers} worker(s) = {global_batch}", flush=True)
+        if run_plan is not None:
+            print(run_plan.line(), flush=True)
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
         if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
             checkpoints.copy_previous_run(source_dir, config.output_dir)
@@ -158,7 +181,8 @@ def train(config):
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
                                   state if resumed else None)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
-              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None)
+              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
+              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator))
     try:
         with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
@@ -183,6 +207,98 @@ def _create_output_dir(output_dir, config_dict):
     except OSError as error:
         raise ConfigError(f"--output_dir {output_dir}: cannot create the folder ({error.strerror})") from None
     checkpoints.write_json(os.path.join(output_dir, "config.json"), config_dict)
+
+
+def kept_plan(config, saved, checkpoint_dir):
+    """(config, RunPlan or None): a resumed run of a planned run keeps its plan (run length, test
+    spacing, learning-rate schedule), whatever --time_budget says now, so the schedule continues
+    where it was; ConfigError for --time_budget on a resumed run that had none."""
+    if saved.get("number_classes") != config.number_classes:  # transfer learning: a new run
+        return config, None
+    if not saved.get("plan"):
+        if config.time_budget:
+            raise ConfigError(f"--time_budget {config.time_budget}: the checkpoint {checkpoint_dir} is of a run "
+                              "without a time budget; resume it without --time_budget (it keeps its run "
+                              "length), or start a new run")
+        return config, None
+    run_plan = plan.RunPlan.from_dict(saved["plan"])
+    config = dataclasses.replace(config, time_budget=saved.get("time_budget"), max_steps=run_plan.steps,
+                                 test_every_n_steps=saved.get("steps_per_epoch") or run_plan.test_every,
+                                 lr_schedule=saved.get("lr_schedule"), warmup_steps=saved.get("warmup_steps"))
+    print(f"resumed run keeps its {plan.format_duration(run_plan.budget_s)} plan: {run_plan.steps:,} steps, "
+          f"a test pass every {config.test_every_n_steps:,}", flush=True)
+    return config, run_plan
+
+
+def training_deadline(run_plan, started, info, evaluator):
+    """The perf_counter time after which a freshly planned run stops training early (then its last
+    test pass and the export still fit the budget), or None: a machine slower than measured must
+    not overrun the budget. Only for one worker (workers would have to agree on the moment) and not
+    for a resumed run (its budget started in an earlier process)."""
+    if run_plan is None or evaluator is None or info.num_workers > 1:
+        return None
+    return started + run_plan.budget_s - run_plan.test_s - run_plan.export_s
+
+
+def measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started):
+    """The RunPlan of --time_budget from this run's measured speeds (ConfigError when too short)."""
+    compile_s, step_s, test_s, save_s = measure_speed(config, strategy, info, model, train_reader, evaluator,
+                                                      global_batch)
+    # A pass also writes checkpoints/latest and often best (weights and optimizer state: about 3x the
+    # weights each); the export rebuilds the model (about 1 s on a CPU), loads and saves it, and the
+    # readers stop (about 1 s).
+    spent = distribute.sum_across_workers(strategy, np.array([time.perf_counter() - started]))[0] / info.num_workers
+    try:
+        return plan.plan_run(plan.parse_duration(config.time_budget), spent, step_s, test_s + 4 * save_s,
+                             global_batch, compile_s=compile_s, export_s=2.0 + 3 * save_s,
+                             test_every=config.test_every_n_steps)
+    except plan.PlanError as error:
+        raise ConfigError(str(error)) from None
+
+
+PROBE_STEPS = 8  # timed steps after the first (compiling) one; their mean is the step time
+
+
+def measure_speed(config, strategy, info, model, train_reader, evaluator, global_batch):
+    """(compile_s, step_s, test_s, save_s) of this run, the mean over the workers so all plan alike.
+
+    The measuring steps use a throwaway optimizer at learning rate 0 and the weights (batch-norm
+    statistics included) are put back afterwards: the run starts from the weights a run without a
+    budget starts from. The real train step is traced again (``compile_s``) with the real optimizer,
+    whose schedule needs the planned length. test_s is the first pass, compiling included, so the
+    plan errs on the short side.
+    """
+    with strategy.scope():
+        probe_optimizer = optim.make_optimizer(optim.OptimizerSettings(
+            optimizer=config.optimizer, learning_rate=0.0, mixed_precision=config.mixed_precision))
+        probe_optimizer.build(model.trainable_variables)
+    probe_step = steps.make_train_step(strategy, model, probe_optimizer, config.loss, config.number_classes,
+                                       global_batch, jit_compile=config.xla)
+    weights = model.get_weights()
+    local_replicas = distribute.local_replica_count(strategy)
+    times = []
+    for _ in range(1 + PROBE_STEPS):
+        start = time.perf_counter()
+        batches = [train_reader.get_batch() for _ in range(local_replicas)]
+        float(probe_step(distribute.distribute_batches(strategy, batches)))
+        times.append(time.perf_counter() - start)
+    model.set_weights(weights)
+    # The mean, not the median: the run pays for the slow steps of a shared machine too.
+    step_s = float(np.mean(times[1:]))
+    _, _, test_s = evaluator.run(combine=lambda totals: distribute.sum_across_workers(strategy, totals))
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        model.save_weights(os.path.join(scratch, "probe.weights.h5"))
+        save_s = time.perf_counter() - start
+    figures = np.array([max(times[0] - step_s, 0.0), step_s, test_s, save_s])
+    return tuple(float(x) for x in distribute.sum_across_workers(strategy, figures) / info.num_workers)
+
+
+def make_evaluator(config, model, info):
+    """The test pass of this worker (evaluation.Evaluator)."""
+    return evaluation.Evaluator(model, config.model, config.test_database, config.number_classes, config.loss,
+                                shard_index=info.worker_index, shard_count=info.num_workers,
+                                options=model_options(config))
 
 
 def find_restore_checkpoint(path):
@@ -226,7 +342,7 @@ class Run:
     """One training run: the model, its steps, readers and outputs, and the loop over them."""
 
     def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, outputs,
-                 steps_per_epoch, global_batch, last_checkpoint=None):
+                 steps_per_epoch, global_batch, last_checkpoint=None, evaluator=None, deadline=None):
         self.config, self.config_dict = config, config_dict
         self.strategy, self.info = strategy, info
         self.model, self.optimizer = model, optimizer
@@ -235,11 +351,11 @@ class Run:
         self.local_replicas = distribute.local_replica_count(strategy)
         self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
                                                 global_batch, jit_compile=config.xla)
-        self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
-                                              config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers, options=model_options(config))
+        # A planned run passes the evaluator that measured the test pass (its predictor is compiled).
+        self.evaluator = evaluator or make_evaluator(config, model, info)
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
+        self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
         self.stop = None
 
     def loop(self, state, stop):
@@ -254,7 +370,7 @@ class Run:
             epoch_end = next_test_step(state, self.steps_per_epoch)
             if self.config.max_steps:
                 epoch_end = min(epoch_end, self.config.max_steps)
-            while state.step < epoch_end and not self.stop_requested():
+            while state.step < epoch_end and not self.stop_requested() and not self.out_of_time():
                 if not self.train_one_step(state):
                     break
             state.wall_time_s = wall_before + time.perf_counter() - run_start
@@ -290,6 +406,11 @@ class Run:
                 return "max_epochs"
             if self.finished(state):
                 return "max_steps"
+            if self.out_of_time():
+                return "time_budget"
+
+    def out_of_time(self):
+        return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def finished(self, state):
         """Whether --max_steps was reached and its test pass (the last one) done: passes come every
@@ -438,6 +559,7 @@ class StopSignals:
 def _print_locations(output_dir, stop_reason, state, model_path):
     reasons = {"early_stopping": "early stopping", "max_epochs": "--max_epochs reached",
                "max_steps": "--max_steps reached",
+               "time_budget": "--time_budget ran out before the planned steps (slower than measured)",
                "sigterm": "SIGTERM", "sigint": "SIGINT"}
     best = (f"best test loss {state.best_loss:.4g} at epoch {state.best_epoch}" if state.epoch
             else "no test pass yet")
