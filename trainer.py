@@ -29,6 +29,7 @@ import evaluation
 import optim
 import outputs
 import plan
+import progress
 import records
 import steps
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
@@ -187,6 +188,7 @@ def train(config):
         with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
     finally:
+        run.end_progress_line()
         run_outputs.close()
     exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
     model_path = None
@@ -356,6 +358,9 @@ class Run:
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
+        # The whole run's progress with an ETA (chief only), and the last test pass's figure for it.
+        self.progress = progress.ProgressLine(config_dict["run_length"]) if info.is_chief else None
+        self.test_metric = None
         self.stop = None
 
     def loop(self, state, stop):
@@ -450,6 +455,8 @@ class Run:
         self.check_finite(loss, state.step + 1)
         state.step += 1
         self.log_step(state.step, loss, time.perf_counter() - step_start, rate)
+        if self.progress is not None:
+            self.progress.update(state.step, metric=self.test_metric)
         return True
 
     def check_finite(self, loss, step):
@@ -469,6 +476,7 @@ class Run:
         images_per_s = self.global_batch / step_time
         self.outputs.log_step(step, loss, step_time, images_per_s)
         if self.logs_step(step):
+            self.end_progress_line()
             print(f"step {step:7d}  loss {loss:.4f}  lr {learning_rate:.6g}  step {step_time:.3f}s  "
                   f"{images_per_s:7.1f} img/s  queue {self.train_reader.get_queue_size()}", flush=True)
             self.outputs.log_scalars(step, {"train/loss": loss, "train/images_per_s": images_per_s,
@@ -476,12 +484,19 @@ class Run:
 
     def print_test_line(self, state, row, improved, seconds):
         if self.info.is_chief:
+            foreground = [row[f"dice_{k}"] for k in range(1, self.config.number_classes)]
+            self.test_metric = f"test foreground dice {np.nanmean(foreground):.3f}"
+            self.end_progress_line()
             dice = " ".join("%.3f" % row[f"dice_{k}"] for k in range(self.config.number_classes))
             verdict = "(best)" if improved else f"({state.epochs_without_improvement} without improvement)"
             print(f"epoch {state.epoch:4d}  step {state.step:7d}  test loss {row['loss']:.4f}  "
                   f"accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  dice {dice}  "
                   f"{verdict}  test {seconds:.1f}s ({seconds / max(row['test_pixels'] / 1e6, 1e-9):.2f} s/MP)",
                   flush=True)
+
+    def end_progress_line(self):
+        if self.progress is not None:
+            self.progress.end_line()
 
     def stop_requested(self):
         """Whether to stop now; with several workers, true as soon as any worker got a signal, so all

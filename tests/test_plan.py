@@ -168,3 +168,71 @@ def test_sbatch_reads_slurm_time_formats_as_minutes():
                + "; ".join(f"echo \"{t}=$(slurm_minutes {t})\"" for t in cases))
     result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True)
     assert result.stdout.split() == [f"{t}={m}" for t, m in cases.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress.py
+# ---------------------------------------------------------------------------------------------
+
+class FakeStream:
+    def __init__(self, tty):
+        self.tty, self.written = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.written.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_one_plain_line_per_update_in_a_log():
+    import progress
+
+    now = [100.0]
+    stream = FakeStream(tty=False)
+    line = progress.ProgressLine(2310, stream=stream, clock=lambda: now[0])
+    assert line.interval == progress.LOG_INTERVAL_S
+    assert not line.update(0)                         # the start: rates count from here
+    now[0] += 10
+    assert not line.update(14)                        # rate-limited: 10 s < 30 s
+    now[0] += 20
+    assert line.update(42, metric="test foreground dice 0.812")
+    assert stream.written == ["step 42/2,310 (2%)  elapsed 30s  remaining 27m00s  1.4 step/s  "
+                              "test foreground dice 0.812\n"]
+    now[0] += 5
+    assert line.update(2310)                          # the last step always prints
+    assert all(text.count("\n") == 1 and text.endswith("\n") and "\r" not in text for text in stream.written)
+    assert stream.written[-1].startswith("step 2,310/2,310 (100%)  elapsed 35s  remaining 0s")
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    import progress
+
+    now = [0.0]
+    stream = FakeStream(tty=True)
+    line = progress.ProgressLine(100, stream=stream, clock=lambda: now[0])
+    line.update(0)
+    for step in range(1, 4):
+        now[0] += 1
+        line.update(step)
+    assert len(stream.written) == 3 and all(t.startswith("\r") and "\n" not in t for t in stream.written)
+    assert "step 3/100 (3%)" in stream.written[-1] and "remaining 1m37s" in stream.written[-1]
+    line.end_line()
+    line.end_line()                                   # once: a second call adds nothing
+    assert stream.written[-1] == "\n" and stream.written.count("\n") == 1
+
+
+def test_a_training_run_prints_the_progress_line(dbs, tmp_path, capsys, monkeypatch):
+    import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)   # every step: captured stdout is not a tty
+    code, stdout, err = train_here(capsys, [*dbs, *TINY, "--output_dir", tmp_path / "run", "--max_steps", 6,
+                                            "--test_every_n_steps", 3])
+    assert code == 0, err[-2000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("step ") and "/6 (" in line]
+    assert [line.split()[1] for line in lines] == ["2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert "remaining" in lines[0] and "test foreground dice" in lines[-1]
+    assert "\r" not in stdout
