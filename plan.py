@@ -137,3 +137,123 @@ def plan_run(budget_s, spent_s, step_s, test_s, batch, compile_s=0.0, export_s=0
     return RunPlan(budget_s=float(budget_s), steps=steps, test_every=every, test_passes=passes, batch=batch,
                    step_s=float(step_s), test_s=float(test_s), spent_s=float(spent_s), compile_s=float(compile_s),
                    export_s=float(export_s))
+
+
+# ----------------------------------------------------------------------------------------------
+# Self-configuration (with --time_budget): shape and capacity from the data and the machine
+# ----------------------------------------------------------------------------------------------
+
+# The flags self-configuration may set; a flag the user gives is never changed.
+AUTO_FLAGS = ("tile_size", "unet_depth", "base_filters", "batch_size")
+DEPTHS = (2, 3, 4, 5)
+TILE_MIN = 64
+TILE_MAX = {"cpu": 128, "gpu": 512}  # a CPU pays 4x per step for twice the side
+BATCH_RANGE = {"cpu": (2, 8), "gpu": (2, 32)}
+MEMORY_SHARE = {"cpu": 0.25, "gpu": 0.6}  # of RAM (shared with readers and the OS) / device memory
+LONG_CPU_BUDGET_S = 2 * 3600  # from here a CPU run can afford 16 base filters instead of 8
+# Training activations per image, in bytes per (tile pixel x base filter): float32 values kept for
+# the backward pass, about 6 per convolution (conv, batch norm, ReLU outputs and their gradients)
+# over two convolutions per level, encoder and decoder, each level having half the pixels x
+# twice the filters of the one above (a factor 2 summed over the levels): 4 x 6 x 2 x 2 x 2 ~ 100.
+ACTIVATION_BYTES = 100
+
+
+def receptive_field(depth):
+    """Receptive field in pixels of the UNet of models/unet.py with ``depth`` poolings: two 3x3
+    convolutions per level (encoder, bottleneck, decoder) and 2x2 poolings."""
+    field = 1
+    for level in range(depth):
+        field += 4 * 2 ** level + 2 ** level  # two 3x3 convolutions, then a 2x2 pooling
+    field += 4 * 2 ** depth                   # the bottleneck's two convolutions
+    for level in range(depth):
+        field += 4 * 2 ** level               # the decoder's two convolutions per level
+    return field
+
+
+def largest_object(metadata):
+    """The 95th percentile of object bounding-box extents (px) of the class with the largest
+    objects, or None when the database has no object sizes (built before they were measured)."""
+    sizes = metadata.get("object_sizes")
+    if not sizes:
+        return None
+    extents = [entry["p95_extent_px"] for entry in sizes.values() if entry.get("objects")]
+    return max(extents) if extents else None
+
+
+def choose_shape(metadata, model, device, size_divisor):
+    """Tile size and (UNet) depth from the images and their objects.
+
+    Args:
+      metadata: the training database's metadata (image_shapes, object_sizes).
+      model: "unet" (depth chosen) or another registry model (its fixed divisor).
+      device: "cpu" or "gpu".
+      size_divisor: function depth -> the model's size divisor (2^depth for the UNet).
+    Returns:
+      {flag: (value, reason)} for tile_size and, for the UNet, unet_depth.
+    """
+    choices = {}
+    extent = largest_object(metadata)
+    smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
+    if model == "unet":
+        if extent is None:
+            choices["unet_depth"] = (4, "no object sizes in the training database's metadata (built before "
+                                        "build_lmdb.py measured them; rebuild it to have them): the default")
+        else:
+            depth = next((d for d in DEPTHS if receptive_field(d) >= extent), DEPTHS[-1])
+            choices["unet_depth"] = (depth, f"the smallest depth whose receptive field ({receptive_field(depth)} px) "
+                                            f"covers the largest objects (95th percentile extent {extent:g} px)"
+                                     if receptive_field(depth) >= extent else
+                                     f"the deepest offered: objects of {extent:g} px exceed every receptive field")
+    divisor = size_divisor(choices["unet_depth"][0] if "unet_depth" in choices else None)
+    cap = TILE_MAX[device]
+    floor = max(TILE_MIN, 4 * divisor)  # the bottleneck keeps at least 4 x 4 pixels
+    if extent is None:
+        wanted, why = cap, f"no object sizes: the largest tile for a {device.upper()} ({cap} px)"
+    else:
+        wanted = min(max(extent, floor), cap)
+        why = (f"the largest objects' extent ({extent:g} px), within {floor}-{cap} px "
+               f"(a {device.upper()}'s largest)")
+    tile = max(divisor, min(_round_up(wanted, divisor), smallest // divisor * divisor))
+    if tile < _round_up(wanted, divisor):
+        why += f"; cut to the smallest image side ({smallest} px)"
+    choices["tile_size"] = (tile, why + f"; a multiple of {divisor}")
+    return choices
+
+
+def choose_capacity(device, memory_bytes, budget_s, tile):
+    """Base filters and batch size from the device, its memory and the budget.
+
+    Returns:
+      {flag: (value, reason)} for base_filters and batch_size.
+    """
+    if device == "gpu":
+        filters = (32, "a GPU: nnU-Net's 32")
+    elif budget_s >= LONG_CPU_BUDGET_S:
+        filters = (16, f"a CPU with a budget of {format_duration(budget_s)} (>= 2 h)")
+    else:
+        filters = (8, f"a CPU with a budget under 2 h: fewer filters buy more steps per minute (the README's "
+                      "accuracy row reached foreground Dice 0.97 on nist_colonies with 8 in 4 min)")
+    per_image = ACTIVATION_BYTES * tile * tile * filters[0]
+    low, high = BATCH_RANGE[device]
+    fits = int(MEMORY_SHARE[device] * memory_bytes // per_image)
+    batch = max(low, min(fits, high))
+    reason = (f"{MEMORY_SHARE[device]:.0%} of {memory_bytes / 2 ** 30:.1f} GiB holds {fits} images of "
+              f"~{per_image / 2 ** 20:.0f} MiB activations; kept within {low}-{high}")
+    return {"base_filters": filters, "batch_size": (batch, reason)}
+
+
+def apply_choices(config, choices, defaulted):
+    """(config with the choices for the flags in ``defaulted``, {flag: {value, reason}} of every
+    choice, a flag the user gave recorded with its value and "given")."""
+    record, values = {}, {}
+    for name, (value, reason) in choices.items():
+        if name in defaulted:
+            values[name] = value
+            record[name] = {"value": value, "reason": reason}
+        else:
+            record[name] = {"value": getattr(config, name), "reason": "given on the command line"}
+    return dataclasses.replace(config, **values), record
+
+
+def _round_up(value, divisor):
+    return int(math.ceil(value / divisor) * divisor)

@@ -123,6 +123,11 @@ class TrainConfig:
                      "%(default)s; the Dice term keeps small and rare classes from being ignored)", "ce+dice",
                      choices=steps.LOSSES)
     log_every_n_steps: int = flag("print one progress line every N steps (default %(default)s)", 10, kind=int)
+    # The flags of plan.AUTO_FLAGS not given on the command line: a --time_budget run sets them from
+    # the data and the machine (docs/planning.md), a resumed planned run takes them from its
+    # checkpoint; any other run keeps the defaults above. Not compared: how a value came about does
+    # not change the configuration.
+    self_configure: list = dataclasses.field(default_factory=list, compare=False)
     # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
     augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
 
@@ -169,17 +174,37 @@ def build_parser(model_name):
     return parser
 
 
+class _Unset:
+    """The value of a self-configurable flag the command line did not give."""
+
+    def __repr__(self):
+        return "<not given>"
+
+
+UNSET = _Unset()
+
+
+def parse_args(parser, argv=None):
+    """Parse ``argv``; the flags of plan.AUTO_FLAGS that were not given hold UNSET, not their
+    default (argparse fills a default only where the namespace has no value yet), so that
+    config_from_args knows which ones the user chose."""
+    return parser.parse_args(argv, namespace=argparse.Namespace(**{name: UNSET for name in plan.AUTO_FLAGS}))
+
+
 def config_from_args(model_name, args):
     """TrainConfig from parsed arguments (the augmentation flags resolved by augment.py)."""
     try:
         augmentation = augment.augmentation_config_from_args(args)
     except (ValueError, OSError) as error:
         raise ConfigError(str(error)) from None
-    values = {}
+    values, unset = {}, []
     for field in _flag_fields():
-        value = getattr(args, field.name)
+        value = getattr(args, field.name, UNSET)
+        if value is UNSET:
+            value = field.default
+            unset.append(field.name)
         values[field.name] = bool(value) if field.metadata["flag"]["kind"] == "binary" else value
-    return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), **values)
+    return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), self_configure=unset, **values)
 
 
 def read_database_metadata(path, role):

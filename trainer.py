@@ -32,6 +32,7 @@ import plan
 import progress
 import records
 import steps
+import train_config
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
 from train_config import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                           ConfigError, TrainConfig, TrainingError, build_parser, config_from_args,
@@ -42,7 +43,7 @@ from train_config import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT
 def main(model_name, argv=None):
     """Entry point of train_<model>.py. Returns the process exit code."""
     parser = build_parser(model_name)
-    args = parser.parse_args(argv)
+    args = train_config.parse_args(parser, argv)
     try:
         config = config_from_args(model_name, args)
         summary = train(config)
@@ -96,17 +97,21 @@ def train(config):
     # creates nothing.
     train_metadata = read_database_metadata(config.train_database, "train")
     test_metadata = read_database_metadata(config.test_database, "test")
-    validate_config(config, train_metadata, test_metadata)
-    input_channels = train_metadata["channels"]
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
-    fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
-                    "test": checkpoints.database_fingerprint(test_metadata)}
-    database_warnings, run_plan = [], None
+    saved, run_plan, self_configuration = None, None, None
     if checkpoint_dir:
         saved = checkpoints.read_config(checkpoint_dir)
+        config, run_plan = kept_plan(config, saved, checkpoint_dir)
+    if config.time_budget and config.self_configure and run_plan is None:
+        config, self_configuration = self_configure(config, train_metadata)
+    validate_config(config, train_metadata, test_metadata)
+    input_channels = train_metadata["channels"]
+    fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
+                    "test": checkpoints.database_fingerprint(test_metadata)}
+    database_warnings = []
+    if checkpoint_dir:
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
         database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
-        config, run_plan = kept_plan(config, saved, checkpoint_dir)
 
     # Devices and strategy come before any other TensorFlow work (see distribute.py).
     cluster = distribute.detect_cluster(os.environ)
@@ -150,6 +155,10 @@ def train(config):
                        test_database_fingerprint=fingerprints["test"])
     if run_plan is not None:
         config_dict["plan"] = run_plan.to_dict()
+    if self_configuration is not None:
+        config_dict["self_configuration"] = self_configuration
+    elif saved and saved.get("self_configuration") and run_plan is not None:
+        config_dict["self_configuration"] = saved["self_configuration"]
     with strategy.scope():
         optimizer = steps.make_optimizer(config, steps_per_epoch)
         optimizer.build(model.trainable_variables)
@@ -171,6 +180,8 @@ def train(config):
             print(f"environment: {distribute.env_summary()}", flush=True)
         print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
               f"{info.num_workers} worker(s) = {global_batch}", flush=True)
+        for name, choice in (config_dict.get("self_configuration") or {}).items():
+            print(f"self-configuration: --{name} {choice['value']}: {choice['reason']}", flush=True)
         if run_plan is not None:
             print(run_plan.line(), flush=True)
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
@@ -213,8 +224,9 @@ def _create_output_dir(output_dir, config_dict):
 
 def kept_plan(config, saved, checkpoint_dir):
     """(config, RunPlan or None): a resumed run of a planned run keeps its plan (run length, test
-    spacing, learning-rate schedule), whatever --time_budget says now, so the schedule continues
-    where it was; ConfigError for --time_budget on a resumed run that had none."""
+    spacing, learning-rate schedule) and its self-configured flags unless given now, whatever
+    --time_budget says now, so the schedule continues where it was; ConfigError for --time_budget on
+    a resumed run that had none."""
     if saved.get("number_classes") != config.number_classes:  # transfer learning: a new run
         return config, None
     if not saved.get("plan"):
@@ -224,7 +236,10 @@ def kept_plan(config, saved, checkpoint_dir):
                               "length), or start a new run")
         return config, None
     run_plan = plan.RunPlan.from_dict(saved["plan"])
-    config = dataclasses.replace(config, time_budget=saved.get("time_budget"), max_steps=run_plan.steps,
+    # The shape and capacity chosen then, for the flags left to self-configuration now.
+    chosen = {name: saved[name] for name in config.self_configure if name in saved}
+    # The plan replaces --time_budget (config.json's "plan" holds the budget it was made for).
+    config = dataclasses.replace(config, **chosen, time_budget=None, max_steps=run_plan.steps,
                                  test_every_n_steps=saved.get("steps_per_epoch") or run_plan.test_every,
                                  lr_schedule=saved.get("lr_schedule"), warmup_steps=saved.get("warmup_steps"))
     print(f"resumed run keeps its {plan.format_duration(run_plan.budget_s)} plan: {run_plan.steps:,} steps, "
@@ -240,6 +255,41 @@ def training_deadline(run_plan, started, info, evaluator):
     if run_plan is None or evaluator is None or info.num_workers > 1:
         return None
     return started + run_plan.budget_s - run_plan.test_s - run_plan.export_s
+
+
+def self_configure(config, train_metadata):
+    """(config, {flag: {value, reason}}): the flags in config.self_configure set from the training
+    data and the machine by plan.py's rules; the others as given."""
+    import models
+
+    device, memory, memory_reason = machine_profile(config)
+    choices = plan.choose_shape(train_metadata, config.model, device,
+                                lambda depth: 2 ** depth if config.model == "unet" else models.SIZE_DIVISOR[config.model])
+    tile = choices["tile_size"][0] if "tile_size" in config.self_configure else config.tile_size
+    choices.update(plan.choose_capacity(device, memory, plan.parse_duration(config.time_budget), tile))
+    if "batch_size" in choices:
+        value, reason = choices["batch_size"]
+        choices["batch_size"] = (value, f"{reason} ({memory_reason})")
+    config, record = plan.apply_choices(config, choices, config.self_configure)
+    return config, record
+
+
+def machine_profile(config):
+    """("gpu" or "cpu", memory in bytes of one device, where the figure comes from), without
+    starting TensorFlow (devices are configured later, see distribute.py): nvidia-smi for GPUs,
+    the physical RAM for a CPU."""
+    import subprocess
+
+    if config.gpus != "none" and not config.cpu_towers and shutil.which("nvidia-smi"):
+        try:
+            result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                    capture_output=True, text=True, timeout=30, check=True)
+            sizes = [int(line) for line in result.stdout.split() if line.strip().isdigit()]
+        except (OSError, subprocess.SubprocessError, ValueError):
+            sizes = []
+        if sizes:
+            return "gpu", min(sizes) * 2 ** 20, "the smallest GPU's memory by nvidia-smi"
+    return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the physical RAM"
 
 
 def measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started):

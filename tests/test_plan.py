@@ -112,13 +112,22 @@ def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_pat
     out = tmp_path / "run"
     budget = 30
     start = time.perf_counter()
-    code, stdout, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", f"{budget}s"])
+    # --batch_size left out: self-configured (8 on a CPU); the flags given are kept.
+    no_batch = TINY[2:]
+    code, stdout, err = train_here(capsys, [*dbs, *no_batch, "--output_dir", out, "--time_budget", f"{budget}s"])
     elapsed = time.perf_counter() - start
     assert code == 0, err[-2000:]
     assert elapsed <= budget
     config = json.loads((out / "config.json").read_text())
     planned = config["plan"]
-    assert f"plan: {planned['steps']:,} steps of batch 2 at" in stdout
+    assert f"plan: {planned['steps']:,} steps of batch 8 at" in stdout
+    chosen = config["self_configuration"]
+    assert chosen["batch_size"]["value"] == config["batch_size"] == 8
+    assert "self-configuration: --batch_size 8: 25% of" in stdout and "(the physical RAM)" in stdout
+    assert {name: chosen[name] for name in ("tile_size", "unet_depth", "base_filters")} == {
+        "tile_size": {"value": 32, "reason": "given on the command line"},
+        "unet_depth": {"value": 2, "reason": "given on the command line"},
+        "base_filters": {"value": 2, "reason": "given on the command line"}}
     assert planned["steps"] >= plan.MIN_STEPS and planned["budget_s"] == budget
     # The schedule spans exactly the planned run: poly decay to 0 at its last step, 10% warm-up.
     assert (config["max_steps"], config["run_length"]) == (planned["steps"], planned["steps"])
@@ -128,13 +137,14 @@ def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_pat
     assert state["step"] == planned["steps"] or "--time_budget ran out" in stdout
 
     # Resumed with another budget: the original plan stays (nothing is left to do here).
-    code, stdout, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", "1h",
+    code, stdout, err = train_here(capsys, [*dbs, *no_batch, "--output_dir", out, "--time_budget", "1h",
                                             "--restore_checkpoint_filepath", out])
     assert code == 0, err[-2000:]
     assert f"resumed run keeps its 30 s plan: {planned['steps']:,} steps" in stdout
     resumed = json.loads((out / "config.json").read_text())
     assert resumed["plan"] == planned and resumed["max_steps"] == planned["steps"]
-    assert resumed["time_budget"] == "30s" and resumed["warmup_steps"] == config["warmup_steps"]
+    assert resumed["time_budget"] is None and resumed["warmup_steps"] == config["warmup_steps"]
+    assert resumed["batch_size"] == 8 and resumed["self_configuration"] == chosen
 
 
 def test_a_budget_on_a_resumed_run_without_a_plan_is_refused(dbs, tmp_path, capsys):
@@ -236,3 +246,109 @@ def test_a_training_run_prints_the_progress_line(dbs, tmp_path, capsys, monkeypa
     assert [line.split()[1] for line in lines] == ["2/6", "3/6", "4/6", "5/6", "6/6"]
     assert "remaining" in lines[0] and "test foreground dice" in lines[-1]
     assert "\r" not in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-configuration (the table of docs/planning.md)
+# ---------------------------------------------------------------------------------------------
+
+def unet_divisor(depth):
+    return 2 ** depth
+
+
+def test_receptive_fields_of_the_unet_levels():
+    assert [plan.receptive_field(d) for d in plan.DEPTHS] == [44, 96, 200, 408]
+
+
+@pytest.mark.parametrize("extent, device, depth, tile", [
+    (20, "cpu", 2, 64),       # small objects: a shallow net, the smallest tile
+    (90, "cpu", 3, 96),       # RF 96 covers 90 px; the tile is their extent, a multiple of 8
+    (150, "gpu", 4, 160),     # RF 200; a multiple of 16
+    (256, "cpu", 5, 128),     # nist_colonies: RF 408, the tile capped at a CPU's 128 px
+    (300, "gpu", 5, 320),     # a GPU's cap is 512 px
+    (1000, "gpu", 5, 384),    # cut to the smallest image side (400 px), a multiple of 32
+])
+def test_tile_and_depth_from_object_sizes(extent, device, depth, tile):
+    metadata = {"image_shapes": [[400, 600, 1], [512, 512, 1]],
+                "object_sizes": {"1": {"objects": 40, "p95_extent_px": extent, "max_extent_px": extent + 5},
+                                 "2": {"objects": 3, "p95_extent_px": 5.0, "max_extent_px": 6}}}
+    choices = plan.choose_shape(metadata, "unet", device, unet_divisor)
+    assert (choices["unet_depth"][0], choices["tile_size"][0]) == (depth, tile)
+    assert f"95th percentile extent {extent:g} px" in choices["unet_depth"][1] or depth == 5
+
+
+def test_a_database_without_object_sizes_falls_back_with_the_reason():
+    metadata = {"image_shapes": [[256, 256, 1]]}
+    choices = plan.choose_shape(metadata, "unet", "cpu", unet_divisor)
+    assert choices["unet_depth"][0] == 4 and "no object sizes" in choices["unet_depth"][1]
+    assert choices["tile_size"][0] == 128 and "no object sizes" in choices["tile_size"][1]
+    segnet = plan.choose_shape(metadata, "segnet", "gpu", lambda depth: 32)
+    assert "unet_depth" not in segnet and segnet["tile_size"][0] == 256  # the image side, under 512
+
+
+def test_batch_and_filters_from_the_device_memory_and_budget():
+    # CPU, 30 min: 8 filters; 128 px x 8 filters x 100 B = 12.5 MiB an image; 16 GiB x 25% holds 327.
+    cpu = plan.choose_capacity("cpu", 16 * 2 ** 30, 1800, 128)
+    assert cpu["base_filters"][0] == 8 and cpu["batch_size"][0] == 8
+    assert cpu["batch_size"][1].startswith("25% of 16.0 GiB holds 327 images")
+    assert plan.choose_capacity("cpu", 16 * 2 ** 30, 3 * 3600, 128)["base_filters"][0] == 16
+    # GPU: 32 filters; 512 px x 32 x 100 B = 800 MiB an image: 8 GiB x 60% holds 6; 80 GiB caps at 32.
+    assert plan.choose_capacity("gpu", 8 * 2 ** 30, 1800, 512)["batch_size"][0] == 6
+    assert plan.choose_capacity("gpu", 80 * 2 ** 30, 1800, 512)["batch_size"][0] == 32
+    assert plan.choose_capacity("gpu", 2 ** 30, 1800, 512)["batch_size"][0] == 2   # never under 2
+
+
+def test_an_explicit_flag_always_wins(dbs, tmp_path):
+    import train_config
+
+    parser = train_config.build_parser("unet")
+    common = [*dbs, "--output_dir", str(tmp_path / "o")]
+    args = train_config.parse_args(parser, [*common, "--time_budget", "30m", "--tile_size", "256",
+                                            "--batch_size", "4"])
+    config = train_config.config_from_args("unet", args)
+    # batch_size 4 is also the default: given is given, whatever the value.
+    assert sorted(config.self_configure) == ["base_filters", "unet_depth"]
+    assert config == train_config.TrainConfig("unet", *dbs[1::2], str(tmp_path / "o"), time_budget="30m",
+                                              augmentation=config.augmentation)
+    metadata = {"image_shapes": [[256, 256, 1]],
+                "object_sizes": {"1": {"objects": 9, "p95_extent_px": 30.0, "max_extent_px": 31}}}
+    choices = plan.choose_shape(metadata, "unet", "cpu", unet_divisor)
+    choices.update(plan.choose_capacity("cpu", 16 * 2 ** 30, 1800, 256))
+    configured, record = plan.apply_choices(config, choices, config.self_configure)
+    assert (configured.tile_size, configured.batch_size) == (256, 4)
+    assert (configured.unet_depth, configured.base_filters) == (2, 8)
+    assert record["tile_size"] == {"value": 256, "reason": "given on the command line"}
+    # Without --time_budget the defaults stay today's (train() configures only budget runs).
+    plain = train_config.config_from_args("unet", train_config.parse_args(parser, common))
+    assert (plain.tile_size, plain.base_filters, plain.batch_size, plain.unet_depth) == (256, 64, 4, 4)
+
+
+def test_build_lmdb_measures_object_sizes_per_class_on_whole_images(tmp_path):
+    import numpy as np
+    import tifffile
+
+    import build_lmdb
+    import records
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[2:12, 3:8] = 1          # class 1: 10 x 5 -> 10
+    mask[30:33, 40:60] = 1       # class 1: 3 x 20 -> 20
+    mask[50, 50] = mask[51, 51] = 1   # diagonal neighbours: one object (8-connectivity) -> 2
+    mask[40:62, 0:30] = 2        # class 2: 22 x 30 -> 30
+    assert build_lmdb.object_extents(mask) == {1: [10, 20, 2], 2: [30]}
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        tifffile.imwrite(tmp_path / "images" / f"a{i}.tif", np.full((64, 64), i, np.uint16))
+        tifffile.imwrite(tmp_path / "masks" / f"a{i}.tif", mask)
+    # Train tiles of 32 px would cut the 30 px object: the sizes come from the whole images.
+    config = build_lmdb.BuildConfig(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                                    output_folder=str(tmp_path / "out"), dataset_name="x", train_fraction=0.5,
+                                    tile_size=32)
+    result = build_lmdb.build_databases(config)
+    metadata = records.read_metadata(result.paths["train"])
+    assert metadata["object_sizes"] == {
+        "1": {"objects": 6, "p95_extent_px": float(np.percentile([10, 20, 2] * 2, 95)), "max_extent_px": 20},
+        "2": {"objects": 2, "p95_extent_px": 30.0, "max_extent_px": 30}}
+    assert plan.largest_object(metadata) == 30.0
