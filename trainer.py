@@ -409,7 +409,8 @@ class Run:
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
         # The whole run's progress with an ETA (chief only), and the last test pass's figure for it.
-        self.progress = progress.ProgressLine(config_dict["run_length"]) if info.is_chief else None
+        self.progress = (progress.ProgressLine(config_dict["run_length"])
+                         if info.is_chief and config_dict["run_length"] else None)
         self.test_metric = None
         self.stop = None
 
