@@ -211,8 +211,11 @@ def choose_shape(metadata, model, device, size_divisor):
         wanted, why = cap, f"no object sizes: the largest tile for a {device.upper()} ({cap} px)"
     else:
         wanted = min(max(extent, floor), cap)
-        why = (f"the largest objects' extent ({extent:g} px), within {floor}-{cap} px "
-               f"(a {device.upper()}'s largest)")
+        why = f"the largest objects' extent ({extent:g} px)"
+        if wanted == cap and extent > cap:
+            why += f", capped at {cap} px (a {device.upper()}'s largest)"
+        elif wanted > extent:
+            why += f", raised to {floor} px (at least 64 px and 4 x the size divisor)"
     tile = max(divisor, min(_round_up(wanted, divisor), smallest // divisor * divisor))
     if tile < _round_up(wanted, divisor):
         why += f"; cut to the smallest image side ({smallest} px)"
