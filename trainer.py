@@ -103,7 +103,7 @@ def train(config):
         saved = checkpoints.read_config(checkpoint_dir)
         config, run_plan = kept_plan(config, saved, checkpoint_dir)
     if config.time_budget and config.self_configure and run_plan is None:
-        config, self_configuration = self_configure(config, train_metadata)
+        config, self_configuration = self_configure(config, train_metadata, test_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
     fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
@@ -257,13 +257,15 @@ def training_deadline(run_plan, started, info, evaluator):
     return started + run_plan.budget_s - run_plan.test_s - run_plan.export_s
 
 
-def self_configure(config, train_metadata):
+def self_configure(config, train_metadata, test_metadata):
     """(config, {flag: {value, reason}}): the flags in config.self_configure set from the training
     data and the machine by plan.py's rules; the others as given."""
     import models
 
     device, memory, memory_reason = machine_profile(config)
-    choices = plan.choose_shape(train_metadata, config.model, device,
+    # Objects from the training images; the tile must also fit the smallest test image.
+    shapes = dict(train_metadata, image_shapes=train_metadata["image_shapes"] + test_metadata["image_shapes"])
+    choices = plan.choose_shape(shapes, config.model, device,
                                 lambda depth: 2 ** depth if config.model == "unet" else models.SIZE_DIVISOR[config.model])
     tile = choices["tile_size"][0] if "tile_size" in config.self_configure else config.tile_size
     choices.update(plan.choose_capacity(device, memory, plan.parse_duration(config.time_budget), tile))
