@@ -29,8 +29,16 @@ MAX_TEST_PASSES = 50     # more passes add log lines, not information
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+MIN_FILTERS = 4          # self-configuration halves base filters down to this before refusing
+
+
 class PlanError(ValueError):
-    """A budget that cannot be planned; the message gives the estimate and the budget needed."""
+    """A budget that cannot be planned; the message gives the estimate and the budget needed;
+    ``steps`` is the estimate."""
+
+    def __init__(self, message, steps):
+        super().__init__(message)
+        self.steps = steps
 
 
 def parse_duration(text, flag="--time_budget"):
@@ -132,7 +140,7 @@ def plan_run(budget_s, spent_s, step_s, test_s, batch, compile_s=0.0, export_s=0
             f"(test pass {test_s:.3g} s, {format_duration(spent_s)} already spent setting up and measuring, "
             f"{format_duration(reserved)} for compiling and the export); a useful run needs at least "
             f"{min_steps}: give --time_budget {math.ceil(needed / 60)}m or more, or a smaller model "
-            "(--base_filters, --tile_size)")
+            "(--base_filters, --tile_size)", steps)
     passes = math.ceil(steps / every)
     return RunPlan(budget_s=float(budget_s), steps=steps, test_every=every, test_passes=passes, batch=batch,
                    step_s=float(step_s), test_s=float(test_s), spent_s=float(spent_s), compile_s=float(compile_s),

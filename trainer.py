@@ -136,7 +136,22 @@ def train(config):
         evaluator = make_evaluator(config, model, info)
         try:
             train_reader.startup()
-            run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started)
+            while run_plan is None:
+                try:
+                    run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch,
+                                             started)
+                except plan.PlanError as error:
+                    # Too slow for the budget: a self-configured width is halved and measured again.
+                    if "base_filters" not in config.self_configure or config.base_filters // 2 < plan.MIN_FILTERS:
+                        raise ConfigError(str(error)) from None
+                    config = dataclasses.replace(config, base_filters=config.base_filters // 2)
+                    self_configuration["base_filters"] = {
+                        "value": config.base_filters,
+                        "reason": f"halved from {config.base_filters * 2}: that width bought only about "
+                                  f"{error.steps} steps of the {plan.MIN_STEPS} a run needs in the budget"}
+                    with strategy.scope():
+                        model = build_model(config, input_channels)
+                    evaluator = make_evaluator(config, model, info)
         except BaseException:
             train_reader.shutdown()
             raise
@@ -295,19 +310,16 @@ def machine_profile(config):
 
 
 def measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started):
-    """The RunPlan of --time_budget from this run's measured speeds (ConfigError when too short)."""
+    """The RunPlan of --time_budget from this run's measured speeds (plan.PlanError when too short)."""
     compile_s, step_s, test_s, save_s = measure_speed(config, strategy, info, model, train_reader, evaluator,
                                                       global_batch)
     # A pass also writes checkpoints/latest and often best (weights and optimizer state: about 3x the
     # weights each); the export rebuilds the model (about 1 s on a CPU), loads and saves it, and the
     # readers stop (about 1 s).
     spent = distribute.sum_across_workers(strategy, np.array([time.perf_counter() - started]))[0] / info.num_workers
-    try:
-        return plan.plan_run(plan.parse_duration(config.time_budget), spent, step_s, test_s + 4 * save_s,
-                             global_batch, compile_s=compile_s, export_s=2.0 + 3 * save_s,
-                             test_every=config.test_every_n_steps)
-    except plan.PlanError as error:
-        raise ConfigError(str(error)) from None
+    return plan.plan_run(plan.parse_duration(config.time_budget), spent, step_s, test_s + 4 * save_s,
+                         global_batch, compile_s=compile_s, export_s=2.0 + 3 * save_s,
+                         test_every=config.test_every_n_steps)
 
 
 PROBE_STEPS = 8  # timed steps after the first (compiling) one; their mean is the step time

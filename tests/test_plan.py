@@ -352,3 +352,31 @@ def test_build_lmdb_measures_object_sizes_per_class_on_whole_images(tmp_path):
         "1": {"objects": 6, "p95_extent_px": float(np.percentile([10, 20, 2] * 2, 95)), "max_extent_px": 20},
         "2": {"objects": 2, "p95_extent_px": 30.0, "max_extent_px": 30}}
     assert plan.largest_object(metadata) == 30.0
+
+
+def test_too_slow_a_self_configured_width_is_halved_and_measured_again(dbs, tmp_path, capsys, monkeypatch):
+    # Mocked speeds: a step costs 0.02 s x base_filters^2 (1.28 s at 8 filters, 0.32 s at 4), a test
+    # pass 5 s. 100 s buy under 100 steps at 8 filters, well over 100 at 4.
+    measured = []
+
+    def mocked_speed(config, *args):
+        measured.append(config.base_filters)
+        return 0.0, 0.02 * config.base_filters ** 2, 5.0, 0.01
+
+    monkeypatch.setattr(trainer, "measure_speed", mocked_speed)
+    given = ["--batch_size", "2", "--tile_size", "32", "--unet_depth", "2", "--log_every_n_steps", "1000"]
+    out = tmp_path / "run"
+    code, stdout, err = train_here(capsys, [*dbs, *given, "--output_dir", out, "--time_budget", "100s"])
+    assert code == 0, err[-2000:]
+    assert measured == [8, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["base_filters"] == 4 and config["plan"]["step_s"] == pytest.approx(0.32)
+    assert config["self_configuration"]["base_filters"]["reason"].startswith(
+        "halved from 8: that width bought only about")
+    assert "self-configuration: --base_filters 4: halved from 8" in stdout
+    # A width the user gave is never changed: the budget is refused instead.
+    measured.clear()
+    code, _, err = train_here(capsys, [*dbs, *given, "--base_filters", "8", "--output_dir", tmp_path / "given",
+                                       "--time_budget", "100s"])
+    assert code == 2 and measured == [8] and "a useful run needs at least 100" in err
+    assert not (tmp_path / "given").exists()
