@@ -133,30 +133,13 @@ def train(config):
         # Measuring needs the run's own model, data and devices; the plan then sets the run length
         # (and with it the learning-rate schedule) before the real optimizer exists.
         train_reader = make_train_reader(config, len(towers), info, 0)
-        evaluator = make_evaluator(config, model, info)
         try:
-            train_reader.startup()
-            while run_plan is None:
-                try:
-                    run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch,
-                                             started)
-                except plan.PlanError as error:
-                    # Too slow for the budget: a self-configured width is halved and measured again.
-                    if "base_filters" not in config.self_configure or config.base_filters // 2 < plan.MIN_FILTERS:
-                        raise ConfigError(str(error)) from None
-                    config = dataclasses.replace(config, base_filters=config.base_filters // 2)
-                    self_configuration["base_filters"] = {
-                        "value": config.base_filters,
-                        "reason": f"halved from {config.base_filters * 2}: that width bought only about "
-                                  f"{error.steps} steps of the {plan.MIN_STEPS} a run needs in the budget"}
-                    with strategy.scope():
-                        model = build_model(config, input_channels)
-                    evaluator = make_evaluator(config, model, info)
+            config, model, evaluator, run_plan = plan_by_measuring(
+                config, strategy, info, model, train_reader, input_channels, global_batch, self_configuration,
+                started)
         except BaseException:
             train_reader.shutdown()
             raise
-        config = dataclasses.replace(config, max_steps=run_plan.steps,
-                                     test_every_n_steps=config.test_every_n_steps or run_plan.test_every)
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
     # ConfigError (nothing written yet) for a warm-up past the end; config.json records what is used.
     settings = optimizer_settings(config, steps_per_epoch)
@@ -260,6 +243,36 @@ def kept_plan(config, saved, checkpoint_dir):
     print(f"resumed run keeps its {plan.format_duration(run_plan.budget_s)} plan: {run_plan.steps:,} steps, "
           f"a test pass every {config.test_every_n_steps:,}", flush=True)
     return config, run_plan
+
+
+def plan_by_measuring(config, strategy, info, model, train_reader, input_channels, global_batch,
+                      self_configuration, started):
+    """(config with the planned run length, model, evaluator, RunPlan) of a --time_budget run.
+
+    Starts ``train_reader`` (the run goes on with it). When the measured speed buys too few steps and
+    --base_filters was self-configured, the width is halved (noted in ``self_configuration``), the
+    model rebuilt and measured again; otherwise ConfigError with the estimate.
+    """
+    train_reader.startup()
+    evaluator = make_evaluator(config, model, info)
+    while True:
+        try:
+            run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started)
+            break
+        except plan.PlanError as error:
+            if "base_filters" not in config.self_configure or config.base_filters // 2 < plan.MIN_FILTERS:
+                raise ConfigError(str(error)) from None
+            config = dataclasses.replace(config, base_filters=config.base_filters // 2)
+            self_configuration["base_filters"] = {
+                "value": config.base_filters,
+                "reason": f"halved from {config.base_filters * 2}: that width bought only about {error.steps} "
+                          f"steps of the {plan.MIN_STEPS} a run needs in the budget"}
+            with strategy.scope():
+                model = build_model(config, input_channels)
+            evaluator = make_evaluator(config, model, info)
+    config = dataclasses.replace(config, max_steps=run_plan.steps,
+                                 test_every_n_steps=config.test_every_n_steps or run_plan.test_every)
+    return config, model, evaluator, run_plan
 
 
 def training_deadline(run_plan, started, info, evaluator):
