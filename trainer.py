@@ -4,7 +4,8 @@
 
 The pieces live by concern: flags and TrainConfig in train_config.py, losses and the per-replica
 steps in steps.py, checkpoints in checkpoints.py, CSVs/TensorBoard/plots in outputs.py and plots.py,
-devices, strategy and every tf.distribute call in distribute.py, metrics in metrics.py. ``train``
+devices, strategy and every tf.distribute call in distribute.py, metrics in metrics.py, the rules
+of --time_budget (run length, self-configuration) in plan.py, the progress line in progress.py. ``train``
 sets a run up; ``Run`` holds its pieces, and ``Run.loop`` reads top to bottom: train up to the end
 of the epoch (``test_every_n_steps`` steps), run a full test pass, log, checkpoint (latest, and
 best by test loss), decide on early stopping. The test pass (evaluation.py) predicts the whole test
