@@ -114,6 +114,7 @@ class CheckedPair:
     max_label: int
     statistics: normalization.ChannelStatistics  # of the whole source image, before any tiling
     class_counts: list  # pixels per class id (index = id) of the whole source image
+    object_extents: dict = None  # class id -> bounding-box extents (px) of its objects (object_extents)
 
 
 @dataclasses.dataclass
@@ -308,7 +309,7 @@ def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channe
         else:
             checked.append(CheckedPair(pair, image.shape, image.dtype, max_label,
                                        normalization.channel_statistics(image),
-                                       np.bincount(mask.ravel()).tolist()))
+                                       np.bincount(mask.ravel()).tolist(), object_extents(mask)))
             if cached_bytes + image.nbytes + mask.nbytes <= CACHE_BUDGET_BYTES:
                 cache[pair.stem] = (image, mask)
                 cached_bytes += image.nbytes + mask.nbytes
@@ -387,6 +388,37 @@ def tiles_of(image, mask, tile_size, overlap=0):
             yield y, x, image[y:y + size_y, x:x + size_x], mask[y:y + size_y, x:x + size_x]
 
 
+# ----------------------------------------------------------------------------- object sizes
+
+def object_extents(mask):
+    """{class id: [extent, ...]} of a whole source mask: for each foreground class (label >= 1),
+    the larger side in pixels of each of its objects' bounding boxes, an object being a connected
+    component (8-connectivity) of that label. Measured on source images, not tiles, which would cut
+    objects; train_*.py --time_budget sizes tiles and the UNet's depth from them (plan.py)."""
+    from scipy import ndimage
+
+    extents = {}
+    for label in np.unique(mask):
+        if label < 1:
+            continue
+        components, _ = ndimage.label(mask == label, structure=np.ones((3, 3), dtype=bool))
+        extents[int(label)] = [max(box[0].stop - box[0].start, box[1].stop - box[1].start)
+                               for box in ndimage.find_objects(components) if box is not None]
+    return extents
+
+
+def object_sizes(items):
+    """The metadata's "object_sizes" of a split: per foreground class id (a string, as JSON keys
+    are), the number of objects and the 95th percentile and maximum of their extents (px)."""
+    by_class = {}
+    for item in items:
+        for label, extents in (item.object_extents or {}).items():
+            by_class.setdefault(label, []).extend(extents)
+    return {str(label): {"objects": len(extents), "p95_extent_px": float(np.percentile(extents, 95)),
+                         "max_extent_px": int(max(extents))}
+            for label, extents in sorted(by_class.items()) if extents}
+
+
 # ----------------------------------------------------------------------------- writing
 
 def write_split(path, items, cache, config, image_dtype, mask_dtype, metadata_fields, progress=None,
@@ -430,6 +462,7 @@ def write_split(path, items, cache, config, image_dtype, mask_dtype, metadata_fi
         for label, count in enumerate(item.class_counts):
             totals[label] = totals.get(label, 0) + count
     fields = dict(metadata_fields, class_pixel_counts=totals)
+    fields["extra"] = dict(fields.get("extra") or {}, object_sizes=object_sizes(items))
     metadata = records.write_database(path, records_of_split(), fields)
     return metadata, raw_bytes[0]
 

@@ -58,6 +58,10 @@
 : "${NUMBER_CLASSES:=2}"
 : "${TILE_SIZE:=256}"
 : "${GPUS_PER_NODE:=${SLURM_GPUS_ON_NODE:-0}}"  # default: what --gres gave the job; 0 = train on CPUs
+: "${TIME_BUDGET:=}"                    # --time_budget (45m, 2h, 1d); empty: in a job, its time left minus
+                                        # TIME_BUDGET_MARGIN (not when resuming, nor with --max_steps,
+                                        # --max_epochs or --time_budget in EXTRA_TRAIN_ARGS); none: no budget
+: "${TIME_BUDGET_MARGIN:=5}"            # minutes of the time left kept for start-up, the SIGTERM and cleanup
 : "${EXTRA_TRAIN_ARGS:=}"               # more trainer flags, e.g. "--learning_rate 3e-4 --loss ce+dice"
 : "${SCRATCH_DIR:=${TMPDIR:-/tmp}}"     # node-local disk for the database copies
 : "${REQUEUE:=0}"                       # 1: resubmit after a time limit / preemption and resume
@@ -86,6 +90,22 @@ find_code_dir() {
     if [ -f "$dir/train_unet.py" ]; then echo "$dir"; return 0; fi
   done
   return 1
+}
+
+# Slurm's time format ([D-]HH:MM:SS, [D-]HH[:MM], MM:SS or MM) as whole minutes; nothing for
+# UNLIMITED, NOT_SET and the like.
+slurm_minutes() {
+  local text=$1 days=0 h=0 m=0 s=0 parts
+  [[ $text =~ ^[0-9] ]] || return 0
+  IFS=: read -r -a parts <<<"${text#*-}"
+  if [[ $text == *-* ]]; then
+    days=${text%%-*}; h=${parts[0]}; m=${parts[1]:-0}; s=${parts[2]:-0}
+  elif [ "${#parts[@]}" -eq 3 ]; then
+    h=${parts[0]}; m=${parts[1]}; s=${parts[2]}
+  else
+    m=${parts[0]}; s=${parts[1]:-0}
+  fi
+  echo $(( ((10#$days * 24 + 10#$h) * 60) + 10#$m + 10#$s / 60 ))
 }
 
 # Run a command once on every node of the job (scratch is node-local), or here outside Slurm.
@@ -117,12 +137,15 @@ for node in ast.parse(open(sys.argv[1]).read()).body:
 ' "$CODE_DIR/models/__init__.py") || registered=""
 [ -n "$registered" ] || die "cannot read MODEL_NAMES from $CODE_DIR/models/__init__.py with PYTHON=$PYTHON"
 [[ " $registered " == *" $MODEL "* ]] || die "MODEL=$MODEL: expected ${registered// / or }"
-for name in BATCH_SIZE NUMBER_CLASSES TILE_SIZE GPUS_PER_NODE REQUEUE MAX_RESUBMISSIONS RESUBMISSION; do
+for name in BATCH_SIZE NUMBER_CLASSES TILE_SIZE GPUS_PER_NODE REQUEUE MAX_RESUBMISSIONS RESUBMISSION \
+    TIME_BUDGET_MARGIN; do
   [[ ${!name} =~ ^[0-9]+$ ]] || die "$name=${!name}: expected a whole number"
 done
 [ -z "$TEST_EVERY_N_STEPS" ] || [[ $TEST_EVERY_N_STEPS =~ ^[0-9]+$ ]] ||
   die "TEST_EVERY_N_STEPS=$TEST_EVERY_N_STEPS: expected a whole number or nothing"
 [ "$REQUEUE" -le 1 ] || die "REQUEUE=$REQUEUE: expected 0 or 1"
+[ -z "$TIME_BUDGET" ] || [ "$TIME_BUDGET" = none ] || [[ $TIME_BUDGET =~ ^([0-9]+(\.[0-9]+)?[smhd])+$ ]] ||
+  die "TIME_BUDGET=$TIME_BUDGET: expected a duration like 90s, 45m, 2h, 1d or 1h30m, none, or nothing"
 for name in TRAIN_DATABASE TEST_DATABASE; do
   [ -f "${!name}/data.mdb" ] || die "$name=${!name}: not an LMDB database (expected a folder holding data.mdb)"
   printf -v "$name" '%s' "$(cd "${!name}" && pwd)"
@@ -212,6 +235,19 @@ if [ -d "$OUT/checkpoints/latest" ] || [ -d "$OUT/checkpoints/.latest.old" ]; th
   log "resuming from $OUT/checkpoints/latest (train_loss.csv ends at step" \
     "$(tail -n 1 "$OUT/train_loss.csv" 2>/dev/null | cut -d, -f1))"
   args+=(--restore_checkpoint_filepath "$OUT")
+fi
+# The run length: a time budget, by default the job's time left (after the database copy) minus a
+# margin. A resumed run keeps the plan its checkpoint holds, so it is never given one.
+if [[ " ${args[*]} " != *" --restore_checkpoint_filepath "* ]] && [ "$TIME_BUDGET" != none ]; then
+  if [ -z "$TIME_BUDGET" ] && [ -n "${SLURM_JOB_ID:-}" ] &&
+      ! [[ " $EXTRA_TRAIN_ARGS" =~ \ --(max_steps|max_epochs|time_budget)([\ =]|$) ]]; then
+    left=$(slurm_minutes "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null || true)")
+    if [ -n "$left" ] && [ "$left" -gt "$TIME_BUDGET_MARGIN" ]; then
+      TIME_BUDGET=$(( left - TIME_BUDGET_MARGIN ))m
+      log "time budget $TIME_BUDGET: the job's $left min left minus TIME_BUDGET_MARGIN=$TIME_BUDGET_MARGIN"
+    fi
+  fi
+  [ -z "$TIME_BUDGET" ] || args+=(--time_budget "$TIME_BUDGET")
 fi
 read -r -a extra <<<"$EXTRA_TRAIN_ARGS"
 args+=("${extra[@]}")

@@ -16,6 +16,7 @@ import os
 import augment
 import models
 import optim
+import plan
 import records
 import steps
 from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
@@ -70,6 +71,10 @@ class TrainConfig:
                              "length with a decaying schedule, else 0)", kind=int)
     max_steps: int = flag("stop after this many gradient steps (a test pass comes last); the run length "
                           "of --lr_schedule (default: --max_epochs x steps per epoch)", kind=int)
+    time_budget: str = flag(
+        "wall time for the whole run, like 90s, 45m, 2h or 1d: the trainer measures its step and test-pass "
+        "times and sets --max_steps and the test spacing so training, test passes and the export fit "
+        "(see docs/planning.md; not with --max_steps or --max_epochs)")
     foreground_crop_fraction: float = flag(
         "share of training crops placed on a pixel of a foreground class drawn uniformly from the classes "
         "in the record (with jitter); the others are uniform random crops (default %(default)g, nnU-Net's "
@@ -111,6 +116,11 @@ class TrainConfig:
                      "%(default)s; the Dice term keeps small and rare classes from being ignored)", "ce+dice",
                      choices=steps.LOSSES)
     log_every_n_steps: int = flag("print one progress line every N steps (default %(default)s)", 10, kind=int)
+    # The flags of plan.AUTO_FLAGS not given on the command line: a --time_budget run sets them from
+    # the data and the machine (docs/planning.md), a resumed planned run takes them from its
+    # checkpoint; any other run keeps the defaults above. Not compared: how a value came about does
+    # not change the configuration.
+    self_configure: list = dataclasses.field(default_factory=list, compare=False)
     # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
     augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
 
@@ -118,7 +128,7 @@ class TrainConfig:
         # Code written when --mixed_precision was an on/off switch passes True / False.
         if self.lr_schedule is None:
             # Decay needs the run's length; a run ended by early stopping alone keeps a constant rate.
-            self.lr_schedule = "poly" if (self.max_steps or self.max_epochs) else "constant"
+            self.lr_schedule = "poly" if (self.max_steps or self.max_epochs or self.time_budget) else "constant"
         if self.mixed_precision is True:
             self.mixed_precision = "float16"
         elif self.mixed_precision is False:
@@ -155,17 +165,37 @@ def build_parser(model_name):
     return parser
 
 
+class _Unset:
+    """The value of a self-configurable flag the command line did not give."""
+
+    def __repr__(self):
+        return "<not given>"
+
+
+UNSET = _Unset()
+
+
+def parse_args(parser, argv=None):
+    """Parse ``argv``; the flags of plan.AUTO_FLAGS that were not given hold UNSET, not their
+    default (argparse fills a default only where the namespace has no value yet), so that
+    config_from_args knows which ones the user chose."""
+    return parser.parse_args(argv, namespace=argparse.Namespace(**{name: UNSET for name in plan.AUTO_FLAGS}))
+
+
 def config_from_args(model_name, args):
     """TrainConfig from parsed arguments (the augmentation flags resolved by augment.py)."""
     try:
         augmentation = augment.augmentation_config_from_args(args)
     except (ValueError, OSError) as error:
         raise ConfigError(str(error)) from None
-    values = {}
+    values, unset = {}, []
     for field in _flag_fields():
-        value = getattr(args, field.name)
+        value = getattr(args, field.name, UNSET)
+        if value is UNSET:
+            value = field.default
+            unset.append(field.name)
         values[field.name] = bool(value) if field.metadata["flag"]["kind"] == "binary" else value
-    return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), **values)
+    return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), self_configure=unset, **values)
 
 
 def read_database_metadata(path, role):
@@ -205,8 +235,9 @@ def validate_config(config, train_metadata, test_metadata):
                           "from 0 to 1")
     # The run length in steps is known only with the towers (train() checks it again then); all that
     # needs no run length, and a warm-up longer than --max_steps, is refused here already.
+    _check_time_budget(config)
     _check_optimizer_settings(optimizer_settings(config, None, check=False),
-                              config.max_steps or (math.inf if config.max_epochs else None))
+                              config.max_steps or (math.inf if config.max_epochs or config.time_budget else None))
     options = models.shape_options(config)
     try:
         models.check_options(config.model, **options)
@@ -238,6 +269,20 @@ def validate_config(config, train_metadata, test_metadata):
         raise ConfigError(
             f"the training database has {train_metadata['channels']} channel(s), the test database "
             f"{test_metadata['channels']}: they must match")
+
+
+def _check_time_budget(config):
+    """ConfigError for an unreadable --time_budget or one given with another run length."""
+    if config.time_budget is None:
+        return
+    try:
+        plan.parse_duration(config.time_budget)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    for name in ("max_steps", "max_epochs"):
+        if getattr(config, name) is not None:
+            raise ConfigError(f"--time_budget {config.time_budget} and --{name} {getattr(config, name)} both set "
+                              f"the run length: give one of them")
 
 
 def run_length(config, steps_per_epoch):

@@ -4,7 +4,8 @@
 
 The pieces live by concern: flags and TrainConfig in train_config.py, losses and the per-replica
 steps in steps.py, checkpoints in checkpoints.py, CSVs/TensorBoard/plots in outputs.py and plots.py,
-devices, strategy and every tf.distribute call in distribute.py, metrics in metrics.py. ``train``
+devices, strategy and every tf.distribute call in distribute.py, metrics in metrics.py, the rules
+of --time_budget (run length, self-configuration) in plan.py, the progress line in progress.py. ``train``
 sets a run up; ``Run`` holds its pieces, and ``Run.loop`` reads top to bottom: train up to the end
 of the epoch (``test_every_n_steps`` steps), run a full test pass, log, checkpoint (latest, and
 best by test loss), decide on early stopping. The test pass (evaluation.py) predicts the whole test
@@ -30,8 +31,11 @@ import imagereader
 import models
 import optim
 import outputs
+import plan
+import progress
 import records
 import steps
+import train_config
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
 from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                     ConfigError, TrainingError)
@@ -42,7 +46,7 @@ from train_config import (TrainConfig, build_parser, config_from_args,  # noqa: 
 def main(model_name, argv=None):
     """Entry point of train_<model>.py. Returns the process exit code."""
     parser = build_parser(model_name)
-    args = parser.parse_args(argv)
+    args = train_config.parse_args(parser, argv)
     try:
         config = config_from_args(model_name, args)
         summary = train(config)
@@ -88,18 +92,24 @@ def train(config):
       ConfigError / distribute.DistributionError for unusable settings, TrainingError on a
       non-finite loss, imagereader.ImageReaderError when a reader fails.
     """
+    started = time.perf_counter()  # the --time_budget counts from here
     # Everything that can refuse the run comes before anything is written: a refused run
     # creates nothing.
     train_metadata = read_database_metadata(config.train_database, "train")
     test_metadata = read_database_metadata(config.test_database, "test")
+    checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
+    saved, run_plan, self_configuration = None, None, None
+    if checkpoint_dir:
+        saved = checkpoints.read_config(checkpoint_dir)
+        config, run_plan = kept_plan(config, saved, checkpoint_dir)
+    if config.time_budget and config.self_configure and run_plan is None:
+        config, self_configuration = self_configure(config, train_metadata, test_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
-    checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
     fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
                     "test": checkpoints.database_fingerprint(test_metadata)}
     database_warnings = []
     if checkpoint_dir:
-        saved = checkpoints.read_config(checkpoint_dir)
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
         database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
 
@@ -116,6 +126,20 @@ def train(config):
     keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     global_batch = config.batch_size * len(towers) * info.num_workers
+    with strategy.scope():
+        model = build_model(config, input_channels)
+    train_reader = evaluator = None
+    if config.time_budget and run_plan is None:
+        # Measuring needs the run's own model, data and devices; the plan then sets the run length
+        # (and with it the learning-rate schedule) before the real optimizer exists.
+        train_reader = make_train_reader(config, len(towers), info, 0)
+        try:
+            config, model, evaluator, run_plan = plan_by_measuring(
+                config, strategy, info, model, train_reader, input_channels, global_batch, self_configuration,
+                started)
+        except BaseException:
+            train_reader.shutdown()
+            raise
     steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
     # ConfigError (nothing written yet) for a warm-up past the end; config.json records what is used.
     settings = optimizer_settings(config, steps_per_epoch)
@@ -127,14 +151,20 @@ def train(config):
                        tool_version=records.TOOL_VERSION, normalization=checkpoints.NORMALIZATION,
                        train_database_fingerprint=fingerprints["train"],
                        test_database_fingerprint=fingerprints["test"])
+    if run_plan is not None:
+        config_dict["plan"] = run_plan.to_dict()
+    if self_configuration is not None:
+        config_dict["self_configuration"] = self_configuration
+    elif saved and saved.get("self_configuration") and run_plan is not None:
+        config_dict["self_configuration"] = saved["self_configuration"]
     with strategy.scope():
-        model = build_model(config, input_channels)
         optimizer = optim.make_optimizer(settings)
         optimizer.build(model.trainable_variables)
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
-    train_reader = make_train_reader(config, len(towers), info, state.step)
+    if train_reader is None:
+        train_reader = make_train_reader(config, len(towers), info, state.step)
 
     if info.is_chief:
         _create_output_dir(config.output_dir, config_dict)
@@ -150,6 +180,10 @@ def train(config):
               f"{info.num_workers} worker(s) = {global_batch}", flush=True)
         for warning in fixed_crop_warnings(config, train_metadata):
             print(warning, file=sys.stderr, flush=True)
+        for name, choice in (config_dict.get("self_configuration") or {}).items():
+            print(f"self-configuration: --{name} {choice['value']}: {choice['reason']}", flush=True)
+        if run_plan is not None:
+            print(run_plan.line(), flush=True)
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
         if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
             checkpoints.copy_previous_run(source_dir, config.output_dir)
@@ -159,11 +193,13 @@ def train(config):
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
                                   state if resumed else None)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
-              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None)
+              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
+              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator))
     try:
         with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
     finally:
+        run.end_progress_line()
         run_outputs.close()
     exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
     model_path = None
@@ -184,6 +220,166 @@ def _create_output_dir(output_dir, config_dict):
     except OSError as error:
         raise ConfigError(f"--output_dir {output_dir}: cannot create the folder ({error.strerror})") from None
     checkpoints.write_json(os.path.join(output_dir, "config.json"), config_dict)
+
+
+def kept_plan(config, saved, checkpoint_dir):
+    """(config, RunPlan or None): a resumed run of a planned run keeps its plan (run length, test
+    spacing, learning-rate schedule) and its self-configured flags unless given now, whatever
+    --time_budget says now, so the schedule continues where it was; ConfigError for --time_budget on
+    a resumed run that had none."""
+    if saved.get("number_classes") != config.number_classes:  # transfer learning: a new run
+        return config, None
+    if not saved.get("plan"):
+        if config.time_budget:
+            raise ConfigError(f"--time_budget {config.time_budget}: the checkpoint {checkpoint_dir} is of a run "
+                              "without a time budget; resume it without --time_budget (it keeps its run "
+                              "length), or start a new run")
+        return config, None
+    run_plan = plan.RunPlan.from_dict(saved["plan"])
+    # The shape and capacity chosen then, for the flags left to self-configuration now.
+    chosen = {name: saved[name] for name in config.self_configure if name in saved}
+    # The plan replaces --time_budget (config.json's "plan" holds the budget it was made for).
+    config = dataclasses.replace(config, **chosen, time_budget=None, max_steps=run_plan.steps,
+                                 test_every_n_steps=saved.get("steps_per_epoch") or run_plan.test_every,
+                                 lr_schedule=saved.get("lr_schedule"), warmup_steps=saved.get("warmup_steps"))
+    print(f"resumed run keeps its {plan.format_duration(run_plan.budget_s)} plan: {run_plan.steps:,} steps, "
+          f"a test pass every {config.test_every_n_steps:,}", flush=True)
+    return config, run_plan
+
+
+def plan_by_measuring(config, strategy, info, model, train_reader, input_channels, global_batch,
+                      self_configuration, started):
+    """(config with the planned run length, model, evaluator, RunPlan) of a --time_budget run.
+
+    Starts ``train_reader`` (the run goes on with it). When the measured speed buys too few steps and
+    --base_filters was self-configured, the width is halved (noted in ``self_configuration``), the
+    model rebuilt and measured again; otherwise ConfigError with the estimate.
+    """
+    train_reader.startup()
+    evaluator = make_evaluator(config, model, info)
+    while True:
+        try:
+            run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started)
+            break
+        except plan.PlanError as error:
+            if "base_filters" not in config.self_configure or config.base_filters // 2 < plan.MIN_FILTERS:
+                raise ConfigError(str(error)) from None
+            config = dataclasses.replace(config, base_filters=config.base_filters // 2)
+            self_configuration["base_filters"] = {
+                "value": config.base_filters,
+                "reason": f"halved from {config.base_filters * 2}: that width bought only about {error.steps} "
+                          f"steps of the {plan.MIN_STEPS} a run needs in the budget"}
+            with strategy.scope():
+                model = build_model(config, input_channels)
+            evaluator = make_evaluator(config, model, info)
+    config = dataclasses.replace(config, max_steps=run_plan.steps,
+                                 test_every_n_steps=config.test_every_n_steps or run_plan.test_every)
+    return config, model, evaluator, run_plan
+
+
+def training_deadline(run_plan, started, info, evaluator):
+    """The perf_counter time after which a freshly planned run stops training early (then its last
+    test pass and the export still fit the budget), or None: a machine slower than measured must
+    not overrun the budget. Only for one worker (workers would have to agree on the moment) and not
+    for a resumed run (its budget started in an earlier process)."""
+    if run_plan is None or evaluator is None or info.num_workers > 1:
+        return None
+    return started + run_plan.budget_s - run_plan.test_s - run_plan.export_s
+
+
+def self_configure(config, train_metadata, test_metadata):
+    """(config, {flag: {value, reason}}): the flags in config.self_configure set from the training
+    data and the machine by plan.py's rules; the others as given."""
+    import models
+
+    device, memory, memory_reason = machine_profile(config)
+    # Objects from the training images; the tile must also fit the smallest test image.
+    shapes = dict(train_metadata, image_shapes=train_metadata["image_shapes"] + test_metadata["image_shapes"])
+    choices = plan.choose_shape(shapes, config.model, device,
+                                lambda depth: 2 ** depth if config.model == "unet" else models.SIZE_DIVISOR[config.model])
+    tile = choices["tile_size"][0] if "tile_size" in config.self_configure else config.tile_size
+    choices.update(plan.choose_capacity(device, memory, plan.parse_duration(config.time_budget), tile))
+    if "batch_size" in choices:
+        value, reason = choices["batch_size"]
+        choices["batch_size"] = (value, f"{reason} ({memory_reason})")
+    config, record = plan.apply_choices(config, choices, config.self_configure)
+    return config, record
+
+
+def machine_profile(config):
+    """("gpu" or "cpu", memory in bytes of one device, where the figure comes from), without
+    starting TensorFlow (devices are configured later, see distribute.py): nvidia-smi for GPUs,
+    the physical RAM for a CPU."""
+    import subprocess
+
+    if config.gpus != "none" and not config.cpu_towers and shutil.which("nvidia-smi"):
+        try:
+            result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                    capture_output=True, text=True, timeout=30, check=True)
+            sizes = [int(line) for line in result.stdout.split() if line.strip().isdigit()]
+        except (OSError, subprocess.SubprocessError, ValueError):
+            sizes = []
+        if sizes:
+            return "gpu", min(sizes) * 2 ** 20, "the smallest GPU's memory by nvidia-smi"
+    return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the physical RAM"
+
+
+def measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started):
+    """The RunPlan of --time_budget from this run's measured speeds (plan.PlanError when too short)."""
+    compile_s, step_s, test_s, save_s = measure_speed(config, strategy, info, model, train_reader, evaluator,
+                                                      global_batch)
+    # A pass also writes checkpoints/latest and often best (weights and optimizer state: about 3x the
+    # weights each); the export rebuilds the model (about 1 s on a CPU), loads and saves it, and the
+    # readers stop (about 1 s).
+    spent = distribute.sum_across_workers(strategy, np.array([time.perf_counter() - started]))[0] / info.num_workers
+    return plan.plan_run(plan.parse_duration(config.time_budget), spent, step_s, test_s + 4 * save_s,
+                         global_batch, compile_s=compile_s, export_s=2.0 + 3 * save_s,
+                         test_every=config.test_every_n_steps)
+
+
+PROBE_STEPS = 8  # timed steps after the first (compiling) one; their mean is the step time
+
+
+def measure_speed(config, strategy, info, model, train_reader, evaluator, global_batch):
+    """(compile_s, step_s, test_s, save_s) of this run, the mean over the workers so all plan alike.
+
+    The measuring steps use a throwaway optimizer at learning rate 0 and the weights (batch-norm
+    statistics included) are put back afterwards: the run starts from the weights a run without a
+    budget starts from. The real train step is traced again (``compile_s``) with the real optimizer,
+    whose schedule needs the planned length. test_s is the first pass, compiling included, so the
+    plan errs on the short side.
+    """
+    with strategy.scope():
+        probe_optimizer = optim.make_optimizer(optim.OptimizerSettings(
+            optimizer=config.optimizer, learning_rate=0.0, mixed_precision=config.mixed_precision))
+        probe_optimizer.build(model.trainable_variables)
+    probe_step = steps.make_train_step(strategy, model, probe_optimizer, config.loss, config.number_classes,
+                                       global_batch, jit_compile=config.xla)
+    weights = model.get_weights()
+    local_replicas = distribute.local_replica_count(strategy)
+    times = []
+    for _ in range(1 + PROBE_STEPS):
+        start = time.perf_counter()
+        batches = [train_reader.get_batch() for _ in range(local_replicas)]
+        float(probe_step(distribute.distribute_batches(strategy, batches)))
+        times.append(time.perf_counter() - start)
+    model.set_weights(weights)
+    # The mean, not the median: the run pays for the slow steps of a shared machine too.
+    step_s = float(np.mean(times[1:]))
+    _, _, test_s = evaluator.run(combine=lambda totals: distribute.sum_across_workers(strategy, totals))
+    with tempfile.TemporaryDirectory() as scratch:
+        start = time.perf_counter()
+        model.save_weights(os.path.join(scratch, "probe.weights.h5"))
+        save_s = time.perf_counter() - start
+    figures = np.array([max(times[0] - step_s, 0.0), step_s, test_s, save_s])
+    return tuple(float(x) for x in distribute.sum_across_workers(strategy, figures) / info.num_workers)
+
+
+def make_evaluator(config, model, info):
+    """The test pass of this worker (evaluation.Evaluator)."""
+    return evaluation.Evaluator(model, config.model, config.test_database, config.number_classes, config.loss,
+                                shard_index=info.worker_index, shard_count=info.num_workers,
+                                options=models.shape_options(config))
 
 
 def find_restore_checkpoint(path):
@@ -246,7 +442,7 @@ class Run:
     """One training run: the model, its steps, readers and outputs, and the loop over them."""
 
     def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, outputs,
-                 steps_per_epoch, global_batch, last_checkpoint=None):
+                 steps_per_epoch, global_batch, last_checkpoint=None, evaluator=None, deadline=None):
         self.config, self.config_dict = config, config_dict
         self.strategy, self.info = strategy, info
         self.model, self.optimizer = model, optimizer
@@ -256,11 +452,15 @@ class Run:
         self.local_replicas = distribute.local_replica_count(strategy)
         self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
                                                 global_batch, jit_compile=config.xla)
-        self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
-                                              config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers, options=models.shape_options(config))
+        # A planned run passes the evaluator that measured the test pass (its predictor is compiled).
+        self.evaluator = evaluator or make_evaluator(config, model, info)
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
+        self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
+        # The whole run's progress with an ETA (chief only), and the last test pass's figure for it.
+        self.progress = (progress.ProgressLine(config_dict["run_length"])
+                         if info.is_chief and config_dict["run_length"] else None)
+        self.test_metric = None
         self.stop = None
 
     def loop(self, state, stop):
@@ -275,7 +475,7 @@ class Run:
             epoch_end = next_test_step(state, self.steps_per_epoch)
             if self.config.max_steps:
                 epoch_end = min(epoch_end, self.config.max_steps)
-            while state.step < epoch_end and not self.stop_requested():
+            while state.step < epoch_end and not self.stop_requested() and not self.out_of_time():
                 if not self.train_one_step(state):
                     break
             state.wall_time_s = wall_before + time.perf_counter() - run_start
@@ -311,6 +511,11 @@ class Run:
                 return "max_epochs"
             if self.finished(state):
                 return "max_steps"
+            if self.out_of_time():
+                return "time_budget"
+
+    def out_of_time(self):
+        return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def finished(self, state):
         """Whether --max_steps was reached and its test pass (the last one) done: passes come every
@@ -352,6 +557,8 @@ class Run:
         self.check_finite(loss, state.step + 1)
         state.step += 1
         self.log_step(state.step, loss, time.perf_counter() - step_start, rate)
+        if self.progress is not None:
+            self.progress.update(state.step, metric=self.test_metric)
         return True
 
     def check_finite(self, loss, step):
@@ -371,6 +578,7 @@ class Run:
         images_per_s = self.global_batch / step_time
         self.outputs.log_step(step, loss, step_time, images_per_s)
         if self.logs_step(step):
+            self.end_progress_line()
             print(f"step {step:7d}  loss {loss:.4f}  lr {learning_rate:.6g}  step {step_time:.3f}s  "
                   f"{images_per_s:7.1f} img/s  queue {self.train_reader.get_queue_size()}", flush=True)
             self.outputs.log_scalars(step, {"train/loss": loss, "train/images_per_s": images_per_s,
@@ -378,12 +586,19 @@ class Run:
 
     def print_test_line(self, state, row, improved, seconds):
         if self.info.is_chief:
+            foreground = [row[f"dice_{k}"] for k in range(1, self.config.number_classes)]
+            self.test_metric = f"test foreground dice {np.nanmean(foreground):.3f}"
+            self.end_progress_line()
             dice = " ".join("%.3f" % row[f"dice_{k}"] for k in range(self.config.number_classes))
             verdict = "(best)" if improved else f"({state.epochs_without_improvement} without improvement)"
             print(f"epoch {state.epoch:4d}  step {state.step:7d}  test loss {row['loss']:.4f}  "
                   f"accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  dice {dice}  "
                   f"{verdict}  test {seconds:.1f}s ({seconds / max(row['test_pixels'] / 1e6, 1e-9):.2f} s/MP)",
                   flush=True)
+
+    def end_progress_line(self):
+        if self.progress is not None:
+            self.progress.end_line()
 
     def stop_requested(self):
         """Whether to stop now; with several workers, true as soon as any worker got a signal, so all
@@ -461,6 +676,7 @@ class StopSignals:
 def _print_locations(output_dir, stop_reason, state, model_path):
     reasons = {"early_stopping": "early stopping", "max_epochs": "--max_epochs reached",
                "max_steps": "--max_steps reached",
+               "time_budget": "--time_budget ran out before the planned steps (slower than measured)",
                "sigterm": "SIGTERM", "sigint": "SIGINT"}
     best = (f"best test loss {state.best_loss:.4g} at epoch {state.best_epoch}" if state.epoch
             else "no test pass yet")

@@ -28,6 +28,15 @@ seed 0); every figure is computed from the masks inference.py writes for the who
 prints one line per row, a summary and a markdown table (also written to WORK/ablation.md), and with
 ``--ensemble`` adds a 3-seed ensemble of the last row (``inference.py --checkpoint_filepath A B C``).
 
+``--time_budget 30m`` measures accuracy per minute instead (issue 26): on each data set of
+``--datasets`` (nist_colonies by default; also demo, coelho2009_nuclei_dev, drive_vessels_dev), two
+runs of train_unet.py given the same wall time: today's defaults (no flags but the databases and the
+class count; stopped by SIGTERM when the time is up, as a Slurm time limit would, which checkpoints
+the latest weights) and the planned run (``--time_budget`` alone: it self-configures and ends by
+itself). Both are scored from inference.py's masks of the whole test images (the LAST checkpoint),
+foreground Dice pooled over the test set. Prints one line per run and a markdown table (also
+written to WORK/budget.md).
+
 Run from the repo root: .venv/bin/python benchmarks/bench_accuracy.py [--work_dir DIR] [--ablation]
 """
 import argparse
@@ -35,6 +44,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,6 +58,7 @@ import numpy as np  # noqa: E402
 import build_lmdb  # noqa: E402
 import demo_data  # noqa: E402
 import metrics  # noqa: E402
+import plan  # noqa: E402
 import records  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "nist_colonies"
@@ -371,6 +382,114 @@ def markdown_table(results, budget):
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------------------------
+# Accuracy per minute: planned defaults (--time_budget) vs today's defaults at the same wall time
+# ----------------------------------------------------------------------------------------------
+
+SHARED = ROOT.parent / "shared" / "data"
+BUDGET_DATASETS = ("nist", "demo", "coelho", "drive")
+
+
+def shared_databases(work_dir, folder, name):
+    """A ../shared/data set (images/ + masks/) as 80/20 LMDBs (seed 0). Returns (train, test, test
+    images, number of classes)."""
+    result = build_lmdb.build_databases(build_lmdb.BuildConfig(
+        image_folder=str(SHARED / folder / "images"), mask_folder=str(SHARED / folder / "masks"),
+        output_folder=str(work_dir), dataset_name=name, train_fraction=0.8, seed=0), show_progress=False)
+    train_metadata = records.read_metadata(result.paths["train"])
+    sources = records.read_metadata(result.paths["test"])["sources"]
+    return result.paths["train"], result.paths["test"], [s["image"] for s in sources], \
+        max(2, train_metadata["number_classes"])
+
+
+def budget_databases(label, work):
+    """(train, test, test images, classes) of a --datasets name."""
+    if label == "demo":
+        return (*demo_databases(work), 3)
+    folder = {"nist": "nist_colonies", "coelho": "coelho2009_nuclei_dev", "drive": "drive_vessels_dev"}[label]
+    return shared_databases(work, folder, label)
+
+
+def run_for(command, log_path, seconds):
+    """Run a project CLI for at most ``seconds`` of wall time, then SIGTERM it (it checkpoints and
+    exits 143, as under a Slurm time limit). Returns (exit code, wall seconds)."""
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=environment)
+        try:
+            code = process.wait(timeout=seconds)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)
+            code = process.wait()
+    if code not in (0, 143):
+        tail = "".join(open(log_path).readlines()[-25:])
+        raise SystemExit(f"{' '.join(map(str, command))} exited with {code}; end of {log_path}:\n{tail}")
+    return code, time.perf_counter() - start
+
+
+def run_budget(work_dir, budget_text, datasets):
+    """Both runs on every data set. Returns (results, markdown table)."""
+    import tifffile
+
+    budget_s = plan.parse_duration(budget_text)
+    work = pathlib.Path(work_dir)
+    results = []
+    for label in datasets:
+        (work / label).mkdir(parents=True, exist_ok=True)
+        train_db, test_db, test_images, classes = budget_databases(label, work / label)
+        names = [pathlib.Path(p).name for p in test_images]
+        masks = {pathlib.Path(s["image"]).name: s["mask"] for s in records.read_metadata(test_db)["sources"]}
+        truths = [tifffile.imread(masks[n]) for n in names]
+        common = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
+                  "--number_classes", classes, "--gpus", "none"]
+        # The planned run first: it ends by itself (its budget counts from the trainer's start, so the
+        # process gets a minute more for Python and TensorFlow to start); today's defaults then get
+        # exactly the wall time it took.
+        wall = budget_s + 60
+        for row, flags in ((f"--time_budget {budget_text}", ["--time_budget", budget_text]), ("today's defaults", [])):
+            output_dir = work / label / ("planned" if flags else "defaults")
+            code, seconds = run_for([str(c) for c in common + ["--output_dir", output_dir] + flags],
+                                    work / label / f"train-{output_dir.name}.log", wall)
+            wall = seconds
+            config = json.loads((output_dir / "config.json").read_text())
+            with open(output_dir / "checkpoints" / "latest" / "state.json") as f:
+                steps = json.load(f)["step"]
+            predicted, inference_s = segment(work / label, [output_dir / "checkpoints" / "latest"], test_images,
+                                             output_dir.name, False)
+            figures = score(truths, [predicted[n] for n in names], classes)
+            result = dict(figures, data=label, row=row, train_s=seconds, exit_code=code, steps=steps,
+                          inference_s=inference_s, tile_size=config["tile_size"], batch_size=config["batch_size"],
+                          base_filters=config["base_filters"], unet_depth=config["unet_depth"])
+            results.append(result)
+            print(format_budget_row(result), flush=True)
+    table = budget_table(results, budget_text)
+    with open(work / "budget.json", "w") as f:
+        json.dump(results, f, indent=2)
+    with open(work / "budget.md", "w") as f:
+        f.write(table + "\n")
+    return results, table
+
+
+def format_budget_row(r):
+    return (f"{r['data']:6s} {r['row']:22s} fg Dice {r['foreground_dice']:.3f}  mean IoU {r['mean_iou_pooled']:.3f}  "
+            f"{r['steps']} steps in {r['train_s']:.0f} s (exit {r['exit_code']})  f{r['base_filters']} "
+            f"depth {r['unet_depth']} {r['tile_size']} px batch {r['batch_size']}")
+
+
+def budget_table(results, budget_text):
+    lines = [f"Same wall time per run (the --time_budget {budget_text} run's, process start to exit; today's "
+             "defaults stopped by SIGTERM when it is up), "
+             f"load avg {os.getloadavg()[0]:.1f}:", "",
+             "| data | run | fg Dice | mean IoU | steps | train s | base filters | depth | tile | batch |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['data']} | {r['row']} | {r['foreground_dice']:.3f} | {r['mean_iou_pooled']:.3f} | "
+                     f"{r['steps']} | {r['train_s']:.0f} | {r['base_filters']} | {r['unet_depth']} | "
+                     f"{r['tile_size']} | {r['batch_size']} |")
+    return "\n".join(lines)
+
+
 def run_ablation(work_dir, budget, ensemble, datasets=("nist", "demo")):
     """Both data sets, every row. Returns (results, markdown table)."""
     work = pathlib.Path(work_dir)
@@ -422,10 +541,26 @@ def main(argv=None):
                         help=f"with --ablation: steps per row on nist_colonies (default {budget.nist_steps})")
     parser.add_argument("--demo_steps", type=int, default=budget.demo_steps,
                         help=f"with --ablation: steps per row on the demo data (default {budget.demo_steps})")
+    parser.add_argument("--time_budget", default=None, help="accuracy per minute: today's defaults vs the "
+                        "planned run (train_unet.py --time_budget) at this wall time each, e.g. 30m")
+    parser.add_argument("--datasets", nargs="+", default=["nist"], choices=BUDGET_DATASETS,
+                        help="with --time_budget: the data sets (default nist)")
     args = parser.parse_args(argv)
+    if args.time_budget is not None:
+        try:
+            plan.parse_duration(args.time_budget)
+        except ValueError as error:
+            parser.error(str(error))
     if not (DATA / "images").is_dir() or not (DATA / "masks").is_dir():
         print(f"accuracy: skipped, the nist_colonies data is not at {DATA} (it ships only with the "
               "development machines)")
+        return
+    if args.time_budget is not None:
+        with tempfile.TemporaryDirectory(prefix="bench_budget-") as tmp:
+            work_dir = args.work_dir or tmp
+            os.makedirs(work_dir, exist_ok=True)
+            _, table = run_budget(work_dir, args.time_budget, args.datasets)
+        print("\n" + table)
         return
     if args.ablation:
         budget = AblationBudget(nist_steps=args.nist_steps, demo_steps=args.demo_steps)
@@ -435,7 +570,7 @@ def main(argv=None):
             run_ablation(work_dir, budget, args.ensemble)
         return
     values = {k: v for k, v in vars(args).items()
-              if k not in ("work_dir", "ablation", "ensemble", "nist_steps", "demo_steps")}
+              if k not in ("work_dir", "ablation", "ensemble", "nist_steps", "demo_steps", "time_budget", "datasets")}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy-") as tmp:
         work_dir = args.work_dir or tmp
         os.makedirs(work_dir, exist_ok=True)

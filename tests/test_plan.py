@@ -1,0 +1,382 @@
+"""plan.py and --time_budget: the documented run length from a mocked step time, a real tiny run
+that ends within its budget, resume keeping the plan, refusals."""
+import json
+import math
+import time
+
+import pytest
+
+import optim
+import plan
+import trainer
+from conftest import make_synthetic_db
+
+# A 2-level UNet with 2 filters on 32 px tiles: about 10 ms a step on one CPU core.
+TINY = ["--batch_size", "2", "--tile_size", "32", "--base_filters", "2", "--unet_depth", "2",
+        "--log_every_n_steps", "100"]
+
+
+@pytest.fixture(scope="module")
+def dbs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dbs")
+    make_synthetic_db(root / "train", num_records=12, shape=(64, 64), seed=0)
+    make_synthetic_db(root / "test", num_records=2, shape=(64, 64), seed=1)
+    return ["--train_database", str(root / "train"), "--test_database", str(root / "test")]
+
+
+def train_here(capsys, args):
+    capsys.readouterr()
+    code = trainer.main("unet", [str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# The rules (no training)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("45m", 2700), ("2h", 7200), ("1d", 86400),
+                                           ("1h30m", 5400), ("1.5h", 5400), (" 10M ", 600)])
+def test_durations_parse(text, seconds):
+    assert plan.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["45", "45x", "m", "", "1h 30", "-5m", "0s", "2 hours"])
+def test_bad_durations_are_refused_by_name(text):
+    with pytest.raises(ValueError, match=r"--time_budget .*expected a duration"):
+        plan.parse_duration(text)
+
+
+def test_mocked_step_time_gives_the_documented_run_length():
+    # The worked example of docs/planning.md: 45 min, 60 s spent, 20 s compiling, 10 s export,
+    # 0.71 s a step, 9.3 s a test pass.
+    run = plan.plan_run(2700, 60, 0.71, 9.3, 8, compile_s=20, export_s=10)
+    available = (2700 - 60 - 30) * 0.95                     # 2479.5 s
+    assert run.test_passes == 26 == math.floor(0.10 * available / 9.3)
+    assert run.steps == 3151 == math.floor((available - 26 * 9.3) / 0.71)
+    assert run.test_every == 122 == math.ceil(3151 / 26)
+    assert run.total_s <= 2700
+    assert run.line().startswith("plan: 3,151 steps of batch 8 at 0.71 s/step + 26 test passes of 9.3 s "
+                                 "(every 122 steps) = 42.8 min of the 45.0 min budget")
+    # Twice the budget buys a little more than twice the steps (the setup is paid once).
+    assert plan.plan_run(5400, 60, 0.71, 9.3, 8, compile_s=20, export_s=10).steps > 2 * run.steps
+    # Slow test passes: never fewer than one (the last), the rest of the time trains.
+    slow = plan.plan_run(2700, 60, 0.71, 400, 8, compile_s=20, export_s=10)
+    assert (slow.test_passes, slow.steps) == (1, math.floor((available - 400) / 0.71))
+
+
+def test_an_explicit_test_spacing_is_kept_and_the_run_still_fits():
+    run = plan.plan_run(600, 10, 0.5, 5, 4, test_every=50)
+    assert run.test_every == 50
+    assert run.steps * 0.5 + math.ceil(run.steps / 50) * 5 <= (600 - 10) * 0.95
+    assert (run.steps + 1) * 0.5 + math.ceil((run.steps + 1) / 50) * 5 > (600 - 10) * 0.95
+
+
+def test_too_short_a_budget_is_refused_with_the_estimate():
+    with pytest.raises(plan.PlanError) as refused:
+        plan.plan_run(60, 20, 0.71, 9.3, 8, compile_s=5, export_s=2)
+    message = str(refused.value)
+    # (60 - 27) x 0.95 = 31.35 s: one pass of 9.3 s leaves 22.05 s, 31 steps.
+    assert "--time_budget 60 s buys about 31 training steps at 0.71 s/step" in message
+    assert "at least 100: give --time_budget 2m or more" in message
+
+
+def test_a_plan_survives_its_json_round_trip():
+    run = plan.plan_run(2700, 60, 0.71, 9.3, 8, compile_s=20, export_s=10)
+    assert plan.RunPlan.from_dict(json.loads(json.dumps(run.to_dict()))) == run
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs (in this process, one CPU device)
+# ---------------------------------------------------------------------------------------------
+
+def test_budget_flag_errors_name_the_flag(dbs, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", "45"])
+    assert code == 2 and "--time_budget '45': expected a duration with a unit" in err
+    code, _, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", "5m",
+                                       "--max_steps", "10"])
+    assert code == 2 and "--time_budget 5m and --max_steps 10 both set the run length" in err
+    assert not out.exists()
+
+
+def test_a_budget_too_short_is_refused_after_measuring_and_creates_nothing(dbs, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", "2s"])
+    assert code == 2
+    assert "--time_budget 2 s buys about 0 training steps at" in err and "a useful run needs at least 100" in err
+    assert not out.exists()
+
+
+def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_path, capsys):
+    out = tmp_path / "run"
+    budget = 30
+    start = time.perf_counter()
+    # --batch_size left out: self-configured (8 on a CPU); the flags given are kept.
+    no_batch = TINY[2:]
+    code, stdout, err = train_here(capsys, [*dbs, *no_batch, "--output_dir", out, "--time_budget", f"{budget}s"])
+    elapsed = time.perf_counter() - start
+    assert code == 0, err[-2000:]
+    assert elapsed <= budget
+    config = json.loads((out / "config.json").read_text())
+    planned = config["plan"]
+    assert f"plan: {planned['steps']:,} steps of batch 8 at" in stdout
+    chosen = config["self_configuration"]
+    assert chosen["batch_size"]["value"] == config["batch_size"] == 8
+    assert "self-configuration: --batch_size 8: 25% of" in stdout and "(the physical RAM)" in stdout
+    assert {name: chosen[name] for name in ("tile_size", "unet_depth", "base_filters")} == {
+        "tile_size": {"value": 32, "reason": "given on the command line"},
+        "unet_depth": {"value": 2, "reason": "given on the command line"},
+        "base_filters": {"value": 2, "reason": "given on the command line"}}
+    assert planned["steps"] >= plan.MIN_STEPS and planned["budget_s"] == budget
+    # The schedule spans exactly the planned run: poly decay to 0 at its last step, 10% warm-up.
+    assert (config["max_steps"], config["run_length"]) == (planned["steps"], planned["steps"])
+    assert config["lr_schedule"] == "poly" and config["warmup_steps"] == planned["steps"] // 10
+    assert optim.learning_rate_at(planned["steps"], 1e-3, "poly", config["warmup_steps"], planned["steps"]) == 0
+    state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["step"] == planned["steps"] or "--time_budget ran out" in stdout
+
+    # Resumed with another budget: the original plan stays (nothing is left to do here).
+    code, stdout, err = train_here(capsys, [*dbs, *no_batch, "--output_dir", out, "--time_budget", "1h",
+                                            "--restore_checkpoint_filepath", out])
+    assert code == 0, err[-2000:]
+    assert f"resumed run keeps its 30 s plan: {planned['steps']:,} steps" in stdout
+    resumed = json.loads((out / "config.json").read_text())
+    assert resumed["plan"] == planned and resumed["max_steps"] == planned["steps"]
+    assert resumed["time_budget"] is None and resumed["warmup_steps"] == config["warmup_steps"]
+    assert resumed["batch_size"] == 8 and resumed["self_configuration"] == chosen
+
+
+def test_a_budget_on_a_resumed_run_without_a_plan_is_refused(dbs, tmp_path, capsys):
+    checkpoint = tmp_path / "old" / "checkpoints" / "latest"
+    config = {"model": "unet", "number_classes": 2, "max_steps": 50}
+    config, run_plan = trainer.kept_plan(trainer.TrainConfig("unet", "a", "b", "c"), config, str(checkpoint))
+    assert run_plan is None and config.max_steps is None
+    with pytest.raises(trainer.ConfigError, match="--time_budget 1h: the checkpoint .* is of a run without a "
+                                                  "time budget; resume it without --time_budget"):
+        trainer.kept_plan(trainer.TrainConfig("unet", "a", "b", "c", time_budget="1h"),
+                          {"model": "unet", "number_classes": 2}, str(checkpoint))
+    # Transfer learning (another number of classes) is a new run: it plans afresh.
+    config, run_plan = trainer.kept_plan(trainer.TrainConfig("unet", "a", "b", "c", number_classes=3,
+                                                             time_budget="1h"),
+                                         {"model": "unet", "number_classes": 2}, str(checkpoint))
+    assert run_plan is None and config.time_budget == "1h"
+
+
+# ---------------------------------------------------------------------------------------------
+# launch_train_sbatch.sh: the default budget from the job's time left
+# ---------------------------------------------------------------------------------------------
+
+def test_sbatch_reads_slurm_time_formats_as_minutes():
+    import pathlib
+    import subprocess
+
+    script = pathlib.Path(__file__).resolve().parent.parent / "launch_train_sbatch.sh"
+    cases = {"1-00:00:00": "1440", "2:00:00": "120", "30:00": "30", "45": "45", "1-12": "2160",
+             "1-02:30": "1590", "0:59": "0", "UNLIMITED": "", "NOT_SET": ""}
+    program = (f"source <(sed -n '/^slurm_minutes()/,/^}}/p' {script}); "
+               + "; ".join(f"echo \"{t}=$(slurm_minutes {t})\"" for t in cases))
+    result = subprocess.run(["bash", "-c", program], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == [f"{t}={m}" for t, m in cases.items()]
+
+
+# ---------------------------------------------------------------------------------------------
+# progress.py
+# ---------------------------------------------------------------------------------------------
+
+class FakeStream:
+    def __init__(self, tty):
+        self.tty, self.written = tty, []
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.written.append(text)
+
+    def flush(self):
+        pass
+
+
+def test_progress_is_one_plain_line_per_update_in_a_log():
+    import progress
+
+    now = [100.0]
+    stream = FakeStream(tty=False)
+    line = progress.ProgressLine(2310, stream=stream, clock=lambda: now[0])
+    assert line.interval == progress.LOG_INTERVAL_S
+    assert not line.update(0)                         # the start: rates count from here
+    now[0] += 10
+    assert not line.update(14)                        # rate-limited: 10 s < 30 s
+    now[0] += 20
+    assert line.update(42, metric="test foreground dice 0.812")
+    assert stream.written == ["step 42/2,310 (2%)  elapsed 30s  remaining 27m00s  1.4 step/s  "
+                              "test foreground dice 0.812\n"]
+    now[0] += 5
+    assert line.update(2310)                          # the last step always prints
+    assert all(text.count("\n") == 1 and text.endswith("\n") and "\r" not in text for text in stream.written)
+    assert stream.written[-1].startswith("step 2,310/2,310 (100%)  elapsed 35s  remaining 0s")
+
+
+def test_progress_redraws_one_line_on_a_terminal():
+    import progress
+
+    now = [0.0]
+    stream = FakeStream(tty=True)
+    line = progress.ProgressLine(100, stream=stream, clock=lambda: now[0])
+    line.update(0)
+    for step in range(1, 4):
+        now[0] += 1
+        line.update(step)
+    assert len(stream.written) == 3 and all(t.startswith("\r") and "\n" not in t for t in stream.written)
+    assert "step 3/100 (3%)" in stream.written[-1] and "remaining 1m37s" in stream.written[-1]
+    line.end_line()
+    line.end_line()                                   # once: a second call adds nothing
+    assert stream.written[-1] == "\n" and stream.written.count("\n") == 1
+
+
+def test_a_training_run_prints_the_progress_line(dbs, tmp_path, capsys, monkeypatch):
+    import progress
+
+    monkeypatch.setattr(progress, "LOG_INTERVAL_S", 0.0)   # every step: captured stdout is not a tty
+    code, stdout, err = train_here(capsys, [*dbs, *TINY, "--output_dir", tmp_path / "run", "--max_steps", 6,
+                                            "--test_every_n_steps", 3])
+    assert code == 0, err[-2000:]
+    lines = [line for line in stdout.splitlines() if line.startswith("step ") and "/6 (" in line]
+    assert [line.split()[1] for line in lines] == ["2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert "remaining" in lines[0] and "test foreground dice" in lines[-1]
+    assert "\r" not in stdout
+
+
+# ---------------------------------------------------------------------------------------------
+# Self-configuration (the table of docs/planning.md)
+# ---------------------------------------------------------------------------------------------
+
+def unet_divisor(depth):
+    return 2 ** depth
+
+
+def test_receptive_fields_of_the_unet_levels():
+    assert [plan.receptive_field(d) for d in plan.DEPTHS] == [44, 96, 200, 408]
+
+
+@pytest.mark.parametrize("extent, device, depth, tile", [
+    (20, "cpu", 2, 64),       # small objects: a shallow net, the smallest tile
+    (90, "cpu", 3, 96),       # RF 96 covers 90 px; the tile is their extent, a multiple of 8
+    (150, "gpu", 4, 160),     # RF 200; a multiple of 16
+    (256, "cpu", 5, 128),     # nist_colonies: RF 408, the tile capped at a CPU's 128 px
+    (300, "gpu", 5, 320),     # a GPU's cap is 512 px
+    (1000, "gpu", 5, 384),    # cut to the smallest image side (400 px), a multiple of 32
+])
+def test_tile_and_depth_from_object_sizes(extent, device, depth, tile):
+    metadata = {"image_shapes": [[400, 600, 1], [512, 512, 1]],
+                "object_sizes": {"1": {"objects": 40, "p95_extent_px": extent, "max_extent_px": extent + 5},
+                                 "2": {"objects": 3, "p95_extent_px": 5.0, "max_extent_px": 6}}}
+    choices = plan.choose_shape(metadata, "unet", device, unet_divisor)
+    assert (choices["unet_depth"][0], choices["tile_size"][0]) == (depth, tile)
+    assert f"95th percentile extent {extent:g} px" in choices["unet_depth"][1] or depth == 5
+
+
+def test_a_database_without_object_sizes_falls_back_with_the_reason():
+    metadata = {"image_shapes": [[256, 256, 1]]}
+    choices = plan.choose_shape(metadata, "unet", "cpu", unet_divisor)
+    assert choices["unet_depth"][0] == 4 and "no object sizes" in choices["unet_depth"][1]
+    assert choices["tile_size"][0] == 128 and "no object sizes" in choices["tile_size"][1]
+    segnet = plan.choose_shape(metadata, "segnet", "gpu", lambda depth: 32)
+    assert "unet_depth" not in segnet and segnet["tile_size"][0] == 256  # the image side, under 512
+
+
+def test_batch_and_filters_from_the_device_memory_and_budget():
+    # CPU, 30 min: 8 filters; 128 px x 8 filters x 100 B = 12.5 MiB an image; 16 GiB x 25% holds 327.
+    cpu = plan.choose_capacity("cpu", 16 * 2 ** 30, 1800, 128)
+    assert cpu["base_filters"][0] == 8 and cpu["batch_size"][0] == 8
+    assert cpu["batch_size"][1].startswith("25% of 16.0 GiB holds 327 images")
+    assert plan.choose_capacity("cpu", 16 * 2 ** 30, 3 * 3600, 128)["base_filters"][0] == 16
+    # GPU: 32 filters; 512 px x 32 x 100 B = 800 MiB an image: 8 GiB x 60% holds 6; 80 GiB caps at 32.
+    assert plan.choose_capacity("gpu", 8 * 2 ** 30, 1800, 512)["batch_size"][0] == 6
+    assert plan.choose_capacity("gpu", 80 * 2 ** 30, 1800, 512)["batch_size"][0] == 32
+    assert plan.choose_capacity("gpu", 2 ** 30, 1800, 512)["batch_size"][0] == 2   # never under 2
+
+
+def test_an_explicit_flag_always_wins(dbs, tmp_path):
+    import train_config
+
+    parser = train_config.build_parser("unet")
+    common = [*dbs, "--output_dir", str(tmp_path / "o")]
+    args = train_config.parse_args(parser, [*common, "--time_budget", "30m", "--tile_size", "256",
+                                            "--batch_size", "4"])
+    config = train_config.config_from_args("unet", args)
+    # batch_size 4 is also the default: given is given, whatever the value.
+    assert sorted(config.self_configure) == ["base_filters", "unet_depth"]
+    assert config == train_config.TrainConfig("unet", *dbs[1::2], str(tmp_path / "o"), time_budget="30m",
+                                              augmentation=config.augmentation)
+    metadata = {"image_shapes": [[256, 256, 1]],
+                "object_sizes": {"1": {"objects": 9, "p95_extent_px": 30.0, "max_extent_px": 31}}}
+    choices = plan.choose_shape(metadata, "unet", "cpu", unet_divisor)
+    choices.update(plan.choose_capacity("cpu", 16 * 2 ** 30, 1800, 256))
+    configured, record = plan.apply_choices(config, choices, config.self_configure)
+    assert (configured.tile_size, configured.batch_size) == (256, 4)
+    assert (configured.unet_depth, configured.base_filters) == (2, 8)
+    assert record["tile_size"] == {"value": 256, "reason": "given on the command line"}
+    # Without --time_budget the defaults stay today's (train() configures only budget runs).
+    plain = train_config.config_from_args("unet", train_config.parse_args(parser, common))
+    assert (plain.tile_size, plain.base_filters, plain.batch_size, plain.unet_depth) == (256, 64, 4, 4)
+
+
+def test_build_lmdb_measures_object_sizes_per_class_on_whole_images(tmp_path):
+    import numpy as np
+    import tifffile
+
+    import build_lmdb
+    import records
+
+    mask = np.zeros((64, 64), np.uint8)
+    mask[2:12, 3:8] = 1          # class 1: 10 x 5 -> 10
+    mask[30:33, 40:60] = 1       # class 1: 3 x 20 -> 20
+    mask[50, 50] = mask[51, 51] = 1   # diagonal neighbours: one object (8-connectivity) -> 2
+    mask[40:62, 0:30] = 2        # class 2: 22 x 30 -> 30
+    assert build_lmdb.object_extents(mask) == {1: [10, 20, 2], 2: [30]}
+
+    for folder in ("images", "masks"):
+        (tmp_path / folder).mkdir()
+    for i in range(4):
+        tifffile.imwrite(tmp_path / "images" / f"a{i}.tif", np.full((64, 64), i, np.uint16))
+        tifffile.imwrite(tmp_path / "masks" / f"a{i}.tif", mask)
+    # Train tiles of 32 px would cut the 30 px object: the sizes come from the whole images.
+    config = build_lmdb.BuildConfig(image_folder=str(tmp_path / "images"), mask_folder=str(tmp_path / "masks"),
+                                    output_folder=str(tmp_path / "out"), dataset_name="x", train_fraction=0.5,
+                                    tile_size=32)
+    result = build_lmdb.build_databases(config)
+    metadata = records.read_metadata(result.paths["train"])
+    assert metadata["object_sizes"] == {
+        "1": {"objects": 6, "p95_extent_px": float(np.percentile([10, 20, 2] * 2, 95)), "max_extent_px": 20},
+        "2": {"objects": 2, "p95_extent_px": 30.0, "max_extent_px": 30}}
+    assert plan.largest_object(metadata) == 30.0
+
+
+def test_too_slow_a_self_configured_width_is_halved_and_measured_again(dbs, tmp_path, capsys, monkeypatch):
+    # Mocked speeds: a step costs 0.02 s x base_filters^2 (1.28 s at 8 filters, 0.32 s at 4), a test
+    # pass 5 s. 100 s buy under 100 steps at 8 filters, well over 100 at 4.
+    measured = []
+
+    def mocked_speed(config, *args):
+        measured.append(config.base_filters)
+        return 0.0, 0.02 * config.base_filters ** 2, 5.0, 0.01
+
+    monkeypatch.setattr(trainer, "measure_speed", mocked_speed)
+    given = ["--batch_size", "2", "--tile_size", "32", "--unet_depth", "2", "--log_every_n_steps", "1000"]
+    out = tmp_path / "run"
+    code, stdout, err = train_here(capsys, [*dbs, *given, "--output_dir", out, "--time_budget", "100s"])
+    assert code == 0, err[-2000:]
+    assert measured == [8, 4]
+    config = json.loads((out / "config.json").read_text())
+    assert config["base_filters"] == 4 and config["plan"]["step_s"] == pytest.approx(0.32)
+    assert config["self_configuration"]["base_filters"]["reason"].startswith(
+        "halved from 8: that width bought only about")
+    assert "self-configuration: --base_filters 4: halved from 8" in stdout
+    # A width the user gave is never changed: the budget is refused instead.
+    measured.clear()
+    code, _, err = train_here(capsys, [*dbs, *given, "--base_filters", "8", "--output_dir", tmp_path / "given",
+                                       "--time_budget", "100s"])
+    assert code == 2 and measured == [8] and "a useful run needs at least 100" in err
+    assert not (tmp_path / "given").exists()
