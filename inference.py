@@ -52,6 +52,7 @@ import tensorflow as tf
 import tifffile
 
 import checkpoints
+import engines
 import image_io
 import models
 import normalization
@@ -104,6 +105,7 @@ class InferenceConfig:
     # (I, N): this process segments part I of N (sharding.py); a single image is split into row bands.
     part: tuple | None = None
     skip_existing: bool = False
+    engine: str = "tensorflow"  # or "onnxruntime" (engines.py): same tiles, halos, TTA, ensembles
 
 
 @dataclasses.dataclass
@@ -888,11 +890,15 @@ def run_inference(config):
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
               f"{member.number_classes} classes out)")
-    print(f"device: {device}; tiles up to {tile_size} px, halo {halo} px, batch {config.batch_size}"
+    print(f"engine: {config.engine}; device: {device}; tiles up to {tile_size} px, halo {halo} px, "
+          f"batch {config.batch_size}"
           f"{', test-time augmentation (8 transforms)' if config.tta else ''}"
           f"{f', ensemble of {len(loaded)} models' if len(loaded) > 1 else ''}; "
           f"{len(images)} image(s) from {image_folder} -> {output_folder}")
-    forward = predictor.make_predictor([member.model for member in loaded])
+    try:
+        forward = engines.make_forward(config.engine, loaded)
+    except engines.EngineError as exc:
+        raise InferenceError(str(exc)) from exc
 
     written, failed, owners, skipped = [], {}, {}, []
     for index, path in enumerate(images, start=1):
@@ -992,6 +998,11 @@ def build_parser():
                         "balanced by pixel count: run N processes (e.g. a Slurm array, "
                         "launch_inference_sbatch.sh) into the same --output_folder. A single image "
                         "is split into N row bands instead, written into one shared <stem>.zarr")
+    parser.add_argument("--engine", choices=engines.ENGINES, default="tensorflow",
+                        help="what runs the network: tensorflow (default; CPU or GPU) or onnxruntime "
+                        "(CPU; the model is exported to ONNX once and cached beside it as "
+                        "<model>.onnx); the same tiles, halos, --tta and ensembles, probabilities "
+                        "within 1e-4 (docs/inference-at-scale.md has the measured speeds)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="skip images whose outputs exist complete (open, right shape, all data); "
                         "a missing or truncated output is redone, so a failed or preempted run "
@@ -1021,7 +1032,8 @@ def config_from_args(args):
                            model=paths(args.model), checkpoint_filepath=paths(args.checkpoint_filepath),
                            tile_size=args.tile_size, batch_size=args.batch_size, gpu=args.gpu,
                            save_probabilities=args.save_probabilities, tta=args.tta,
-                           image_extensions=extensions, part=part, skip_existing=args.skip_existing)
+                           image_extensions=extensions, part=part, skip_existing=args.skip_existing,
+                           engine=args.engine)
 
 
 def main(argv=None):

@@ -253,8 +253,14 @@ def make_predictor(model):
                                  input_signature=[tf.TensorSpec([None, None, None, channels],
                                                                 tf.float32)]))
 
+    return combine_members([lambda batch, call=call: call(tf.constant(batch, tf.float32))
+                            for call in calls])
+
+
+def combine_members(calls):
+    """One forward function from the network calls of an ensemble's members (any engine: a
+    tf.function, an ONNX Runtime session): the logits of one, else the log of their mean softmax."""
     def forward(batch):
-        batch = tf.constant(batch, tf.float32)
         if len(calls) == 1:
             return np.asarray(calls[0](batch), dtype=np.float32)
         mean = sum(_softmax(np.asarray(call(batch), dtype=np.float64)) for call in calls) / len(calls)
