@@ -58,19 +58,23 @@ def onnx_cache_path(source):
     return source / "model.onnx" if source.is_dir() else source.with_suffix(".onnx")
 
 
-def export_onnx(model, path, source_hash=""):
-    """Write ``model`` as ONNX to ``path`` (atomically) with free batch, height and width.
+def export_onnx(model, path, source_hash="", shape=None):
+    """Write ``model`` as ONNX to ``path`` (atomically); returns ``path``.
 
-    The exporter needs a model that has been called once; a tiny batch of the size divisor does it.
+    ``shape``: the input shape with None for the free axes; default (None, None, None, C), i.e. free
+    batch, height and width of a channels-last network. The exporter needs a model that has been
+    called once: a batch of one with 32 for every free axis does it (32 is a multiple of every size
+    divisor here).
     """
     import keras
     import onnx
 
-    channels = int(model.input_shape[-1])
-    model(np.zeros((1, 32, 32, channels), np.float32), training=False)
+    shape = tuple(shape or (None, None, None, int(model.input_shape[-1])))
+    model(np.zeros([1] + [32 if size is None else size for size in shape[1:]], np.float32),
+          training=False)
     with tempfile.TemporaryDirectory() as folder:
         exported = pathlib.Path(folder) / "model.onnx"
-        signature = [keras.InputSpec(shape=(None, None, None, channels), dtype="float32")]
+        signature = [keras.InputSpec(shape=shape, dtype="float32")]
         try:
             with contextlib.redirect_stdout(open(os.devnull, "w")):  # "Saved artifact at ..."
                 model.export(str(exported), format="onnx", input_signature=signature, verbose=False)

@@ -154,9 +154,12 @@ for i in "${!models[@]}"; do
     # model.keras and the training config.json (normalisation, architecture) are all inference reads.
     cp "${models[$i]}/model.keras" "$target/"
     [ ! -f "${models[$i]}/config.json" ] || cp "${models[$i]}/config.json" "$target/"
+    # The ONNX export cache of --engine onnxruntime (engines.py), so tasks do not each export again.
+    [ ! -f "${models[$i]}/model.onnx" ] || cp "${models[$i]}/model.onnx" "$target/"
     scratch_models+=("$target")
   else
     cp "${models[$i]}" "$target/"
+    [ ! -f "${models[$i]%.*}.onnx" ] || cp "${models[$i]%.*}.onnx" "$target/"
     [ ! -f "$(dirname "${models[$i]}")/config.json" ] || cp "$(dirname "${models[$i]}")/config.json" "$target/"
     scratch_models+=("$target/$(basename "${models[$i]}")")
   fi
