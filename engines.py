@@ -18,6 +18,7 @@ import os
 import pathlib
 import tempfile
 
+import keras
 import numpy as np
 
 import image_io
@@ -63,20 +64,20 @@ def export_onnx(model, path, source_hash="", shape=None):
 
     ``shape``: the input shape with None for the free axes; default (None, None, None, C), i.e. free
     batch, height and width of a channels-last network. The exporter needs a model that has been
-    called once: a batch of one with 32 for every free axis does it (32 is a multiple of every size
-    divisor here).
+    called once: a batch of one with 256 for every free axis does it (a multiple of every size
+    divisor up to depth-8 networks).
     """
-    import keras
-    import onnx
+    import onnx  # imported here: the TensorFlow engine runs without the ONNX packages
 
     shape = tuple(shape or (None, None, None, int(model.input_shape[-1])))
-    model(np.zeros([1] + [32 if size is None else size for size in shape[1:]], np.float32),
+    model(np.zeros([1] + [256 if size is None else size for size in shape[1:]], np.float32),
           training=False)
     with tempfile.TemporaryDirectory() as folder:
         exported = pathlib.Path(folder) / "model.onnx"
         signature = [keras.InputSpec(shape=shape, dtype="float32")]
         try:
-            with contextlib.redirect_stdout(open(os.devnull, "w")):  # "Saved artifact at ..."
+            # Quiet the exporter's "Saved artifact at ..." (a temporary path of no use to anyone).
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
                 model.export(str(exported), format="onnx", input_signature=signature, verbose=False)
         except Exception as exc:
             raise EngineError(f"exporting {model.name} to ONNX failed ({type(exc).__name__}: {exc}); "
