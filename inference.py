@@ -871,7 +871,7 @@ def run_inference(config):
     if config.part is not None and not banded:
         images, part_pixels, all_pixels = sharding.select_part(images, *config.part)
         print(f"part {config.part[0]}/{config.part[1]}: {len(images)} image(s), "
-              f"{part_pixels / 1e6:.1f} of {all_pixels / 1e6:.1f} Mpx")
+              f"{part_pixels / 1e6:.2f} of {all_pixels / 1e6:.2f} Mpx")
         if not images:
             return InferenceSummary(written=[], failed={}, seconds=time.perf_counter() - start_time)
 
