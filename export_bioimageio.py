@@ -14,6 +14,11 @@ The package (one zip) holds:
                         predictor (the same code that segments images here)
   tf_saved_model.zip    TensorFlow SavedModel (serving signature "serve"/"serving_default":
                         float32 (B, C, H, W) "image" -> {"probabilities": float32 (B, K, H, W)})
+  model.onnx            ONNX (exported by Keras's own exporter, engines.export_onnx): the same network
+                        and tensors as the SavedModel; run by bioimageio.core and ilastik through
+                        ONNX Runtime
+  sample_input.tif      the test input and its probabilities as TIFF (1, C, H, W) / (1, K, H, W): the
+  sample_output.tif     "sample_tensor" of rdf.yaml, which bioimage.io asks for (FAIR) and shows
   model.keras           with --keras_v3 only: the same network as a Keras 3 file (weights format
                         keras_v3, which bioimageio.core runs). Not the default because readers older
                         than bioimageio.spec 0.5.8 reject a package with keras_v3 weights, and deepImageJ
@@ -49,9 +54,12 @@ import zipfile
 import imageio.v3 as iio
 import keras
 import numpy as np
+import onnx
 import tensorflow as tf
+import tifffile
 
 import checkpoints
+import engines
 import image_io
 import models
 import normalization
@@ -394,13 +402,14 @@ def default_description(run):
             f"probabilities along the channel axis; the class mask is their argmax over channels.")
 
 
-def build_rdf(run, config, files, test_shape, keras_weights):
+def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
     """The rdf.yaml content as a dict.
 
     Args:
       files: package file name -> sha256 for the weights and test tensors.
       test_shape: (H, W) of the test tensors.
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
+      onnx_opset: the opset of model.onnx.
     """
     minimum, step = size_rule(run.name, run.options)
     halo = predictor.halo_for(run.name, run.options)
@@ -427,6 +436,11 @@ def build_rdf(run, config, files, test_shape, keras_weights):
         "comment": f"SavedModel exported from Keras {keras.__version__}; endpoint/signature "
                    f"'{SERVING_ENDPOINT}' (also 'serving_default'): input '{INPUT_ID}' float32 "
                    f"(B, C, H, W) -> dict with '{OUTPUT_ID}' float32 (B, K, H, W)."}
+    weights["onnx"] = {
+        "source": "model.onnx", "sha256": files["model.onnx"], "opset_version": onnx_opset,
+        "parent": "keras_v3" if keras_weights else "tensorflow_saved_model_bundle",
+        "comment": f"ONNX exported by Keras {keras.__version__} (tf2onnx): input '{INPUT_ID}' float32 "
+                   f"(B, C, H, W) -> float32 (B, K, H, W) probabilities; free batch, height, width."}
     return {
         "format_version": KERAS_V3_FORMAT_VERSION if keras_weights else FORMAT_VERSION,
         "type": "model",
@@ -450,6 +464,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
                 space("x", {"min": minimum, "step": step}),
             ],
             "test_tensor": {"source": "test_input.npy", "sha256": files["test_input.npy"]},
+            "sample_tensor": {"source": "sample_input.tif", "sha256": files["sample_input.tif"]},
             "data": {"type": "float32"},
             "preprocessing": [{"id": "zero_mean_unit_variance",
                                "kwargs": {"axes": ["y", "x"], "eps": ZMUV_EPS}}],
@@ -465,6 +480,7 @@ def build_rdf(run, config, files, test_shape, keras_weights):
                 space("x", {"tensor_id": INPUT_ID, "axis_id": "x"}, halo=halo),
             ],
             "test_tensor": {"source": "test_output.npy", "sha256": files["test_output.npy"]},
+            "sample_tensor": {"source": "sample_output.tif", "sha256": files["sample_output.tif"]},
             "data": {"type": "float32", "range": [0.0, 1.0]},
         }],
         "weights": weights,
@@ -487,7 +503,8 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
     title = config.name or default_name(run)
     description = config.description or default_description(run)
     formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
-        f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})"]
+        f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})",
+        "`onnx` (model.onnx; bioimageio.core and ilastik run it with ONNX Runtime)"]
     batch_norm = "on" if run.config["batch_norm"] else "off"
     source = run.weights_source.relative_to(run.folder).as_posix()
     return f"""# {title}
@@ -656,20 +673,31 @@ def export_package(config):
         staging = pathlib.Path(staging)
         np.save(staging / "test_input.npy", raw.transpose(2, 0, 1)[np.newaxis])        # (1, C, H, W)
         np.save(staging / "test_output.npy", probabilities.transpose(2, 0, 1)[np.newaxis])
+        # The same tensors as TIFF: bioimage.io's sample_tensor must be an image file (FAIR).
+        tifffile.imwrite(staging / "sample_input.tif", raw.transpose(2, 0, 1)[np.newaxis])
+        tifffile.imwrite(staging / "sample_output.tif", probabilities.transpose(2, 0, 1)[np.newaxis])
         iio.imwrite(staging / "cover.png", cover_image(raw, probabilities))
 
         keras_weights = config.keras_v3
         names = ["rdf.yaml", "README.md", "cover.png", "test_input.npy", "test_output.npy",
-                 "tf_saved_model.zip"] + (["model.keras"] if keras_weights else [])
+                 "sample_input.tif", "sample_output.tif", "tf_saved_model.zip", "model.onnx"] + (
+                     ["model.keras"] if keras_weights else [])
         if keras_weights:
             package_model.save(staging / "model.keras")
         write_saved_model(package_model, staging / "saved_model", run.input_channels)
         zip_folder(staging / "saved_model", staging / "tf_saved_model.zip")
+        try:
+            engines.export_onnx(package_model, staging / "model.onnx",
+                                shape=(None, run.input_channels, None, None))
+        except engines.EngineError as exc:
+            raise ExportError(f"--model {config.model}: {exc}") from exc
+        onnx_opset = max(entry.version for entry in onnx.load(str(staging / "model.onnx")).opset_import
+                         if entry.domain in ("", "ai.onnx"))
 
         (staging / "README.md").write_text(
             build_readme(run, config, keras_weights, sample_source, raw.shape[:2]), encoding="utf-8")
         hashed = {name: sha256(staging / name) for name in names[3:]}
-        rdf = build_rdf(run, config, hashed, raw.shape[:2], keras_weights)
+        rdf = build_rdf(run, config, hashed, raw.shape[:2], keras_weights, onnx_opset)
         (staging / "rdf.yaml").write_text("\n".join(to_yaml(rdf)) + "\n", encoding="utf-8")
 
         summary = validate_package(staging / "rdf.yaml") if config.validate else None

@@ -57,10 +57,12 @@ import tensorflow as tf
 import tifffile
 
 import checkpoints
+import engines
 import image_io
 import models
 import normalization
 import predictor
+import sharding
 
 DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 PROBABILITIES_SUFFIX = "_probabilities.npy"
@@ -116,6 +118,10 @@ class InferenceConfig:
     save_probabilities: bool = False
     tta: bool = False
     image_extensions: tuple = DEFAULT_EXTENSIONS
+    # (I, N): this process segments part I of N (sharding.py); a single image is split into row bands.
+    part: tuple | None = None
+    skip_existing: bool = False
+    engine: str = "tensorflow"  # or "onnxruntime" (engines.py): same tiles, halos, TTA, ensembles
 
 
 @dataclasses.dataclass
@@ -124,6 +130,7 @@ class InferenceSummary:
     written: list
     failed: dict
     seconds: float
+    skipped: list = dataclasses.field(default_factory=list)  # inputs whose complete outputs existed
 
     @property
     def ok_count(self):
@@ -802,6 +809,129 @@ def _write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes,
     return [mask_target] + ([probability_target] if save_probabilities else [])
 
 
+def expected_outputs(path, output_folder, shape, number_classes, save_probabilities):
+    """{target path: shape} of the complete outputs of the image at ``path`` (H x W x C ``shape``),
+    named and laid out as _segment_file writes them."""
+    zarr_out = is_zarr_folder(path)
+    stem = path.name[:-len(".zarr")] if zarr_out else path.stem
+    height, width = shape[:2]
+    targets = {output_folder / (stem + (".zarr" if zarr_out else ".tif")): (height, width)}
+    if save_probabilities:
+        streamed = zarr_out or height * width > STREAM_PIXELS
+        suffix = PROBABILITIES_ZARR_SUFFIX if streamed else PROBABILITIES_SUFFIX
+        targets[output_folder / (stem + suffix)] = (height, width, number_classes)
+    return targets
+
+
+def outputs_complete(path, output_folder, loaded, config):
+    """True when every output of ``path`` exists complete (sharding.output_is_complete): opens, has
+    the image's shape, holds all its data. An unreadable input is never complete (it is then tried
+    and reported by name)."""
+    try:
+        source = open_image(path, loaded.input_channels)
+    except ImageError:
+        return False
+    source.close()
+    targets = expected_outputs(path, output_folder, source.shape, loaded.number_classes,
+                               config.save_probabilities)
+    return all(sharding.output_is_complete(target, shape) for target, shape in targets.items())
+
+
+def _open_shared_zarr(target, shape, dtype):
+    """The Zarr array at ``target`` that the parts of a banded image write into: created by the first
+    part to get there (built aside, then renamed: a rename onto an existing folder fails, so exactly
+    one part's array wins), then opened by all. Raises ImageError when an existing one does not fit."""
+    import zarr
+
+    if not target.exists():
+        temporary = image_io.scratch_path(target, "tmp")
+        shutil.rmtree(temporary, ignore_errors=True)
+        _create_zarr(temporary, shape, dtype)
+        try:
+            os.rename(temporary, target)
+        except OSError:  # another part created it first: use theirs
+            shutil.rmtree(temporary, ignore_errors=True)
+    try:
+        array = zarr.open_array(str(target), mode="r+")
+    except Exception as exc:
+        raise ImageError(f"{target}: exists but is not a Zarr array ({type(exc).__name__}: {exc}); "
+                         f"remove it and rerun the parts") from exc
+    if (tuple(array.shape), np.dtype(array.dtype), array.chunks[0]) != (tuple(shape), np.dtype(dtype),
+                                                                        ZARR_CHUNK):
+        raise ImageError(f"{target}: holds a {array.dtype} array of shape {tuple(array.shape)} (chunks "
+                         f"{array.chunks}), this image needs {np.dtype(dtype)} {tuple(shape)} in "
+                         f"{ZARR_CHUNK}-row chunks: it is from another run; remove it and rerun the parts")
+    return array
+
+
+def _segment_band(path, output_folder, loaded, forward, tile_size, device, config):
+    """Predict and write part I of N of one image: its row band, into the shared ``<stem>.zarr`` (and
+    ``<stem>_probabilities.zarr``). Band borders are on Zarr chunk rows, so parts never write the
+    same chunk; the tile plan is the whole image's, so each band equals those rows of a one-process
+    run. A marker written last (sharding.write_band_marker) says the band is complete.
+
+    Returns (outputs, description, skipped).
+    """
+    index, count = config.part
+    first = loaded[0]
+    source = open_image(path, first.input_channels)
+    try:
+        height, width, channels = source.shape
+        stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
+        lo, hi = sharding.band_rows(height, index, count, ZARR_CHUNK)
+        targets = [output_folder / (stem + ".zarr")]
+        if config.save_probabilities:
+            targets.append(output_folder / (stem + PROBABILITIES_ZARR_SUFFIX))
+        band = f"rows {lo}-{hi} of {height}x{width}x{channels} (band {index}/{count})"
+        if config.skip_existing and sharding.band_marker(output_folder, stem, index, count).is_file():
+            return targets, f"{band}: marked complete", True
+        if lo == hi:  # more parts than chunk rows: nothing to predict
+            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
+            return targets, f"{band}: empty band", False
+        # Every part computes the whole image's statistics: normalisation must not depend on the band.
+        stats = image_statistics(source, path.name)
+
+        def labels_of(logits):
+            return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
+
+        outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
+        try:
+            arrays = [_open_shared_zarr(targets[0], (height, width), label_dtype(first.number_classes))]
+            if config.save_probabilities:
+                arrays.append(_open_shared_zarr(targets[1], (height, width, first.number_classes),
+                                                np.float32))
+            blocks = [_blocks_from(lo) for _ in arrays]
+            with tf.device(device):
+                for _, _, results in predictor.iter_bands(
+                        forward, source, stats, first.name, tile_size, config.batch_size, config.tta,
+                        outputs=outputs, progress=Progress(path.name, width * (hi - lo)),
+                        options=first.options, rows=(lo, hi)):
+                    for array, rows, result in zip(arrays, blocks, results):
+                        for start, block in rows.add(result):
+                            array[start:start + len(block)] = block
+            for array, rows in zip(arrays, blocks):
+                for start, block in rows.flush():
+                    array[start:start + len(block)] = block
+            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
+        except tf.errors.ResourceExhaustedError as exc:
+            raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
+                             f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
+        except OSError as exc:
+            raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
+    finally:
+        source.close()
+    done = sharding.bands_done(output_folder, stem, count)
+    state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
+    return targets, f"{band} -> shared Zarr ({state})", False
+
+
+def _blocks_from(start):
+    """RowBlocks of Zarr chunk height whose first block starts at image row ``start``."""
+    blocks = RowBlocks(ZARR_CHUNK)
+    blocks.start = start
+    return blocks
+
+
 def list_images(folder, extensions):
     """Images of ``folder``: files with these extensions and (with "zarr") ``*.zarr`` folders, sorted,
     hidden ones skipped; a ``.zarr`` folder given itself is one image."""
@@ -860,6 +990,13 @@ def run_inference(config):
     if config.batch_size < 1:
         raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
     image_folder, output_folder, images = _check_folders(config)
+    banded = config.part is not None and config.part[1] > 1 and len(images) == 1
+    if config.part is not None and not banded:
+        images, part_pixels, all_pixels = sharding.select_part(images, *config.part)
+        print(f"part {config.part[0]}/{config.part[1]}: {len(images)} image(s), "
+              f"{part_pixels / 1e6:.2f} of {all_pixels / 1e6:.2f} Mpx")
+        if not images:
+            return InferenceSummary(written=[], failed={}, seconds=time.perf_counter() - start_time)
 
     device = resolve_device(config.gpu)
     with tf.device(device):
@@ -878,13 +1015,17 @@ def run_inference(config):
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
               f"{member.number_classes} classes out)")
-    print(f"device: {device}; tiles up to {tile_size} px, halo {halo} px, batch {config.batch_size}"
+    print(f"engine: {config.engine}; device: {device}; tiles up to {tile_size} px, halo {halo} px, "
+          f"batch {config.batch_size}"
           f"{', test-time augmentation (8 transforms)' if config.tta else ''}"
           f"{f', ensemble of {len(loaded)} models' if len(loaded) > 1 else ''}; "
           f"{len(images)} image(s) from {image_folder} -> {output_folder}")
-    forward = predictor.make_predictor([member.model for member in loaded])
+    try:
+        forward = engines.make_forward(config.engine, loaded)
+    except engines.EngineError as exc:
+        raise InferenceError(str(exc)) from exc
 
-    written, failed, owners = [], {}, {}
+    written, failed, owners, skipped = [], {}, {}, []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
         stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
@@ -893,8 +1034,21 @@ def run_inference(config):
                 raise ImageError(f"{path.name}: same stem as {owners[stem]}, whose outputs "
                                  f"{stem}.* are already written")
             owners[stem] = path.name
-            targets, description = _segment_file(path, output_folder, loaded, forward, tile_size,
-                                                  device, config)
+            if banded:
+                targets, description, was_done = _segment_band(path, output_folder, loaded, forward,
+                                                               tile_size, device, config)
+                if was_done:
+                    skipped.append(path.name)
+                    print(f"[{index}/{len(images)}] {path.name} {description}: skipped", flush=True)
+                    continue
+            elif config.skip_existing and outputs_complete(path, output_folder, first, config):
+                skipped.append(path.name)
+                print(f"[{index}/{len(images)}] {path.name}: complete outputs exist, skipped",
+                      flush=True)
+                continue
+            else:
+                targets, description = _segment_file(path, output_folder, loaded, forward, tile_size,
+                                                      device, config)
         except ImageError as exc:
             failed[path.name] = str(exc)
             print(f"[{index}/{len(images)}] FAILED {exc}", file=sys.stderr, flush=True)
@@ -909,9 +1063,10 @@ def run_inference(config):
         print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
-    summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time)
+    summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time,
+                               skipped=skipped)
     print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
-          f"failed, {summary.seconds:.1f} s")
+          f"failed{f', {len(skipped)} skipped (complete)' if skipped else ''}, {summary.seconds:.1f} s")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return summary
@@ -967,6 +1122,20 @@ def build_parser():
                         "<stem>_probabilities.npy (numpy.load) for images up to "
                         f"{_side(STREAM_PIXELS)} px, else and for Zarr input "
                         "<stem>_probabilities.zarr (zarr.open), written band by band")
+    parser.add_argument("--part", default=None, metavar="I/N",
+                        help="segment only part I of N (I from 0 to N-1) of the folder's images, "
+                        "balanced by pixel count: run N processes (e.g. a Slurm array, "
+                        "launch_inference_sbatch.sh) into the same --output_folder. A single image "
+                        "is split into N row bands instead, written into one shared <stem>.zarr")
+    parser.add_argument("--engine", choices=engines.ENGINES, default="tensorflow",
+                        help="what runs the network: tensorflow (default; CPU or GPU) or onnxruntime "
+                        "(CPU; the model is exported to ONNX once and cached beside it as "
+                        "<model>.onnx); the same tiles, halos, --tta and ensembles, probabilities "
+                        "within 1e-4 (docs/inference-at-scale.md has the measured speeds)")
+    parser.add_argument("--skip_existing", action="store_true",
+                        help="skip images whose outputs exist complete (open, right shape, all data); "
+                        "a missing or truncated output is redone, so a failed or preempted run "
+                        "just reruns")
     parser.add_argument("--image_extensions", default=",".join(DEFAULT_EXTENSIONS),
                         help="file extensions to process, separated by commas or spaces, "
                         f"case-insensitive (default {','.join(DEFAULT_EXTENSIONS)}; zarr: *.zarr "
@@ -983,11 +1152,17 @@ def config_from_args(args):
     def paths(value):
         return None if value is None else value[0] if len(value) == 1 else list(value)
 
+    try:
+        part = None if args.part is None else sharding.parse_part(args.part)
+    except sharding.PartError as exc:
+        raise InferenceError(str(exc)) from exc
+
     return InferenceConfig(image_folder=args.image_folder, output_folder=args.output_folder,
                            model=paths(args.model), checkpoint_filepath=paths(args.checkpoint_filepath),
                            tile_size=args.tile_size, batch_size=args.batch_size, gpu=args.gpu,
                            save_probabilities=args.save_probabilities, tta=args.tta,
-                           image_extensions=extensions)
+                           image_extensions=extensions, part=part, skip_existing=args.skip_existing,
+                           engine=args.engine)
 
 
 def _raise_interrupted(signum, frame):

@@ -264,8 +264,14 @@ def make_predictor(model):
                                  input_signature=[tf.TensorSpec([None, None, None, channels],
                                                                 tf.float32)]))
 
+    return combine_members([lambda batch, call=call: call(tf.constant(batch, tf.float32))
+                            for call in calls])
+
+
+def combine_members(calls):
+    """One forward function from the network calls of an ensemble's members (any engine: a
+    tf.function, an ONNX Runtime session): the logits of one, else the log of their mean softmax."""
     def forward(batch):
-        batch = tf.constant(batch, tf.float32)
         if len(calls) == 1:
             return np.asarray(calls[0](batch), dtype=np.float32)
         mean = sum(_softmax(np.asarray(call(batch), dtype=np.float64)) for call in calls) / len(calls)
@@ -325,7 +331,7 @@ def count_tiles(height, width, model_name, tile_size, halo=None, options=None):
 
 
 def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=False, halo=None,
-               outputs=None, progress=None, options=None):
+               outputs=None, progress=None, options=None, rows=None):
     """Predict ``image`` one row of tiles at a time.
 
     Args:
@@ -343,14 +349,21 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
         (e.g. argmax class ids); default: the logits themselves.
       progress: called as progress(tiles_done, tiles_total) after every network call.
       options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
+      rows: (lo, hi) to produce only image rows lo..hi (a row band of one huge image shared by
+        several processes): the tile plan stays that of the whole image and only the tile rows
+        whose kept rows meet [lo, hi) run, so the band equals those rows of the whole result.
     Yields:
       (row_start, row_stop, bands): image rows [row_start, row_stop) in order, covering the image
-      once; ``bands`` holds one (rows x W x ...) array per output function.
+      (or ``rows``) once; ``bands`` holds one (rows x W x ...) array per output function.
     """
     height, width = image.shape[:2]
     outputs = outputs or [lambda logits: logits]
     halo = halo_for(model_name, options) if halo is None else halo
-    rows, cols, tile_h, tile_w, top, left = tile_grid(height, width, model_name, tile_size, halo, options)
+    rows_plan, cols, tile_h, tile_w, top, left = tile_grid(height, width, model_name, tile_size, halo,
+                                                           options)
+    wanted = (0, height) if rows is None else rows
+    rows = [row for row in rows_plan
+            if min(row[2], top + height) - top > wanted[0] and max(row[1], top) - top < wanted[1]]
     total, done = len(rows) * len(cols), 0
     for row_start, keep_lo, keep_hi in rows:
         # Image rows of this band of canvas rows, read once (reflection only touches rows inside it).
@@ -385,7 +398,9 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
             if progress is not None:
                 progress(done, total)
         if bands is not None:
-            yield out_lo, out_hi, bands
+            # A band's first and last tile rows may reach past it: keep only its own rows.
+            lo, hi = max(out_lo, wanted[0]), min(out_hi, wanted[1])
+            yield lo, hi, [band[lo - out_lo:hi - out_lo] for band in bands]
 
 
 def predict_image(forward, image, stats, model_name, tile_size, batch_size=1, tta=False, halo=None,

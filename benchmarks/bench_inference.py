@@ -13,6 +13,13 @@
   (c) the cost of --tta: the time of a 1,024 x 1,024 image with and without it.
 One line of figures at the end. Needs ~1 GB in a temporary folder and ~10 minutes on 2 cores.
 
+With --engines, instead: (d) the engines side by side in one run (engines.py): Mpx/s of
+`--engine tensorflow` and `--engine onnxruntime` for the default UNet (base_filters 64) and a small
+one (base_filters 8), each the per-image time of the second of two copies of an image (the ONNX
+export, timed separately, and tracing happen on the first), the share of mask pixels on which the
+engines differ, and one inference.py process on 4 images vs two `--part I/2` processes at once
+(wall time, start-up included). ~15 minutes on 2 cores.
+
 Run from the repo root, alone on the machine: flock /tmp/bench.lock .venv/bin/python benchmarks/bench_inference.py
 """
 import argparse
@@ -36,19 +43,19 @@ import numpy as np  # noqa: E402
 BASE_FILTERS, CLASSES, LARGE_SIDE, LARGE_TILE, MEDIUM_SIDE, TTA_SIDE = 4, 2, 20000, 2048, 4096, 1024
 
 
-def save_model(folder):
+def save_model(folder, base_filters=BASE_FILTERS):
     """A random-weight UNet saved like a training output folder; returns the keras model."""
     import keras
 
     import models
 
     keras.utils.set_random_seed(0)
-    model = models.build_model("unet", CLASSES, input_channels=1, base_filters=BASE_FILTERS)
+    model = models.build_model("unet", CLASSES, input_channels=1, base_filters=base_filters)
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / "model.keras")
     (folder / "config.json").write_text(json.dumps({
         "model": "unet", "number_classes": CLASSES, "input_channels": 1,
-        "base_filters": BASE_FILTERS, "batch_norm": True}))
+        "base_filters": base_filters, "batch_norm": True}))
     return model
 
 
@@ -169,10 +176,93 @@ def bench_tta(work, model_folder):
     return augmented / plain
 
 
+# (d): (base_filters, image side) per model: sides that take tens of seconds per image here.
+ENGINE_MODELS = ((64, 1024), (8, 2048))
+PARTS_IMAGES, PARTS_SIDE = 4, 1024
+
+
+def engine_rate(work, model_folder, folder, engine):
+    """Mpx/s of ``engine`` on b.tif of ``folder`` (second copy), and its masks' folder."""
+    output = work / f"{model_folder.name}_{engine}"
+    start = time.perf_counter()
+    log = run_folder(folder, output, model_folder, engine=engine, tile_size=512)
+    total = time.perf_counter() - start
+    side = int(re.search(r"\] b\.tif (\d+)x", log).group(1))
+    seconds = image_seconds(log, "b.tif")
+    return side ** 2 / seconds / 1e6, total, output
+
+
+def bench_parts(work, model_folder, engine):
+    """Wall seconds of one inference.py process on PARTS_IMAGES images, and of two --part processes."""
+    import tifffile
+
+    folder = work / "parts_in"
+    if not folder.is_dir():
+        folder.mkdir()
+        for i in range(PARTS_IMAGES):
+            tifffile.imwrite(folder / f"img_{i}.tif", next(synthetic_rows(PARTS_SIDE, PARTS_SIDE, seed=i)))
+    command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model_folder), "--image_folder",
+               str(folder), "--gpu", "-1", "--tile_size", "512", "--engine", engine]
+    timings = []
+    for parts in (1, 2):
+        output = work / f"parts_{engine}_{parts}"
+        start = time.perf_counter()
+        processes = [subprocess.Popen(command + ["--output_folder", str(output)]
+                                      + (["--part", f"{i}/{parts}"] if parts > 1 else []),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+                     for i in range(parts)]
+        for process in processes:
+            _, errors = process.communicate()
+            if process.returncode:
+                raise RuntimeError(f"inference.py failed: {errors.decode()[-2000:]}")
+        timings.append(time.perf_counter() - start)
+    return timings
+
+
+def bench_engines(work):
+    """(d): one line per model and engine, the masks' agreement, and 1 vs 2 processes."""
+    import tifffile
+
+    lines = []
+    for base_filters, side in ENGINE_MODELS:
+        model_folder = work / f"unet{base_filters}"
+        save_model(model_folder, base_filters)
+        folder = work / f"engines_{side}"
+        if not folder.is_dir():
+            folder.mkdir()
+            image = next(synthetic_rows(side, side, seed=3))
+            for name in ("a.tif", "b.tif"):
+                tifffile.imwrite(folder / name, image)
+        rates, outputs = {}, {}
+        for engine in ("tensorflow", "onnxruntime"):
+            rates[engine], total, outputs[engine] = engine_rate(work, model_folder, folder, engine)
+            print(f"(d) base_filters {base_filters}, {side} px, {engine}: {rates[engine]:.3f} Mpx/s "
+                  f"(run {total:.0f} s)", flush=True)
+        differ = np.mean(tifffile.imread(outputs["tensorflow"] / "b.tif")
+                         != tifffile.imread(outputs["onnxruntime"] / "b.tif"))
+        lines.append(f"base_filters {base_filters} ({side} px): tensorflow {rates['tensorflow']:.3f}, "
+                     f"onnxruntime {rates['onnxruntime']:.3f} Mpx/s (x{rates['onnxruntime'] / rates['tensorflow']:.2f}); "
+                     f"masks differ on {100 * differ:.4f} % of pixels")
+    small = work / f"unet{ENGINE_MODELS[-1][0]}"
+    pixels = PARTS_IMAGES * PARTS_SIDE ** 2 / 1e6
+    for engine in ("tensorflow", "onnxruntime"):
+        one, two = bench_parts(work, small, engine)
+        lines.append(f"{engine}, base_filters {ENGINE_MODELS[-1][0]}, {PARTS_IMAGES} x {PARTS_SIDE} px: "
+                     f"1 process {pixels / one:.3f} Mpx/s ({one:.0f} s), 2 x --part I/2 at once "
+                     f"{pixels / two:.3f} Mpx/s ({two:.0f} s)")
+    print("bench_inference --engines (CPU):\n  " + "\n  ".join(lines), flush=True)
+    return 0
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--skip_large", action="store_true", help="only (b) and (c)")
+    parser.add_argument("--engines", action="store_true",
+                        help="only (d): TensorFlow vs ONNX Runtime, and 1 vs 2 --part processes")
     args = parser.parse_args(argv)
+    if args.engines:
+        with tempfile.TemporaryDirectory(prefix="bench_inference-") as temporary:
+            return bench_engines(pathlib.Path(temporary))
     with tempfile.TemporaryDirectory(prefix="bench_inference-") as temporary:
         work = pathlib.Path(temporary)
         model = save_model(work / "model")

@@ -70,7 +70,8 @@ def test_export_without_bioimageio_spec_writes_the_package_and_says_how_to_valid
     with zipfile.ZipFile(path) as archive:
         names = set(archive.namelist())
     assert names == {"rdf.yaml", "README.md", "cover.png", "test_input.npy", "test_output.npy",
-                     "tf_saved_model.zip", "model.keras"}
+                     "sample_input.tif", "sample_output.tif", "tf_saved_model.zip", "model.onnx",
+                     "model.keras"}
     assert "not validated" in printed and "pip install bioimageio.spec" in printed
     assert f"wrote {path}" in printed
     assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary left
@@ -155,8 +156,11 @@ def test_bioimageio_core_reproduces_the_test_output_with_every_weights_format(pa
     monkeypatch.chdir(tmp_path)  # bioimageio.core unzips TensorFlow weights into the working folder
     summary = core.test_model(path)
     tested = {detail.loc for detail in summary.details if detail.name.startswith("Reproduce")}
-    assert tested == {("weights", "keras_v3"), ("weights", "tensorflow_saved_model_bundle")}
+    assert tested == {("weights", "keras_v3"), ("weights", "tensorflow_saved_model_bundle"),
+                      ("weights", "onnx")}
     assert summary.status == "passed", summary.format()
+    # The sample tensors are filled (bioimage.io warns "needs to be filled for FAIR" otherwise).
+    assert not [w for d in summary.details for w in d.warnings if "sample_tensor" in str(w.loc)]
 
 
 def test_saved_model_alone_reproduces_the_test_output(package, tmp_path):
