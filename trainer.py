@@ -28,21 +28,27 @@ import distribute
 import evaluation
 import optim
 import outputs
+import pretext
 import records
 import steps
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
 from train_config import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                           ConfigError, TrainConfig, TrainingError, build_parser, config_from_args,
-                          model_options, optimizer_settings, read_database_metadata,
+                          database_flag, model_options, optimizer_settings, read_database_metadata,
                           validate_config)
 
 
 def main(model_name, argv=None):
     """Entry point of train_<model>.py. Returns the process exit code."""
-    parser = build_parser(model_name)
+    return run_command(build_parser(model_name), lambda args: config_from_args(model_name, args), argv)
+
+
+def run_command(parser, make_config, argv=None):
+    """Parse ``argv`` with ``parser``, train the TrainConfig ``make_config(args)`` describes, and turn
+    errors into messages and exit codes (train_<model>.py, pretrain_unet.py). Returns the exit code."""
     args = parser.parse_args(argv)
     try:
-        config = config_from_args(model_name, args)
+        config = make_config(args)
         summary = train(config)
     except (ConfigError, distribute.DistributionError) as error:
         parser.print_usage(sys.stderr)
@@ -74,6 +80,38 @@ def build_model(config, input_channels):
                               **model_options(config))
 
 
+class SegmentationTask:
+    """What a run trains the network to do; this one, the default, segments.
+
+    A task gives the trainer the train step (its loss), the test pass, the test_metrics.csv columns
+    and plotted curves (None: outputs.py's segmentation ones) and the metrics of a test line.
+    pretext.py holds the self-supervised tasks of pretrain_unet.py.
+    """
+    test_columns = None
+    metric_curves = None
+
+    def make_train_step(self, strategy, model, optimizer, config, global_batch):
+        return steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes, global_batch,
+                                     jit_compile=config.xla)
+
+    def make_evaluator(self, model, config, info):
+        return evaluation.Evaluator(model, config.model, config.test_database, config.number_classes, config.loss,
+                                    shard_index=info.worker_index, shard_count=info.num_workers,
+                                    options=model_options(config))
+
+    def describe(self, row):
+        dice = " ".join("%.3f" % row[f"dice_{k}"] for k in range(sum(1 for key in row if key.startswith("dice_"))))
+        return (f"test loss {row['loss']:.4f}  accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  "
+                f"dice {dice}")
+
+
+def make_task(config):
+    """The task of a TrainConfig: a pretext task (pretrain_unet.py) or segmentation."""
+    if config.pretext:
+        return pretext.task_from_config(config.pretext)
+    return SegmentationTask()
+
+
 # ----------------------------------------------------------------------------------------------
 # Setting a run up
 # ----------------------------------------------------------------------------------------------
@@ -91,11 +129,12 @@ def train(config):
     """
     # Everything that can refuse the run comes before anything is written: a refused run
     # creates nothing.
-    train_metadata = read_database_metadata(config.train_database, "train")
-    test_metadata = read_database_metadata(config.test_database, "test")
+    train_metadata = read_database_metadata(config.train_database, "train", database_flag(config, "train"))
+    test_metadata = read_database_metadata(config.test_database, "test", database_flag(config, "test"))
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
+    init_dir = find_init_checkpoint(config, checkpoint_dir, input_channels)
     fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
                     "test": checkpoints.database_fingerprint(test_metadata)}
     database_warnings = []
@@ -127,7 +166,8 @@ def train(config):
                        warmup_steps=settings.warmup_steps,
                        tool_version=records.TOOL_VERSION,
                        train_database_fingerprint=fingerprints["train"],
-                       test_database_fingerprint=fingerprints["test"])
+                       test_database_fingerprint=fingerprints["test"],
+                       init_from_checkpoint=init_dir)
     with strategy.scope():
         model = build_model(config, input_channels)
         optimizer = steps.make_optimizer(config, steps_per_epoch)
@@ -135,6 +175,8 @@ def train(config):
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
+    if init_dir:
+        checkpoints.initialise_from(init_dir, model, input_channels)
     train_reader = make_train_reader(config, len(towers), info, state.step)
 
     if info.is_chief:
@@ -155,10 +197,12 @@ def train(config):
         if resumed:
             for warning in database_warnings:
                 print(warning, file=sys.stderr, flush=True)
+    task = make_task(config)
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
-                                  state if resumed else None)
+                                  state if resumed else None, test_columns=task.test_columns,
+                                  metric_curves=task.metric_curves)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
-              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None)
+              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None, task=task)
     try:
         with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
@@ -198,6 +242,29 @@ def find_restore_checkpoint(path):
     return found
 
 
+def find_init_checkpoint(config, checkpoint_dir, input_channels):
+    """The checkpoint folder --init_from means (best first), checked against this run's network; None
+    when not given or when --restore_checkpoint_filepath resumes the run (its weights come from there).
+    ConfigError naming the flag otherwise, before anything is written."""
+    if not config.init_from:
+        return None
+    if checkpoint_dir:
+        if checkpoints.read_config(checkpoint_dir).get("number_classes") == config.number_classes:
+            print(f"--init_from {config.init_from} is not used: the run resumes from {checkpoint_dir}", flush=True)
+            return None
+        raise ConfigError(f"--init_from {config.init_from} and --restore_checkpoint_filepath "
+                          f"{config.restore_checkpoint_filepath} (transfer learning) both give the starting "
+                          "weights; give one of them")
+    found = checkpoints.find_checkpoint(config.init_from, prefer="best",
+                                        required=(checkpoints.WEIGHTS_FILE, "config.json"))
+    if found is None:
+        raise ConfigError(f"--init_from {config.init_from}: no checkpoint there; expected a pretrain_unet.py "
+                          f"output folder (holding checkpoints/best or checkpoints/latest) or a checkpoint "
+                          f"folder holding {checkpoints.WEIGHTS_FILE} and config.json")
+    checkpoints.check_compatible(found, checkpoints.read_config(found), config, input_channels, flag="--init_from")
+    return found
+
+
 def make_train_reader(config, towers, info, start_step):
     """The training ImageReader of this worker (not started). (The test pass reads its whole test
     images itself: see evaluation.py.)"""
@@ -226,18 +293,16 @@ class Run:
     """One training run: the model, its steps, readers and outputs, and the loop over them."""
 
     def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, outputs,
-                 steps_per_epoch, global_batch, last_checkpoint=None):
+                 steps_per_epoch, global_batch, last_checkpoint=None, task=None):
         self.config, self.config_dict = config, config_dict
+        self.task = task or SegmentationTask()
         self.strategy, self.info = strategy, info
         self.model, self.optimizer = model, optimizer
         self.train_reader, self.outputs = train_reader, outputs
         self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
         self.local_replicas = distribute.local_replica_count(strategy)
-        self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
-                                                global_batch, jit_compile=config.xla)
-        self.evaluator = evaluation.Evaluator(model, config.model, config.test_database, config.number_classes,
-                                              config.loss, shard_index=info.worker_index,
-                                              shard_count=info.num_workers, options=model_options(config))
+        self.train_step = self.task.make_train_step(strategy, model, optimizer, config, global_batch)
+        self.evaluator = self.task.make_evaluator(model, config, info)
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.stop = None
@@ -355,10 +420,8 @@ class Run:
 
     def print_test_line(self, state, row, improved, seconds):
         if self.info.is_chief:
-            dice = " ".join("%.3f" % row[f"dice_{k}"] for k in range(self.config.number_classes))
             verdict = "(best)" if improved else f"({state.epochs_without_improvement} without improvement)"
-            print(f"epoch {state.epoch:4d}  step {state.step:7d}  test loss {row['loss']:.4f}  "
-                  f"accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  dice {dice}  "
+            print(f"epoch {state.epoch:4d}  step {state.step:7d}  {self.task.describe(row)}  "
                   f"{verdict}  test {seconds:.1f}s ({seconds / max(row['test_pixels'] / 1e6, 1e-9):.2f} s/MP)",
                   flush=True)
 
