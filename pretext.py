@@ -10,10 +10,16 @@ pixel to pixel cannot be predicted, so the best it can do is a denoised image. T
 linear 1 x 1 convolution to the C input channels (the UNet's "logits" layer with C outputs); every
 other layer is what train_unet.py --init_from transfers.
 
-    blind_spot(images, fraction, radius, seed) -> (inputs, weights)   the masking
-    masked_mse(predictions, targets, weights) -> loss per image         the loss, masked pixels only
-    PretextConfig                                                        the task's settings (config.json)
-    BlindSpotTask                                                        the trainer's hook (trainer.py)
+Masked-patch reconstruction (the masked-image pretext of MAE / BiaPy, on a convolutional network):
+``mask_fraction`` of the ``patch_size`` x ``patch_size`` squares of a crop are set to 0 (the image
+mean after normalisation) and the network restores them from the context; the loss is the mean
+squared error on the masked squares only. It asks for larger context than the blind spot does.
+
+    blind_spot(images, fraction, radius, seed) -> (inputs, weights)     blind-spot masking
+    masked_patches(images, fraction, patch_size, seed) -> (inputs, weights)
+    masked_mse(predictions, targets, weights) -> loss per image           the loss, masked pixels only
+    PretextConfig                                                          the task's settings (config.json)
+    PretextTask                                                            the trainer's hook (trainer.py)
 
 The trainer (trainer.py) runs this task through the same loop, readers, towers, checkpoints, resume
 and signals as segmentation training; the task object gives it the train step's loss, the test pass
@@ -28,11 +34,14 @@ import normalization
 import records
 import steps
 
-TASKS = ("blind_spot",)
+TASKS = ("blind_spot", "masked_patch")
 # Noise2Void masks ~0.2-2 % of a patch per step; more masked pixels give more loss terms per step,
-# but each one's neighbourhood then holds more replaced pixels.
-DEFAULT_MASK_FRACTION = 0.015
+# but each one's neighbourhood then holds more replaced pixels. Masked-image modelling hides far
+# more (MAE: 75 % of ViT patches); a convolutional network needs visible context around each
+# square, so a quarter of them.
+DEFAULT_MASK_FRACTION = {"blind_spot": 0.015, "masked_patch": 0.25}
 DEFAULT_RADIUS = 2  # a 5 x 5 window, Noise2Void's default
+DEFAULT_PATCH_SIZE = 8
 DEFAULT_TEST_CROPS = 16
 _TEST_SEED = 20261203  # the test pass masks the same pixels at every pass, so its losses compare
 _TEST_BATCH = 4
@@ -42,25 +51,36 @@ _TEST_BATCH = 4
 class PretextConfig:
     """The pretext task's settings, saved in config.json under "pretext".
 
-    task: one of TASKS. mask_fraction: share of the pixels of a crop replaced (and scored) per step.
-    radius: the neighbour a replaced pixel takes its value from lies within this many pixels.
-    test_crops: crops (one per record, spread over the database) the test pass scores.
+    task: one of TASKS. mask_fraction: share of the pixels (blind_spot) or squares (masked_patch) of a
+    crop hidden and scored per step; None = the task's default. radius: blind_spot's neighbour lies
+    within this many pixels. patch_size: masked_patch's square side. test_crops: crops (one per
+    record, spread over the database) the test pass scores.
     """
     task: str = "blind_spot"
-    mask_fraction: float = DEFAULT_MASK_FRACTION
+    mask_fraction: float = None
     radius: int = DEFAULT_RADIUS
+    patch_size: int = DEFAULT_PATCH_SIZE
     test_crops: int = DEFAULT_TEST_CROPS
+
+    def __post_init__(self):
+        if self.mask_fraction is None and self.task in DEFAULT_MASK_FRACTION:
+            self.mask_fraction = DEFAULT_MASK_FRACTION[self.task]
 
     def problems(self):
         """Messages naming the flag of every unusable value ([] when all are usable)."""
         found = []
         if self.task not in TASKS:
             found.append(f"--pretext_task {self.task!r}: expected one of {', '.join(TASKS)}")
-        if not 0.0 < self.mask_fraction <= 0.25:
-            found.append(f"--mask_fraction {self.mask_fraction}: expected a share in (0, 0.25] (Noise2Void "
-                         "uses 0.002 to 0.02); with more, the neighbours of a masked pixel are masked too")
+        elif self.task == "blind_spot" and not 0.0 < self.mask_fraction <= 0.25:
+            found.append(f"--mask_fraction {self.mask_fraction}: expected a share in (0, 0.25] for blind_spot "
+                         "(Noise2Void uses 0.002 to 0.02); with more, the neighbours of a masked pixel are "
+                         "masked too")
+        elif self.task == "masked_patch" and not 0.0 < self.mask_fraction < 1.0:
+            found.append(f"--mask_fraction {self.mask_fraction}: expected a share in (0, 1) for masked_patch")
         if not 1 <= self.radius <= 8:
             found.append(f"--neighbour_radius {self.radius}: expected 1 to 8 pixels")
+        if not 1 <= self.patch_size <= 64:
+            found.append(f"--patch_size {self.patch_size}: expected 1 to 64 pixels")
         if self.test_crops < 1:
             found.append(f"--test_crops {self.test_crops}: expected an integer >= 1")
         return found
@@ -71,13 +91,17 @@ def add_arguments(parser):
     group = parser.add_argument_group("pretext task")
     group.add_argument("--pretext_task", default="blind_spot", choices=TASKS,
                        help="blind_spot: Noise2Void-style denoising, the masked pixels predicted from their "
-                            "neighbours (default %(default)s)")
-    group.add_argument("--mask_fraction", type=float, default=DEFAULT_MASK_FRACTION,
-                       help="share of the pixels of each crop replaced by a neighbour's value and scored "
-                            "(default %(default)g)")
+                            "neighbours; masked_patch: hidden squares restored from their surroundings "
+                            "(default %(default)s)")
+    group.add_argument("--mask_fraction", type=float, default=None,
+                       help="share of the pixels (blind_spot) or squares (masked_patch) of each crop hidden "
+                            "and scored (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MASK_FRACTION.items())
+                            + ")")
     group.add_argument("--neighbour_radius", type=int, default=DEFAULT_RADIUS,
-                       help="a replaced pixel takes the value of a random pixel at most this far away "
-                            "(default %(default)s: a 5 x 5 window)")
+                       help="blind_spot: a replaced pixel takes the value of a random pixel at most this "
+                            "far away (default %(default)s: a 5 x 5 window)")
+    group.add_argument("--patch_size", type=int, default=DEFAULT_PATCH_SIZE,
+                       help="masked_patch: side in pixels of the hidden squares (default %(default)s)")
     group.add_argument("--test_crops", type=int, default=DEFAULT_TEST_CROPS,
                        help="crops of --tile_size, one per record spread over the database, that the test "
                             "pass scores with fixed masked pixels (default %(default)s)")
@@ -85,7 +109,7 @@ def add_arguments(parser):
 
 def config_from_args(args):
     return PretextConfig(task=args.pretext_task, mask_fraction=args.mask_fraction, radius=args.neighbour_radius,
-                         test_crops=args.test_crops)
+                         patch_size=args.patch_size, test_crops=args.test_crops)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -132,6 +156,24 @@ def blind_spot(images, fraction, radius=DEFAULT_RADIUS, seed=None):
     return inputs, tf.cast(chosen, tf.float32)
 
 
+def masked_patches(images, fraction, patch_size=DEFAULT_PATCH_SIZE, seed=None):
+    """Set about ``fraction`` of the ``patch_size`` squares of each image (a grid from the top left
+    corner; the last row and column may be cut by the border) to 0 in every channel.
+
+    Args and Returns: as ``blind_spot`` (weights: 1 on the hidden squares).
+    """
+    import tensorflow as tf
+
+    images = tf.convert_to_tensor(images, tf.float32)
+    shape = tf.shape(images)
+    b, h, w = shape[0], shape[1], shape[2]
+    grid = [b, (h + patch_size - 1) // patch_size, (w + patch_size - 1) // patch_size]
+    draw = tf.random.uniform(grid) if seed is None else tf.random.stateless_uniform(grid, seed=[seed, 2])
+    hidden = tf.cast(draw < fraction, tf.float32)
+    hidden = tf.repeat(tf.repeat(hidden, patch_size, axis=1), patch_size, axis=2)[:, :h, :w]
+    return images * (1.0 - hidden[..., None]), hidden
+
+
 def masked_mse(predictions, targets, weights):
     """Per-image mean over the weighted (masked) pixels of the channel-mean squared error: float32 [B].
 
@@ -147,23 +189,28 @@ def masked_mse(predictions, targets, weights):
 # The trainer's hook
 # ----------------------------------------------------------------------------------------------
 
-class BlindSpotTask:
-    """Blind-spot denoising as the trainer's task (see trainer.SegmentationTask for the interface)."""
+class PretextTask:
+    """A pretext task as the trainer's task (see trainer.SegmentationTask for the interface)."""
 
-    test_columns = ["epoch", "step", "loss", "neighbour_loss", "loss_ratio", "test_pixels", "test_seconds",
+    test_columns = ["epoch", "step", "loss", "input_loss", "loss_ratio", "test_pixels", "test_seconds",
                     "starvation_s", "wall_time_s"]
-    metric_curves = [("loss_ratio", "loss / loss of copying the neighbour")]
+    metric_curves = [("loss_ratio", "test loss / loss of the corrupted input itself")]
 
     def __init__(self, settings):
         self.settings = settings
 
+    def corrupt(self, images, seed=None):
+        """(inputs, weights) of ``images``: the hidden pixels and what the network sees instead."""
+        settings = self.settings
+        if settings.task == "masked_patch":
+            return masked_patches(images, settings.mask_fraction, settings.patch_size, seed)
+        return blind_spot(images, settings.mask_fraction, settings.radius, seed)
+
     def make_train_step(self, strategy, model, optimizer, config, global_batch):
         import tensorflow as tf
 
-        settings = self.settings
-
         def batch_loss(images, masks):
-            inputs, weights = blind_spot(images, settings.mask_fraction, settings.radius)
+            inputs, weights = self.corrupt(images)
             # Pixels the reader marks as ignored (-1: outside the image after augmentation) are never scored.
             weights *= tf.cast(masks >= 0, tf.float32)
             return masked_mse(model(inputs, training=True), images, weights)
@@ -171,39 +218,39 @@ class BlindSpotTask:
         return steps.make_step(strategy, model, optimizer, batch_loss, global_batch, jit_compile=config.xla)
 
     def make_evaluator(self, model, config, info):
-        return BlindSpotEvaluator(model, config.test_database, config.tile_size, self.settings,
-                                  shard_index=info.worker_index, shard_count=info.num_workers)
+        return PretextEvaluator(model, config.test_database, config.tile_size, self,
+                                shard_index=info.worker_index, shard_count=info.num_workers)
 
     def describe(self, row):
-        return (f"test loss {row['loss']:.4f}  copying the neighbour {row['neighbour_loss']:.4f}  "
+        return (f"test loss {row['loss']:.4f}  the input itself {row['input_loss']:.4f}  "
                 f"ratio {row['loss_ratio']:.3f}")
 
 
-class BlindSpotEvaluator:
-    """The pretext test pass: the masked-pixel loss of fixed crops with fixed masked pixels.
+class PretextEvaluator:
+    """The pretext test pass: the masked-pixel loss of fixed crops with fixed hidden pixels.
 
     ``test_crops`` records spread over the database are centre-cropped to ``tile_size`` and normalised
-    with their source image's statistics, once; the masked pixels come from a fixed seed, so every
-    pass scores the same pixels and the test losses of a run compare. ``neighbour_loss`` is the loss
-    of the identity (copying the neighbour that replaced the pixel): a network below it predicts
-    more than a neighbour tells.
+    with their source image's statistics, once; the hidden pixels come from a fixed seed, so every
+    pass scores the same pixels and the test losses of a run compare. ``input_loss`` is the loss of
+    the identity, the corrupted input itself (blind_spot: copying the neighbour that replaced the
+    pixel; masked_patch: predicting 0, the mean): a network below it has learnt more than that.
     """
 
-    def __init__(self, model, database, tile_size, settings, shard_index=0, shard_count=1):
+    def __init__(self, model, database, tile_size, task, shard_index=0, shard_count=1):
         import predictor
 
         self.forward = predictor.make_predictor(model)
-        crops = _test_crops(database, tile_size, settings.test_crops)[shard_index::shard_count]
+        crops = _test_crops(database, tile_size, task.settings.test_crops)[shard_index::shard_count]
         self.batches = []
         for start in range(0, len(crops), _TEST_BATCH):
             targets = np.stack(crops[start:start + _TEST_BATCH])
-            inputs, weights = blind_spot(targets, settings.mask_fraction, settings.radius, seed=_TEST_SEED + start)
+            inputs, weights = task.corrupt(targets, seed=_TEST_SEED + start)
             self.batches.append((np.asarray(inputs), targets, np.asarray(weights)))
 
     def run(self, combine=lambda totals: totals, should_stop=lambda: False):
         """(row, None, seconds), or None when stopped (see evaluation.Evaluator.run)."""
         start = time.perf_counter()
-        totals = {"squared": np.zeros(()), "neighbour": np.zeros(()), "pixels": np.zeros(())}
+        totals = {"squared": np.zeros(()), "input": np.zeros(()), "pixels": np.zeros(())}
         stopped = False
         for inputs, targets, weights in self.batches:
             if should_stop():
@@ -211,15 +258,15 @@ class BlindSpotEvaluator:
                 break
             predictions = np.asarray(self.forward(inputs), dtype=np.float64)
             totals["squared"] += np.sum(np.mean((predictions - targets) ** 2, axis=-1) * weights)
-            totals["neighbour"] += np.sum(np.mean((inputs.astype(np.float64) - targets) ** 2, axis=-1) * weights)
+            totals["input"] += np.sum(np.mean((inputs.astype(np.float64) - targets) ** 2, axis=-1) * weights)
             totals["pixels"] += np.sum(weights)
         totals["stopped"] = np.array(1.0 if stopped else 0.0)
         totals = combine(totals)
         if totals["stopped"] > 0:
             return None
         pixels = max(float(totals["pixels"]), 1.0)
-        loss, neighbour = float(totals["squared"]) / pixels, float(totals["neighbour"]) / pixels
-        row = {"loss": loss, "neighbour_loss": neighbour, "loss_ratio": loss / max(neighbour, 1e-12),
+        loss, identity = float(totals["squared"]) / pixels, float(totals["input"]) / pixels
+        row = {"loss": loss, "input_loss": identity, "loss_ratio": loss / max(identity, 1e-12),
                "test_pixels": int(round(float(totals["pixels"])))}
         return row, None, time.perf_counter() - start
 
@@ -246,4 +293,4 @@ def _test_crops(database, tile_size, count):
 
 def task_from_config(pretext_dict):
     """The task object of a TrainConfig's ``pretext`` dict."""
-    return BlindSpotTask(PretextConfig(**pretext_dict))
+    return PretextTask(PretextConfig(**pretext_dict))
