@@ -6,9 +6,10 @@ Steps, each through the project's own command-line tools:
      rest (never a test image) is the unlabelled pool;
   2. build_lmdb.py databases: the unlabelled pool with --unlabelled_only, each labelled set, and a
      one-image database for the trainer's (unused) test pass;
-  3. `pretrain_unet.py` on the unlabelled pool for --pretrain_steps steps (timed);
+  3. `pretrain_unet.py` on the unlabelled pool for --pretrain_steps steps (timed), once per pretext
+     task of --pretext_tasks (blind_spot, masked_patch);
   4. for each labelled count, `train_unet.py` for exactly --finetune_steps steps from scratch and with
-     `--init_from` the pretraining (same seed, flags and budget; one test pass at the end, so no
+     `--init_from` each pretraining (same seed, flags and budget; one test pass at the end, so no
      checkpoint is chosen on the test images), then `inference.py` with the last checkpoint on the
      test images;
   5. foreground (class 1) Dice over all test pixels pooled, from the masks inference.py wrote.
@@ -55,6 +56,7 @@ class PretrainBenchConfig:
     finetune_steps: int = 150
     learning_rate: float = 1e-3
     seed: int = 0
+    pretext_tasks: tuple = ("blind_spot", "masked_patch")
     tta: bool = False  # read by bench_accuracy.predict
 
 
@@ -107,12 +109,14 @@ def run(config):
     unlabelled_db = build(link_folder(work / "unlabelled", data_dir, others, masks=False), "pool",
                           tile_size=2 * config.tile_size, unlabelled=True)
     check_db = build(link_folder(work / "check", data_dir, test_stems[:1]), "check")
-    pretrain_dir = work / "pretrain"
-    pretrain_seconds = timed([sys.executable, "pretrain_unet.py", "--database", unlabelled_db, "--output_dir",
-                              pretrain_dir, *common_flags(config), "--max_steps", config.pretrain_steps,
-                              "--test_every_n_steps", config.pretrain_steps], work / "pretrain.log")
-    print(f"pretraining: {config.pretrain_steps} steps on {len(others)} unlabelled images in "
-          f"{pretrain_seconds / 60:.1f} min", flush=True)
+    pretrain_seconds = {}
+    for task in config.pretext_tasks:
+        pretrain_seconds[task] = timed([sys.executable, "pretrain_unet.py", "--database", unlabelled_db,
+                                        "--output_dir", work / f"pretrain-{task}", *common_flags(config),
+                                        "--pretext_task", task, "--max_steps", config.pretrain_steps,
+                                        "--test_every_n_steps", config.pretrain_steps], work / f"pretrain-{task}.log")
+        print(f"pretraining {task}: {config.pretrain_steps} steps on {len(others)} unlabelled images in "
+              f"{pretrain_seconds[task] / 60:.1f} min", flush=True)
 
     test_paths = [str(p) for p in image_io.list_files(link_folder(work / "test", data_dir, test_stems)
                                                        / "images", build_lmdb.DEFAULT_EXTENSIONS)]
@@ -122,9 +126,9 @@ def run(config):
     rows = []
     for count in LABELLED_COUNTS:
         train_db = build(link_folder(work / f"labelled{count}", data_dir, others[:count]), f"n{count}")
-        for start in ("scratch", "pretrained"):
+        for start in ("scratch", *config.pretext_tasks):
             output_dir = work / f"{start}-{count}"
-            extra = ["--init_from", pretrain_dir] if start == "pretrained" else []
+            extra = ["--init_from", work / f"pretrain-{start}"] if start != "scratch" else []
             seconds = timed([sys.executable, "train_unet.py", "--train_database", train_db, "--test_database",
                              check_db, "--output_dir", output_dir, *common_flags(config), "--max_steps",
                              config.finetune_steps, "--test_every_n_steps", config.finetune_steps, *extra],
@@ -132,21 +136,25 @@ def run(config):
             predicted = bench_accuracy.predict(config, [str(output_dir)], test_paths, f"{start}-{count}")
             dice, _ = bench_accuracy.foreground_scores(truths, [predicted[n] for n in names])
             rows.append(dict(labelled=count, start=start, dice=dice, seconds=seconds))
-            print(f"{count} labelled, {start:10s}: foreground Dice {dice:.3f}  ({seconds / 60:.1f} min)", flush=True)
+            print(f"{count} labelled, {start:12s}: foreground Dice {dice:.3f}  ({seconds / 60:.1f} min)", flush=True)
     return {"rows": rows, "pretrain_seconds": pretrain_seconds, "unlabelled_images": len(others),
             "test_images": len(test_stems)}
 
 
 def table(config, result):
     by = {(r["labelled"], r["start"]): r["dice"] for r in result["rows"]}
+    tasks = config.pretext_tasks
+    minutes = ", ".join(f"{task} {seconds / 60:.1f} min" for task, seconds in result["pretrain_seconds"].items())
     lines = [f"{config.dataset}: {result['test_images']} dense test images; pretraining {config.pretrain_steps} steps "
-             f"on {result['unlabelled_images']} unlabelled images took {result['pretrain_seconds'] / 60:.1f} min; "
-             f"fine-tuning {config.finetune_steps} steps per run (base_filters {config.base_filters}, depth "
-             f"{config.unet_depth}, batch {config.batch_size}, {config.tile_size} px tiles, seed {config.seed})", "",
-             "| labelled images | scratch fg Dice | pretrained fg Dice | difference |", "|---|---|---|---|"]
+             f"on {result['unlabelled_images']} unlabelled images took {minutes}; fine-tuning "
+             f"{config.finetune_steps} steps per run (base_filters {config.base_filters}, depth {config.unet_depth}, "
+             f"batch {config.batch_size}, {config.tile_size} px tiles, seed {config.seed})", "",
+             "| labelled images | scratch fg Dice | " + " | ".join(f"{t} fg Dice (difference)" for t in tasks) + " |",
+             "|---|---|" + "---|" * len(tasks)]
     for count in LABELLED_COUNTS:
-        scratch, pretrained = by[(count, "scratch")], by[(count, "pretrained")]
-        lines.append(f"| {count} | {scratch:.3f} | {pretrained:.3f} | {pretrained - scratch:+.3f} |")
+        scratch = by[(count, "scratch")]
+        cells = [f"{by[(count, t)]:.3f} ({by[(count, t)] - scratch:+.3f})" for t in tasks]
+        lines.append(f"| {count} | {scratch:.3f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -156,6 +164,10 @@ def main(argv=None):
     defaults = PretrainBenchConfig(work_dir="")
     for field in dataclasses.fields(PretrainBenchConfig):
         if field.name in ("work_dir", "tta"):
+            continue
+        if field.name == "pretext_tasks":
+            parser.add_argument("--pretext_tasks", nargs="+", default=list(field.default),
+                                choices=("blind_spot", "masked_patch"), help="(default: both)")
             continue
         value = getattr(defaults, field.name)
         parser.add_argument(f"--{field.name}", type=type(value), default=value,
@@ -168,7 +180,8 @@ def main(argv=None):
         return 0
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="bench_pretrain-")
     os.makedirs(work_dir, exist_ok=True)
-    config = PretrainBenchConfig(work_dir=work_dir, **{k: v for k, v in vars(args).items() if k != "work_dir"})
+    values = dict(vars(args), pretext_tasks=tuple(args.pretext_tasks))
+    config = PretrainBenchConfig(**dict(values, work_dir=work_dir))
     print(f"bench_pretrain: {dataclasses.asdict(config)}", flush=True)
     result = run(config)
     text = table(config, result)
