@@ -298,6 +298,13 @@ def read_training_config(folders):
                 raise ModelLoadError(f"cannot read training config {path}: {exc}") from exc
             if not isinstance(value, dict):
                 raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+            if value.get("pretext"):
+                # Its output is a denoised image, not class logits: segmenting with it would write
+                # masks of nothing without a word.
+                raise ModelLoadError(
+                    f"{path} describes a pretraining run (pretrain_unet.py, pretext task "
+                    f"{value['pretext'].get('task')}): it does not segment; fine-tune it first with "
+                    f"train_unet.py --init_from {os.path.dirname(path)}, then use that run's model")
             return value, path
     return None, None
 
