@@ -142,6 +142,8 @@ def train(config):
         saved = checkpoints.read_config(checkpoint_dir)
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
         database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
+        # A resumed fine-tuning run still records what its weights began from.
+        init_dir = init_dir or saved.get("init_from_checkpoint")
 
     # Devices and strategy come before any other TensorFlow work (see distribute.py).
     cluster = distribute.detect_cluster(os.environ)
@@ -175,7 +177,7 @@ def train(config):
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
-    if init_dir:
+    if init_dir and not checkpoint_dir:
         checkpoints.initialise_from(init_dir, model, input_channels)
     train_reader = make_train_reader(config, len(towers), info, state.step)
 

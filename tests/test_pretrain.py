@@ -229,6 +229,16 @@ def test_init_from_restores_every_non_head_weight_and_starts_a_fresh_head(data, 
     # The head is the scratch run's initialisation (2 classes), not the pretext head (1 channel).
     assert tuned.get_layer("logits").get_weights()[0].shape[-1] == 2
 
+    # Resubmitted with the same command plus the restore flag, the run resumes from its own
+    # checkpoint, not from the pretraining, and config.json still names where it began.
+    code, out, err = run_main(lambda a: trainer.main("unet", a), capsys, [
+        *data["labelled"], *finetune[2:], "--max_steps", 2, "--output_dir", tmp_path / "tuned",
+        "--init_from", pretrained, "--restore_checkpoint_filepath", tmp_path / "tuned"])
+    assert code == 0, err[-3000:]
+    assert f"--init_from {pretrained} is not used: the run resumes from" in out and "initialised from" not in out
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert config["init_from_checkpoint"] == str(best)
+
 
 @pytest.mark.parametrize("change, fragment", [
     (["--unet_depth", "3"], "unet_depth=2 but this run has unet_depth=3"),
