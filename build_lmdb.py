@@ -3,6 +3,8 @@
     python build_lmdb.py --image_folder data/images --mask_folder data/masks \\
         --output_folder data --dataset_name cells [--train_fraction 0.8] [--seed 0] [--tile_size 512]
         [--folds 5]
+    python build_lmdb.py --image_folder data/unlabelled --unlabelled_only --output_folder data \\
+        --dataset_name cells [--tile_size 512]      # one unlabelled-<name>.lmdb for pretrain_unet.py
 
 The steps, each a small function below:
   1. ``find_pairs``: match images and masks by file stem.
@@ -59,7 +61,7 @@ class BuildError(Exception):
 @dataclasses.dataclass
 class BuildConfig:
     image_folder: str
-    mask_folder: str
+    mask_folder: Optional[str]  # None with unlabelled_only
     output_folder: str
     dataset_name: str
     train_fraction: Optional[float] = 0.8  # None (unused) with folds
@@ -70,10 +72,18 @@ class BuildConfig:
     masks_255_to_1: bool = False  # binary masks saved as 0/255: store 255 as class 1
     first_axis_is_channels: bool = False  # a 3-D C x H x W image with H x W masks: C is channels
     folds: Optional[int] = None  # K train/test pairs whose test sets partition the images
+    # Images without masks: one unlabelled-<name>.lmdb (every image, tiled like a train database)
+    # whose masks are all 0 placeholders, for self-supervised pretraining (pretrain_unet.py).
+    unlabelled_only: bool = False
 
     def validate(self):
         """Check the plain values (not the files); raises BuildError."""
-        if os.path.realpath(self.image_folder) == os.path.realpath(self.mask_folder):
+        if self.unlabelled_only:
+            self._validate_unlabelled()
+        elif self.mask_folder is None:
+            raise BuildError("--mask_folder is required (give the folder of masks), unless the images have "
+                             "no masks: then build an unlabelled database with --unlabelled_only")
+        elif os.path.realpath(self.image_folder) == os.path.realpath(self.mask_folder):
             raise BuildError(f"--image_folder and --mask_folder are the same folder ({self.image_folder}): "
                              "every image would be paired with itself as its mask; give the folder "
                              "holding the masks")
@@ -97,6 +107,16 @@ class BuildConfig:
             given = self.image_extensions if isinstance(self.image_extensions, str) else " ".join(self.image_extensions)
             raise BuildError(f"--image_extensions {given or '(none)'}: "
                              f"expected some of {', '.join(SUPPORTED_EXTENSIONS)}")
+
+    def _validate_unlabelled(self):
+        if self.mask_folder is not None:
+            raise BuildError(f"--unlabelled_only builds a database of images without masks, but --mask_folder "
+                             f"{self.mask_folder} was given: drop one of the two flags")
+        if self.folds is not None:
+            raise BuildError(f"--folds {self.folds} with --unlabelled_only: an unlabelled database is one "
+                             "database of every image, not split; drop --folds")
+        if self.masks_255_to_1:
+            raise BuildError("--masks_255_to_1 with --unlabelled_only: there are no masks; drop the flag")
 
 
 @dataclasses.dataclass
@@ -151,7 +171,8 @@ def _files_by_stem(folder, extensions, kind, problems):
 
 
 def find_pairs(image_folder, mask_folder, extensions):
-    """Match images and masks by file stem (a.tif pairs with a.png).
+    """Match images and masks by file stem (a.tif pairs with a.png); ``mask_folder`` None lists the
+    images alone (their Pairs have mask_path None).
 
     Returns:
       list of Pair sorted by stem. Raises BuildError listing every unpaired file.
@@ -159,6 +180,10 @@ def find_pairs(image_folder, mask_folder, extensions):
     extensions = image_io.parse_extensions(extensions)
     problems = []
     images = _files_by_stem(image_folder, extensions, "image", problems)
+    if mask_folder is None:  # --unlabelled_only: images alone
+        if problems:
+            raise BuildError("\n".join(problems))
+        return [Pair(stem, images[stem], None) for stem in sorted(images)]
     masks = _files_by_stem(mask_folder, extensions, "mask", problems)
     for stem, path in sorted(masks.items()):
         if image_io.extension_of(path) in LOSSY_EXTENSIONS:
@@ -259,7 +284,13 @@ def to_label_mask(mask, path, masks_255_to_1=False):
 
 
 def load_pair(pair, masks_255_to_1=False, first_axis_is_channels=False):
-    """Read and convert one pair: (image H x W x C in a stored dtype, mask H x W, max label)."""
+    """Read and convert one pair: (image H x W x C in a stored dtype, mask H x W, max label).
+
+    A pair without a mask (--unlabelled_only) gets an all-0 uint8 placeholder mask, so the readers
+    crop and augment it like any other record."""
+    if pair.mask_path is None:
+        image = _image_without_mask(pair.image_path, first_axis_is_channels)
+        return image, np.zeros(image.shape[:2], np.uint8), 0
     mask, max_label = to_label_mask(_read(pair.mask_path, "mask"), pair.mask_path, masks_255_to_1)
     image = _read(pair.image_path, "image")
     if image.ndim == 3 and image.shape[:2] != mask.shape and image.shape[1:] == mask.shape:
@@ -289,6 +320,28 @@ def load_pair(pair, masks_255_to_1=False, first_axis_is_channels=False):
     return image, mask, max_label
 
 
+def _image_without_mask(path, first_axis_is_channels):
+    """One image of an unlabelled database as H x W x C in a stored dtype (no mask to tell a C x H x W
+    stack from an H x W x C image, so a 3-D image whose last axis is long is refused unless
+    --first_axis_is_channels says its first axis holds channels)."""
+    image = _read(path, "image")
+    if image.ndim == 3 and first_axis_is_channels:
+        image = np.moveaxis(image, 0, -1)
+    elif image.ndim == 3 and image.shape[2] > 4 and image.shape[0] < image.shape[2]:
+        raise BuildError(f"{path}: image has shape {image.shape}, which looks like a stack of {image.shape[0]} "
+                         "planes. If the first axis holds channels, build with --first_axis_is_channels; a Z "
+                         "or time stack needs one image file per plane (or a projection)")
+    if image.ndim == 2:
+        image = image[:, :, np.newaxis]
+    if image.ndim != 3:
+        raise BuildError(f"{path}: image has shape {image.shape}; expected H x W or H x W x C")
+    image = to_storable_image(image, path)
+    if image.dtype.kind == "f" and not np.all(np.isfinite(image)):
+        raise BuildError(f"{path}: some pixel values are not finite (NaN or Inf); replace them (e.g. with the "
+                         "image's median) or leave the image out")
+    return image
+
+
 def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channels=False):
     """Read and validate every pair before anything is written, computing what the metadata and
     the records need from each whole source image (normalisation statistics, class pixel counts).
@@ -307,9 +360,11 @@ def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channe
         except BuildError as exc:
             problems.append(str(exc))
         else:
+            # An unlabelled image counts no class pixels (its placeholder mask is no label).
+            counts = [] if pair.mask_path is None else np.bincount(mask.ravel()).tolist()
             checked.append(CheckedPair(pair, image.shape, image.dtype, max_label,
-                                       normalization.channel_statistics(image),
-                                       np.bincount(mask.ravel()).tolist(), object_extents(mask)))
+                                       normalization.channel_statistics(image), counts,
+                                       object_extents(mask) if pair.mask_path is not None else {}))
             if cached_bytes + image.nbytes + mask.nbytes <= CACHE_BUDGET_BYTES:
                 cache[pair.stem] = (image, mask)
                 cached_bytes += image.nbytes + mask.nbytes
@@ -580,6 +635,8 @@ def _check_targets(targets, output_folder, needed_bytes):
 
 def database_plan(config, num_images):
     """[(key, split, fold or None, image indices)] of the databases to write, in writing order."""
+    if config.unlabelled_only:
+        return [("unlabelled", "unlabelled", None, list(range(num_images)))]
     if config.folds is None:
         train, test = split_indices(num_images, config.train_fraction, config.seed)
         return [("train", "train", None, train), ("test", "test", None, test)]
@@ -657,15 +714,17 @@ def build_databases(config, show_progress=None, warn=_print_warning):
                 "dataset_name": config.dataset_name,
                 "source_images": len(items),
                 "dataset_number_classes": max_label + 1,
-                # Only train databases are tiled; test images are stored whole.
-                "tile_size": config.tile_size if split == "train" else None,
-                "tile_overlap": config.tile_overlap if split == "train" else 0,
+                # Only train (and unlabelled) databases are tiled; test images are stored whole.
+                "tile_size": config.tile_size if split != "test" else None,
+                "tile_overlap": config.tile_overlap if split != "test" else 0,
                 "image_folder": config.image_folder,
                 "mask_folder": config.mask_folder,
                 "masks_255_to_1": config.masks_255_to_1,
             }
             if fold is not None:
                 extra.update(fold=fold, folds=config.folds)
+            if config.unlabelled_only:
+                extra["unlabelled_only"] = True  # train_unet.py refuses it, pretrain_unet.py reads it
             fields = {"split": split, "split_seed": config.seed, "extra": extra,
                       "train_fraction": config.train_fraction if fold is None
                       else round(len(plan[2 * fold][3]) / len(checked), 6)}
@@ -673,7 +732,7 @@ def build_databases(config, show_progress=None, warn=_print_warning):
             try:
                 metadata[key], raw_bytes[key] = write_split(
                     new_path, items, cache, config, image_dtype, mask_dtype, fields, progress,
-                    tile=split == "train", keep_cached=config.folds is not None)
+                    tile=split != "test", keep_cached=config.folds is not None)
             except records.NoSpaceError as exc:
                 raise BuildError(f"no space left on {config.output_folder} while writing "
                                  f"{os.path.basename(targets[key])} ({exc.detail}); nothing was changed "
@@ -703,6 +762,9 @@ def format_summary(result):
     tiles = f", train images cut into {c.tile_size}px tiles overlapping {c.tile_overlap}px" if c.tile_size else ""
     split = f"{c.folds} folds" if c.folds else f"train_fraction {c.train_fraction}"
     lines = [f"Built {total} image/mask pairs in {result.seconds:.1f} s (seed {c.seed}, {split}{tiles}):"]
+    if c.unlabelled_only:
+        tiles = f", cut into {c.tile_size}px tiles overlapping {c.tile_overlap}px" if c.tile_size else ""
+        lines = [f"Built {total} unlabelled images (no masks) in {result.seconds:.1f} s{tiles}:"]
     width = max(5, *map(len, result.paths))
     for key in result.paths:
         meta = result.metadata[key]
@@ -753,10 +815,14 @@ def parse_args(argv=None):
                         help="folder of images: H x W grayscale or H x W x C, uint8/uint16/int32/"
                              "float32 (other integer/float dtypes are converted when lossless; float "
                              "images with NaN or Inf pixels are refused)")
-    parser.add_argument("--mask_folder", required=True,
+    parser.add_argument("--mask_folder", default=None,
                         help="folder of masks with the same file stems as the images (a.tif pairs "
                              "with a.png): H x W integer class ids, 0 = background; must not be "
-                             "--image_folder")
+                             "--image_folder. Required unless --unlabelled_only")
+    parser.add_argument("--unlabelled_only", action="store_true",
+                        help="the images have no masks: write one unlabelled-<name>.lmdb of every image "
+                             "(no train/test split; tiled with --tile_size like a train database) for "
+                             "self-supervised pretraining with pretrain_unet.py; train_unet.py refuses it")
     parser.add_argument("--output_folder", "--output_filepath", dest="output_folder", required=True,
                         help="folder that receives train-<name>.lmdb and test-<name>.lmdb (created "
                              "if missing); --output_filepath is the original tool's name for it")
@@ -794,18 +860,22 @@ def parse_args(argv=None):
                              "multi-page TIFF of channels). Without it they are refused as Z or time "
                              "stacks, which 2-D masks cannot label")
     args = parser.parse_args(argv)
+    if args.unlabelled_only and args.train_fraction is not None:
+        parser.error("--train_fraction with --unlabelled_only: an unlabelled database holds every image "
+                     "(there is no test split); drop --train_fraction")
     if args.folds is not None and args.train_fraction is not None:
         parser.error("--train_fraction and --folds exclude each other: with --folds K each fold "
                      "tests on 1/K of the images")
     return BuildConfig(
         image_folder=args.image_folder, mask_folder=args.mask_folder,
         output_folder=args.output_folder, dataset_name=args.dataset_name,
-        train_fraction=(None if args.folds else 0.8) if args.train_fraction is None else args.train_fraction,
+        train_fraction=((1.0 if args.unlabelled_only else None if args.folds else 0.8)
+                        if args.train_fraction is None else args.train_fraction),
         seed=args.seed,
         tile_size=args.tile_size, tile_overlap=args.tile_overlap,
         image_extensions=image_io.parse_extensions(args.image_extensions),
         masks_255_to_1=args.masks_255_to_1, first_axis_is_channels=args.first_axis_is_channels,
-        folds=args.folds)
+        folds=args.folds, unlabelled_only=args.unlabelled_only)
 
 
 def _raise_on_sigterm(signum, frame):

@@ -185,11 +185,10 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels):
     return TrainState(), False
 
 
-def check_compatible(directory, saved, config, input_channels):
-    """ConfigError unless the checkpoint's network (config.json ``saved``) fits this run."""
+def check_compatible(directory, saved, config, input_channels, flag="--restore_checkpoint_filepath"):
+    """ConfigError naming ``flag`` unless the checkpoint's network (config.json ``saved``) fits this run."""
     if saved.get("model") != config.model:
-        raise ConfigError(f"--restore_checkpoint_filepath {directory} holds a {saved.get('model')} model, "
-                          f"not {config.model}")
+        raise ConfigError(f"{flag} {directory} holds a {saved.get('model')} model, not {config.model}")
     wanted = {"base_filters": config.base_filters, "batch_norm": config.batch_norm, "input_channels": input_channels,
               "unet_depth": config.unet_depth, "upsampling": config.upsampling}
     # Checkpoints written before --unet_depth/--upsampling existed hold today's defaults.
@@ -197,8 +196,9 @@ def check_compatible(directory, saved, config, input_channels):
     mismatched = {k: saved.get(k) for k, v in wanted.items() if saved.get(k) != v}
     if mismatched:
         raise ConfigError(
-            f"--restore_checkpoint_filepath {directory} was trained with "
-            + ", ".join(f"{k}={v}" for k, v in mismatched.items()) + "; the same values are needed to restore it")
+            f"{flag} {directory} was trained with "
+            + ", ".join(f"{k}={v}" for k, v in mismatched.items()) + " but this run has "
+            + ", ".join(f"{k}={wanted[k]}" for k in mismatched) + "; the same values are needed to restore it")
 
 
 def load_optimizer(path, optimizer):
@@ -234,6 +234,22 @@ def load_optimizer(path, optimizer):
     for key, variable in variables.items():
         if key not in learning_rate:
             variable.assign(saved[key])
+
+
+def initialise_from(directory, model, input_channels):
+    """--init_from: copy every layer of the checkpoint in ``directory`` but the output head 'logits' into
+    ``model`` (check_compatible has accepted it) and print which layers were and were not restored.
+    Returns (restored names, skipped names)."""
+    import models
+
+    saved = read_config(directory)
+    source = models.build_from_config(dict(saved, input_channels=input_channels))
+    source.load_weights(os.path.join(directory, WEIGHTS_FILE))
+    restored, skipped = transfer_weights(source, model)
+    what = f"a {saved['pretext'].get('task', 'pretext')} pretraining" if saved.get("pretext") else "a training run"
+    print(f"initialised from {directory} ({what}): restored {len(restored)} layers ({', '.join(restored)}); "
+          f"not restored (fresh weights): {', '.join(skipped) or 'none'}", flush=True)
+    return restored, skipped
 
 
 def transfer_weights(source, model):
@@ -287,6 +303,13 @@ def read_training_config(folders):
                 raise ModelLoadError(f"cannot read training config {path}: {exc}") from exc
             if not isinstance(value, dict):
                 raise ModelLoadError(f"{path}: expected a JSON object, got {type(value).__name__}")
+            if value.get("pretext"):
+                # Its output is a denoised image, not class logits: segmenting with it would write
+                # masks of nothing without a word.
+                raise ModelLoadError(
+                    f"{path} describes a pretraining run (pretrain_unet.py, pretext task "
+                    f"{value['pretext'].get('task')}): it does not segment; fine-tune it first with "
+                    f"train_unet.py --init_from {os.path.dirname(path)}, then use that run's model")
             return value, path
     return None, None
 

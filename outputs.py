@@ -15,14 +15,19 @@ class Outputs:
     """The output folder. Only the chief writes; on other workers every method does nothing."""
     TRAIN_COLUMNS = ["step", "loss", "step_time_s", "images_per_s"]
 
-    def __init__(self, output_dir, number_classes, enabled, resume_state=None):
+    def __init__(self, output_dir, number_classes, enabled, resume_state=None, test_columns=None,
+                 metric_curves=None):
+        """``test_columns`` / ``metric_curves`` (plots.plot_metrics' curves): a pretext task's own; None
+        for segmentation's."""
         self.dir = output_dir
         self.enabled = enabled
         self.number_classes = number_classes
-        self.test_columns = (["epoch", "step", "loss", "pixel_accuracy"]
-                             + [f"iou_{k}" for k in range(number_classes)]
-                             + [f"dice_{k}" for k in range(number_classes)]
-                             + ["mean_iou", "test_pixels", "test_seconds", "starvation_s", "wall_time_s"])
+        self.test_columns = test_columns or (["epoch", "step", "loss", "pixel_accuracy"]
+                                             + [f"iou_{k}" for k in range(number_classes)]
+                                             + [f"dice_{k}" for k in range(number_classes)]
+                                             + ["mean_iou", "test_pixels", "test_seconds", "starvation_s",
+                                                "wall_time_s"])
+        self.metric_curves = metric_curves
         self.train_csv = os.path.join(output_dir, "train_loss.csv")
         self.test_csv = os.path.join(output_dir, "test_metrics.csv")
         self._train_file = self._writer = None
@@ -77,7 +82,7 @@ class Outputs:
                 tf.summary.image("test/predicted_mask", (predicted_masks[..., None] * scale).astype(np.float32),
                                  max_outputs=count)
         self._writer.flush()
-        plots.save_training_plots(self.dir, self.number_classes)
+        plots.save_training_plots(self.dir, self.number_classes, self.metric_curves)
 
     def close(self):
         if self._train_file is not None:

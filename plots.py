@@ -56,15 +56,17 @@ def metric_curves(class_names):
             + [(f"dice_{k}", f"Dice {name}") for k, name in class_names.items()])
 
 
-def save_training_plots(output_dir, number_classes):
-    """plots/loss.png and plots/metrics.png of a training output folder, from its CSVs."""
+def save_training_plots(output_dir, number_classes, curves=None):
+    """plots/loss.png and plots/metrics.png of a training output folder, from its CSVs (``curves``:
+    plot_metrics' curves; None = the segmentation metrics of ``number_classes`` classes)."""
+    if curves is None:
+        curves = metric_curves({k: str(k) for k in range(number_classes)})
     plt = _pyplot()
     train_rows = read_csv(os.path.join(output_dir, "train_loss.csv"))
     test_rows = read_csv(os.path.join(output_dir, "test_metrics.csv"))
     os.makedirs(os.path.join(output_dir, "plots"), exist_ok=True)
     for name, draw in (("loss.png", lambda ax: plot_loss(ax, train_rows, test_rows)),
-                       ("metrics.png", lambda ax: plot_metrics(
-                           ax, test_rows, metric_curves({k: str(k) for k in range(number_classes)})))):
+                       ("metrics.png", lambda ax: plot_metrics(ax, test_rows, curves))):
         fig, ax = plt.subplots(figsize=(7, 4))
         draw(ax)
         fig.tight_layout()

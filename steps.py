@@ -102,17 +102,24 @@ def make_train_step(strategy, model, optimizer, loss_name, number_classes, globa
     Returns:
       step(distributed_batch) -> scalar loss: the mean over all images of all towers and workers.
     """
+    def batch_loss(images, masks):
+        return per_image_loss(model(images, training=True), masks, loss_name, number_classes)
+
+    return make_step(strategy, model, optimizer, batch_loss, global_batch_size, jit_compile)
+
+
+def make_step(strategy, model, optimizer, batch_loss, global_batch_size, jit_compile=False):
+    """make_train_step for any loss: ``batch_loss(images, masks)`` runs the model and returns the loss
+    of each image, float32 [B] (pretext.py's tasks use it with their own inputs and targets)."""
     import tensorflow as tf
 
     def loss_and_gradients(images, masks):
         with tf.GradientTape() as tape:
-            logits = model(images, training=True)
             # Divide by the GLOBAL batch exactly once. The all-reduce then *sums* the replicas'
             # gradients, which gives the gradient of the mean over every image of every tower.
             # Keras 3 losses already scale by 1/num_replicas inside a strategy, so they are not
             # used here: combining them with this division would shrink the loss twice.
-            loss = tf.nn.compute_average_loss(
-                per_image_loss(logits, masks, loss_name, number_classes), global_batch_size=global_batch_size)
+            loss = tf.nn.compute_average_loss(batch_loss(images, masks), global_batch_size=global_batch_size)
             scaled_loss = optimizer.scale_loss(loss)  # identity unless --mixed_precision
         return loss, tape.gradient(scaled_loss, model.trainable_variables)
 

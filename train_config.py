@@ -94,6 +94,11 @@ class TrainConfig:
     restore_checkpoint_filepath: str = flag(
         "resume from a checkpoint folder or an output folder (its checkpoints/latest); a checkpoint with "
         "another number_classes is used for transfer learning (all layers but 'logits')")
+    init_from: str = flag(
+        "start from the weights of a pretrain_unet.py output folder (its checkpoints/best) or checkpoint "
+        "folder: every layer but the output head 'logits', which starts fresh; the model, --base_filters, "
+        "--batch_norm, --unet_depth, --upsampling and the channel count must be those it was pretrained "
+        "with. Ignored when --restore_checkpoint_filepath resumes a run")
     reader_count: int = flag("reader processes per tower (default %(default)s)", 1, kind=int)
     use_augmentation: bool = flag("augment training images (default %(default)s)", True, kind="binary")
     balance_classes: bool = flag("sample training records so every class is equally represented "
@@ -123,6 +128,8 @@ class TrainConfig:
     self_configure: list = dataclasses.field(default_factory=list, compare=False)
     # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
     augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
+    # pretrain_unet.py: the pretext task's settings (pretext.PretextConfig as a dict); None = segmentation.
+    pretext: dict = None
 
     def __post_init__(self):
         # Code written when --mixed_precision was an on/off switch passes True / False.
@@ -139,14 +146,18 @@ def _flag_fields():
     return [field for field in dataclasses.fields(TrainConfig) if "flag" in field.metadata]
 
 
-def build_parser(model_name):
-    """The argparse parser of train_<model_name>.py, generated from TrainConfig's fields."""
+def build_parser(model_name, exclude=(), prog=None, description=None):
+    """The argparse parser of train_<model_name>.py, generated from TrainConfig's fields (without the
+    flags named in ``exclude``: pretrain_unet.py has no labels, so no --loss, --number_classes, ...)."""
     parser = argparse.ArgumentParser(
-        prog=f"train_{model_name}.py",
-        description=f"Train a {model_name} segmentation network on LMDB databases made by build_lmdb.py.")
+        prog=prog or f"train_{model_name}.py",
+        description=description or f"Train a {model_name} segmentation network on LMDB databases made by "
+                                   "build_lmdb.py.")
     registry = {"no_xla": ", ".join(n for n in models.MODEL_NAMES if models.xla_problem(n)) or "none",
                 "divisors": ", ".join(f"{models.SIZE_DIVISOR[n]} for {n}" for n in models.MODEL_NAMES)}
     for field in _flag_fields():
+        if field.name in exclude:
+            continue
         spec = field.metadata["flag"]
         options = {"help": spec["help"].format(**registry)}
         if spec["action"]:
@@ -182,14 +193,17 @@ def parse_args(parser, argv=None):
     return parser.parse_args(argv, namespace=argparse.Namespace(**{name: UNSET for name in plan.AUTO_FLAGS}))
 
 
-def config_from_args(model_name, args):
-    """TrainConfig from parsed arguments (the augmentation flags resolved by augment.py)."""
+def config_from_args(model_name, args, **values):
+    """TrainConfig from parsed arguments (the augmentation flags resolved by augment.py); ``values``
+    give the fields whose flags the parser left out."""
     try:
         augmentation = augment.augmentation_config_from_args(args)
     except (ValueError, OSError) as error:
         raise ConfigError(str(error)) from None
-    values, unset = {}, []
+    unset = []
     for field in _flag_fields():
+        if field.name in values:
+            continue
         value = getattr(args, field.name, UNSET)
         if value is UNSET:
             value = field.default
@@ -198,12 +212,17 @@ def config_from_args(model_name, args):
     return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), self_configure=unset, **values)
 
 
-def read_database_metadata(path, role):
-    """Metadata of the --<role>_database, or ConfigError naming the path."""
+def read_database_metadata(path, role, flag_name=None):
+    """Metadata of the --<role>_database (or of the flag ``flag_name``), or ConfigError naming the path."""
     try:
         return records.read_metadata(path)
     except (FileNotFoundError, records.RecordFormatError) as error:
-        raise ConfigError(f"--{role}_database {path}: {error}") from None
+        raise ConfigError(f"{flag_name or f'--{role}_database'} {path}: {error}") from None
+
+
+def database_flag(config, role):
+    """The flag that gave the --<role>_database of ``config``: pretrain_unet.py has one, --database."""
+    return "--database" if config.pretext else f"--{role}_database"
 
 
 def validate_config(config, train_metadata, test_metadata):
@@ -211,7 +230,8 @@ def validate_config(config, train_metadata, test_metadata):
 
     if config.model not in models.MODEL_NAMES:
         raise ConfigError(f"model {config.model!r}: expected one of {', '.join(models.MODEL_NAMES)}")
-    positive = {"batch_size": 1, "number_classes": 2, "early_stopping": 1, "reader_count": 1,
+    # A pretext head regresses the C input channels: one output is enough there.
+    positive = {"batch_size": 1, "number_classes": 1 if config.pretext else 2, "early_stopping": 1, "reader_count": 1,
                 "base_filters": 1, "log_every_n_steps": 1, "test_every_n_steps": 1, "max_epochs": 1,
                 "cpu_towers": 1, "tile_size": 1}
     for name, minimum in positive.items():
@@ -249,8 +269,15 @@ def validate_config(config, train_metadata, test_metadata):
         raise ConfigError(f"--tile_size {config.tile_size}: {error}") from None
     for role, metadata, path in (("train", train_metadata, config.train_database),
                                  ("test", test_metadata, config.test_database)):
+        name = database_flag(config, role)
         if not metadata.get("num_records"):
-            raise ConfigError(f"--{role}_database {path}: the database holds no records")
+            raise ConfigError(f"{name} {path}: the database holds no records")
+        if metadata.get("unlabelled_only") and not config.pretext:
+            raise ConfigError(
+                f"--{role}_database {path} is an unlabelled database (built with build_lmdb.py --unlabelled_only): "
+                "it holds no masks to train on. Pretrain on it with pretrain_unet.py --database "
+                f"{path}, then train on databases built with --mask_folder, with --init_from <the pretraining "
+                "output folder>")
         found = [k for k, n in enumerate(metadata.get("class_pixel_counts", [])) if n > 0]
         if found and max(found) >= config.number_classes:
             hint = ""
@@ -258,12 +285,12 @@ def validate_config(config, train_metadata, test_metadata):
                 hint = ("; label 255 usually means binary masks saved as 0/255 images: convert them to 0/1 "
                         "(e.g. mask // 255) and rebuild the database, rather than raising --number_classes")
             raise ConfigError(
-                f"--number_classes {config.number_classes} is too small for --{role}_database {path}: "
+                f"--number_classes {config.number_classes} is too small for {name} {path}: "
                 f"it holds labels {found}; use --number_classes {max(found) + 1} or more{hint}")
         smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
         if smallest < config.tile_size:
             raise ConfigError(
-                f"--{role}_database {path} holds images as small as {smallest} px, smaller than "
+                f"{name} {path} holds images as small as {smallest} px, smaller than "
                 f"--tile_size {config.tile_size}; use a tile size <= {smallest}")
     if train_metadata["channels"] != test_metadata["channels"]:
         raise ConfigError(

@@ -32,6 +32,7 @@ import models
 import optim
 import outputs
 import plan
+import pretext
 import progress
 import records
 import steps
@@ -40,15 +41,20 @@ from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported
 from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                     ConfigError, TrainingError)
 from train_config import (TrainConfig, build_parser, config_from_args,  # noqa: F401 (re-exported)
-                          optimizer_settings, read_database_metadata, validate_config)
+                          database_flag, optimizer_settings, read_database_metadata, validate_config)
 
 
 def main(model_name, argv=None):
     """Entry point of train_<model>.py. Returns the process exit code."""
-    parser = build_parser(model_name)
+    return run_command(build_parser(model_name), lambda args: config_from_args(model_name, args), argv)
+
+
+def run_command(parser, make_config, argv=None):
+    """Parse ``argv`` with ``parser``, train the TrainConfig ``make_config(args)`` describes, and turn
+    errors into messages and exit codes (train_<model>.py, pretrain_unet.py). Returns the exit code."""
     args = train_config.parse_args(parser, argv)
     try:
-        config = config_from_args(model_name, args)
+        config = make_config(args)
         summary = train(config)
     except (ConfigError, distribute.DistributionError) as error:
         parser.print_usage(sys.stderr)
@@ -77,6 +83,43 @@ def build_model(config, input_channels):
                               **models.shape_options(config))
 
 
+class SegmentationTask:
+    """What a run trains the network to do; this one, the default, segments.
+
+    A task gives the trainer the train step (its loss), the test pass, the test_metrics.csv columns
+    and plotted curves (None: outputs.py's segmentation ones) and the metrics of a test line.
+    pretext.py holds the self-supervised tasks of pretrain_unet.py.
+    """
+    test_columns = None
+    metric_curves = None
+
+    def make_train_step(self, strategy, model, optimizer, config, global_batch):
+        return steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes, global_batch,
+                                     jit_compile=config.xla)
+
+    def make_evaluator(self, model, config, info):
+        return evaluation.Evaluator(model, config.model, config.test_database, config.number_classes, config.loss,
+                                    shard_index=info.worker_index, shard_count=info.num_workers,
+                                    options=models.shape_options(config))
+
+    def progress_metric(self, row):
+        """The test figure of the progress line: the mean foreground Dice."""
+        foreground = [value for key, value in row.items() if key.startswith("dice_") and key != "dice_0"]
+        return f"test foreground dice {np.nanmean(foreground):.3f}"
+
+    def describe(self, row):
+        dice = " ".join("%.3f" % row[f"dice_{k}"] for k in range(sum(1 for key in row if key.startswith("dice_"))))
+        return (f"test loss {row['loss']:.4f}  accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  "
+                f"dice {dice}")
+
+
+def make_task(config):
+    """The task of a TrainConfig: a pretext task (pretrain_unet.py) or segmentation."""
+    if config.pretext:
+        return pretext.task_from_config(config.pretext)
+    return SegmentationTask()
+
+
 # ----------------------------------------------------------------------------------------------
 # Setting a run up
 # ----------------------------------------------------------------------------------------------
@@ -95,8 +138,8 @@ def train(config):
     started = time.perf_counter()  # the --time_budget counts from here
     # Everything that can refuse the run comes before anything is written: a refused run
     # creates nothing.
-    train_metadata = read_database_metadata(config.train_database, "train")
-    test_metadata = read_database_metadata(config.test_database, "test")
+    train_metadata = read_database_metadata(config.train_database, "train", database_flag(config, "train"))
+    test_metadata = read_database_metadata(config.test_database, "test", database_flag(config, "test"))
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
     saved, run_plan, self_configuration = None, None, None
     if checkpoint_dir:
@@ -106,12 +149,15 @@ def train(config):
         config, self_configuration = self_configure(config, train_metadata, test_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
+    init_dir = find_init_checkpoint(config, checkpoint_dir, input_channels)
     fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
                     "test": checkpoints.database_fingerprint(test_metadata)}
     database_warnings = []
     if checkpoint_dir:
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
         database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
+        # A resumed fine-tuning run still records what its weights began from.
+        init_dir = init_dir or saved.get("init_from_checkpoint")
 
     # Devices and strategy come before any other TensorFlow work (see distribute.py).
     cluster = distribute.detect_cluster(os.environ)
@@ -126,6 +172,7 @@ def train(config):
     keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
     keras.utils.set_random_seed(config.seed)
     global_batch = config.batch_size * len(towers) * info.num_workers
+    task = make_task(config)
     with strategy.scope():
         model = build_model(config, input_channels)
     train_reader = evaluator = None
@@ -135,7 +182,7 @@ def train(config):
         train_reader = make_train_reader(config, len(towers), info, 0)
         try:
             config, model, evaluator, run_plan = plan_by_measuring(
-                config, strategy, info, model, train_reader, input_channels, global_batch, self_configuration,
+                task, config, strategy, info, model, train_reader, input_channels, global_batch, self_configuration,
                 started)
         except BaseException:
             train_reader.shutdown()
@@ -150,7 +197,8 @@ def train(config):
                        warmup_steps=settings.warmup_steps,
                        tool_version=records.TOOL_VERSION, normalization=checkpoints.NORMALIZATION,
                        train_database_fingerprint=fingerprints["train"],
-                       test_database_fingerprint=fingerprints["test"])
+                       test_database_fingerprint=fingerprints["test"],
+                       init_from_checkpoint=init_dir)
     if run_plan is not None:
         config_dict["plan"] = run_plan.to_dict()
     if self_configuration is not None:
@@ -163,6 +211,8 @@ def train(config):
     state, resumed = TrainState(), False
     if checkpoint_dir:
         state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
+    if init_dir and not checkpoint_dir:
+        checkpoints.initialise_from(init_dir, model, input_channels)
     if train_reader is None:
         train_reader = make_train_reader(config, len(towers), info, state.step)
 
@@ -191,10 +241,11 @@ def train(config):
             for warning in database_warnings:
                 print(warning, file=sys.stderr, flush=True)
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
-                                  state if resumed else None)
+                                  state if resumed else None, test_columns=task.test_columns,
+                                  metric_curves=task.metric_curves)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
               steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
-              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator))
+              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task)
     try:
         with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
@@ -247,7 +298,7 @@ def kept_plan(config, saved, checkpoint_dir):
     return config, run_plan
 
 
-def plan_by_measuring(config, strategy, info, model, train_reader, input_channels, global_batch,
+def plan_by_measuring(task, config, strategy, info, model, train_reader, input_channels, global_batch,
                       self_configuration, started):
     """(config with the planned run length, model, evaluator, RunPlan) of a --time_budget run.
 
@@ -256,10 +307,11 @@ def plan_by_measuring(config, strategy, info, model, train_reader, input_channel
     model rebuilt and measured again; otherwise ConfigError with the estimate.
     """
     train_reader.startup()
-    evaluator = make_evaluator(config, model, info)
+    evaluator = task.make_evaluator(model, config, info)
     while True:
         try:
-            run_plan = measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started)
+            run_plan = measured_plan(task, config, strategy, info, model, train_reader, evaluator, global_batch,
+                                     started)
             break
         except plan.PlanError as error:
             if "base_filters" not in config.self_configure or config.base_filters // 2 < plan.MIN_FILTERS:
@@ -271,7 +323,7 @@ def plan_by_measuring(config, strategy, info, model, train_reader, input_channel
                           f"steps of the {plan.MIN_STEPS} a run needs in the budget"}
             with strategy.scope():
                 model = build_model(config, input_channels)
-            evaluator = make_evaluator(config, model, info)
+            evaluator = task.make_evaluator(model, config, info)
     config = dataclasses.replace(config, max_steps=run_plan.steps,
                                  test_every_n_steps=config.test_every_n_steps or run_plan.test_every)
     return config, model, evaluator, run_plan
@@ -324,10 +376,10 @@ def machine_profile(config):
     return "cpu", os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "the physical RAM"
 
 
-def measured_plan(config, strategy, info, model, train_reader, evaluator, global_batch, started):
+def measured_plan(task, config, strategy, info, model, train_reader, evaluator, global_batch, started):
     """The RunPlan of --time_budget from this run's measured speeds (plan.PlanError when too short)."""
     compile_s, step_s, test_s, save_s = measure_speed(config, strategy, info, model, train_reader, evaluator,
-                                                      global_batch)
+                                                      global_batch, task)
     # A pass also writes checkpoints/latest and often best (weights and optimizer state: about 3x the
     # weights each); the export rebuilds the model (about 1 s on a CPU), loads and saves it, and the
     # readers stop (about 1 s).
@@ -340,7 +392,7 @@ def measured_plan(config, strategy, info, model, train_reader, evaluator, global
 PROBE_STEPS = 8  # timed steps after the first (compiling) one; their mean is the step time
 
 
-def measure_speed(config, strategy, info, model, train_reader, evaluator, global_batch):
+def measure_speed(config, strategy, info, model, train_reader, evaluator, global_batch, task):
     """(compile_s, step_s, test_s, save_s) of this run, the mean over the workers so all plan alike.
 
     The measuring steps use a throwaway optimizer at learning rate 0 and the weights (batch-norm
@@ -353,8 +405,7 @@ def measure_speed(config, strategy, info, model, train_reader, evaluator, global
         probe_optimizer = optim.make_optimizer(optim.OptimizerSettings(
             optimizer=config.optimizer, learning_rate=0.0, mixed_precision=config.mixed_precision))
         probe_optimizer.build(model.trainable_variables)
-    probe_step = steps.make_train_step(strategy, model, probe_optimizer, config.loss, config.number_classes,
-                                       global_batch, jit_compile=config.xla)
+    probe_step = task.make_train_step(strategy, model, probe_optimizer, config, global_batch)
     weights = model.get_weights()
     local_replicas = distribute.local_replica_count(strategy)
     times = []
@@ -375,13 +426,6 @@ def measure_speed(config, strategy, info, model, train_reader, evaluator, global
     return tuple(float(x) for x in distribute.sum_across_workers(strategy, figures) / info.num_workers)
 
 
-def make_evaluator(config, model, info):
-    """The test pass of this worker (evaluation.Evaluator)."""
-    return evaluation.Evaluator(model, config.model, config.test_database, config.number_classes, config.loss,
-                                shard_index=info.worker_index, shard_count=info.num_workers,
-                                options=models.shape_options(config))
-
-
 def find_restore_checkpoint(path):
     """The checkpoint folder --restore_checkpoint_filepath means (latest first), None when not
     given, or ConfigError."""
@@ -392,6 +436,29 @@ def find_restore_checkpoint(path):
         raise ConfigError(
             f"--restore_checkpoint_filepath {path}: no checkpoint there; expected a folder holding "
             f"{', '.join(CHECKPOINT_FILES)} or an output folder with checkpoints/latest")
+    return found
+
+
+def find_init_checkpoint(config, checkpoint_dir, input_channels):
+    """The checkpoint folder --init_from means (best first), checked against this run's network; None
+    when not given or when --restore_checkpoint_filepath resumes the run (its weights come from there).
+    ConfigError naming the flag otherwise, before anything is written."""
+    if not config.init_from:
+        return None
+    if checkpoint_dir:
+        if checkpoints.read_config(checkpoint_dir).get("number_classes") == config.number_classes:
+            print(f"--init_from {config.init_from} is not used: the run resumes from {checkpoint_dir}", flush=True)
+            return None
+        raise ConfigError(f"--init_from {config.init_from} and --restore_checkpoint_filepath "
+                          f"{config.restore_checkpoint_filepath} (transfer learning) both give the starting "
+                          "weights; give one of them")
+    found = checkpoints.find_checkpoint(config.init_from, prefer="best",
+                                        required=(checkpoints.WEIGHTS_FILE, "config.json"))
+    if found is None:
+        raise ConfigError(f"--init_from {config.init_from}: no checkpoint there; expected a pretrain_unet.py "
+                          f"output folder (holding checkpoints/best or checkpoints/latest) or a checkpoint "
+                          f"folder holding {checkpoints.WEIGHTS_FILE} and config.json")
+    checkpoints.check_compatible(found, checkpoints.read_config(found), config, input_channels, flag="--init_from")
     return found
 
 
@@ -442,18 +509,18 @@ class Run:
     """One training run: the model, its steps, readers and outputs, and the loop over them."""
 
     def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, outputs,
-                 steps_per_epoch, global_batch, last_checkpoint=None, evaluator=None, deadline=None):
+                 steps_per_epoch, global_batch, last_checkpoint=None, evaluator=None, deadline=None, task=None):
         self.config, self.config_dict = config, config_dict
+        self.task = task or SegmentationTask()
         self.strategy, self.info = strategy, info
         self.model, self.optimizer = model, optimizer
         self.train_reader, self.outputs = train_reader, outputs
         self.steps_per_epoch, self.global_batch = steps_per_epoch, global_batch
         self.optimizer_settings = optimizer_settings(config, steps_per_epoch)
         self.local_replicas = distribute.local_replica_count(strategy)
-        self.train_step = steps.make_train_step(strategy, model, optimizer, config.loss, config.number_classes,
-                                                global_batch, jit_compile=config.xla)
+        self.train_step = self.task.make_train_step(strategy, model, optimizer, config, global_batch)
         # A planned run passes the evaluator that measured the test pass (its predictor is compiled).
-        self.evaluator = evaluator or make_evaluator(config, model, info)
+        self.evaluator = evaluator or self.task.make_evaluator(model, config, info)
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
@@ -586,13 +653,10 @@ class Run:
 
     def print_test_line(self, state, row, improved, seconds):
         if self.info.is_chief:
-            foreground = [row[f"dice_{k}"] for k in range(1, self.config.number_classes)]
-            self.test_metric = f"test foreground dice {np.nanmean(foreground):.3f}"
+            self.test_metric = self.task.progress_metric(row)
             self.end_progress_line()
-            dice = " ".join("%.3f" % row[f"dice_{k}"] for k in range(self.config.number_classes))
             verdict = "(best)" if improved else f"({state.epochs_without_improvement} without improvement)"
-            print(f"epoch {state.epoch:4d}  step {state.step:7d}  test loss {row['loss']:.4f}  "
-                  f"accuracy {row['pixel_accuracy']:.4f}  mean IoU {row['mean_iou']:.4f}  dice {dice}  "
+            print(f"epoch {state.epoch:4d}  step {state.step:7d}  {self.task.describe(row)}  "
                   f"{verdict}  test {seconds:.1f}s ({seconds / max(row['test_pixels'] / 1e6, 1e-9):.2f} s/MP)",
                   flush=True)
 
