@@ -403,7 +403,8 @@ def test_end_to_end_on_nist_colonies(model, nist_dbs, tmp_path):
     assert np.mean(losses[-10:]) < np.mean(losses[:10])
     test_rows = read_csv(out / "test_metrics.csv")
     assert list(test_rows[0]) == ["epoch", "step", "loss", "pixel_accuracy", "iou_0", "iou_1", "dice_0", "dice_1",
-                                  "mean_iou", "test_pixels", "test_seconds", "starvation_s", "wall_time_s"]
+                                  "mean_iou", "test_pixels", "annotated_pixels", "test_seconds", "starvation_s",
+                                  "wall_time_s"]
     assert [r["epoch"] for r in test_rows] == ["1", "2", "3"]
     if model == "unet":
         # (SegNet's test loss can rise this early: its deeper BN layers' moving statistics lag
