@@ -55,6 +55,7 @@ import image_io
 import models
 import normalization
 import predictor
+import uncertainty
 
 DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 PROBABILITIES_SUFFIX = "_probabilities.npy"
@@ -99,6 +100,7 @@ class InferenceConfig:
     save_probabilities: bool = False
     tta: bool = False
     image_extensions: tuple = DEFAULT_EXTENSIONS
+    uncertainty_csv: str | None = None  # rank the images by uncertainty here (uncertainty.py)
 
 
 @dataclasses.dataclass
@@ -578,8 +580,9 @@ def _duration(seconds):
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def _segment_file(path, output_folder, loaded, forward, tile_size, device, config):
+def _segment_file(path, output_folder, loaded, forward, tile_size, device, config, tally=None):
     """Read, normalise, predict and write one image. Returns (outputs written, description).
+    ``tally``: an uncertainty.ImageUncertainty fed with every pixel's normalised entropy, or None.
 
     Every per-image problem (unreadable, wrong channels, NaN, out of memory, unwritable output) is
     raised as ImageError naming the file, so the caller can go on with the next image.
@@ -599,14 +602,19 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
             return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
 
         outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
+        if tally is not None:  # last, so the writers' results[0] / results[1] stay as they are
+            outputs.append(uncertainty.normalized_entropy)
         tiles = predictor.count_tiles(height, width, first.name, tile_size, options=first.options)
         progress = Progress(path.name, height * width)
 
         def bands():
             with tf.device(device):
-                yield from predictor.iter_bands(forward, source, stats, first.name, tile_size,
-                                                config.batch_size, config.tta, outputs=outputs,
-                                                progress=progress, options=first.options)
+                for band in predictor.iter_bands(forward, source, stats, first.name, tile_size,
+                                                 config.batch_size, config.tta, outputs=outputs,
+                                                 progress=progress, options=first.options):
+                    if tally is not None:
+                        tally.add(band[2][-1])
+                    yield band
 
         try:
             if not streamed:
@@ -736,6 +744,8 @@ def run_inference(config):
     if config.batch_size < 1:
         raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
     image_folder, output_folder, images = _check_folders(config)
+    if config.uncertainty_csv and not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
+        raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
 
     device = resolve_device(config.gpu)
     with tf.device(device):
@@ -758,7 +768,7 @@ def run_inference(config):
           f"{len(images)} image(s) from {image_folder} -> {output_folder}")
     forward = predictor.make_predictor([member.model for member in loaded])
 
-    written, failed, owners = [], {}, {}
+    written, failed, owners, ranking = [], {}, {}, []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
         stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
@@ -767,19 +777,25 @@ def run_inference(config):
                 raise ImageError(f"{path.name}: same stem as {owners[stem]}, whose outputs "
                                  f"{stem}.* are already written")
             owners[stem] = path.name
+            tally = uncertainty.ImageUncertainty() if config.uncertainty_csv else None
             targets, description = _segment_file(path, output_folder, loaded, forward, tile_size,
-                                                  device, config)
+                                                  device, config, tally)
         except ImageError as exc:
             failed[path.name] = str(exc)
             print(f"[{index}/{len(images)}] FAILED {exc}", file=sys.stderr, flush=True)
             continue
         written.append(str(targets[0]))
+        if tally is not None:
+            ranking.append(tally.row(path.name))
         elapsed = time.perf_counter() - start_time
         eta = (f", folder ETA {_duration(elapsed / index * (len(images) - index))}"
                if len(images) - index > 1 else "")
         print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
+    if config.uncertainty_csv:
+        uncertainty.write_ranking(config.uncertainty_csv, ranking)
+        print(f"uncertainty: {len(ranking)} image(s) ranked, most uncertain first, in {config.uncertainty_csv}")
     summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time)
     print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
           f"failed, {summary.seconds:.1f} s")
@@ -841,6 +857,11 @@ def build_parser():
                         help="file extensions to process, separated by commas or spaces, "
                         f"case-insensitive (default {','.join(DEFAULT_EXTENSIONS)}; zarr: *.zarr "
                         "folders)")
+    parser.add_argument("--uncertainty_csv", default=None, metavar="PATH",
+                        help="also write PATH: one row per image, most uncertain first (mean softmax "
+                        "entropy in units of log(classes), share of pixels above "
+                        f"{uncertainty.UNCERTAIN_ENTROPY}): correct those masks first and retrain "
+                        "(docs/sparse-labels.md)")
     return parser
 
 
@@ -857,7 +878,7 @@ def config_from_args(args):
                            model=paths(args.model), checkpoint_filepath=paths(args.checkpoint_filepath),
                            tile_size=args.tile_size, batch_size=args.batch_size, gpu=args.gpu,
                            save_probabilities=args.save_probabilities, tta=args.tta,
-                           image_extensions=extensions)
+                           image_extensions=extensions, uncertainty_csv=args.uncertainty_csv)
 
 
 def main(argv=None):
