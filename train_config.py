@@ -94,8 +94,10 @@ class TrainConfig:
                                          "gpu:0 with GPUs, else cpu); one worker only: several workers "
                                          "always sum with a collective all-reduce")
     restore_checkpoint_filepath: str = flag(
-        "resume from a checkpoint folder or an output folder (its checkpoints/latest); a checkpoint with "
-        "another number_classes is used for transfer learning (all layers but 'logits')")
+        "resume from a checkpoint folder or an output folder (its checkpoints/latest); with other "
+        "databases than the checkpoint's, fine-tune: only the weights are restored, the step count, "
+        "optimizer, schedule and early stopping restart; a checkpoint with another number_classes is "
+        "used for transfer learning (all layers but 'logits')")
     reader_count: int = flag("reader processes per tower (default %(default)s)", 1, kind=int)
     use_augmentation: bool = flag("augment training images (default %(default)s)", True, kind="binary")
     balance_classes: bool = flag("sample training records so every class is equally represented "
