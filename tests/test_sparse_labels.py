@@ -1,7 +1,6 @@
 """Sparse annotations (docs/sparse-labels.md): unlabelled pixels in masks, a loss and metrics that
 leave them out, foreground crops on annotated pixels, the uncertainty ranking, and the
 correct-and-retrain loop."""
-import json
 import os
 
 import numpy as np
