@@ -75,6 +75,21 @@ class BuildConfig:
     # Images without masks: one unlabelled-<name>.lmdb (every image, tiled like a train database)
     # whose masks are all 0 placeholders, for self-supervised pretraining (pretrain_unet.py).
     unlabelled_only: bool = False
+    # Sparse annotations (docs/sparse-labels.md): the mask value meaning "not annotated", or the
+    # painting-tool convention (0 = not annotated, painted label L = class L - 1). Either one stores
+    # unlabelled pixels as records.IGNORE_LABEL, which training and the test pass leave out.
+    unlabelled_value: Optional[int] = None
+    scribbles: bool = False
+    number_classes: Optional[int] = None  # declared class count: a mask value beyond it is refused
+
+    @property
+    def sparse(self):
+        return self.scribbles or self.unlabelled_value is not None
+
+    def label_options(self):
+        """The keyword arguments of to_label_mask besides masks_255_to_1."""
+        return {"unlabelled_value": self.unlabelled_value, "scribbles": self.scribbles,
+                "number_classes": self.number_classes}
 
     def validate(self):
         """Check the plain values (not the files); raises BuildError."""
@@ -101,6 +116,18 @@ class BuildConfig:
         if self.tile_size is not None and not (0 <= self.tile_overlap < self.tile_size):
             raise BuildError(f"--tile_overlap {self.tile_overlap}: expected 0 <= overlap < "
                              f"--tile_size ({self.tile_size})")
+        if self.scribbles and self.unlabelled_value is not None:
+            raise BuildError(f"--scribbles and --unlabelled_value {self.unlabelled_value} exclude each other: "
+                             "with --scribbles the unlabelled value is 0 (painted label L is class L - 1)")
+        if self.scribbles and self.masks_255_to_1:
+            raise BuildError("--scribbles and --masks_255_to_1 exclude each other: scribble masks hold "
+                             "painted labels 1, 2, ... (label L is class L - 1), not 0/255")
+        if self.masks_255_to_1 and self.unlabelled_value in (0, 255):
+            raise BuildError(f"--unlabelled_value {self.unlabelled_value} with --masks_255_to_1: 0 and 255 "
+                             "are the two classes of a 0/255 mask; give another value (e.g. 128)")
+        if self.number_classes is not None and not (isinstance(self.number_classes, int) and self.number_classes >= 2):
+            raise BuildError(f"--number_classes {self.number_classes}: expected an integer >= 2 "
+                             "(background and at least one foreground class)")
         extensions = image_io.parse_extensions(self.image_extensions)
         unknown = [e for e in extensions if e not in SUPPORTED_EXTENSIONS]
         if unknown or not extensions:
@@ -117,6 +144,9 @@ class BuildConfig:
                              "database of every image, not split; drop --folds")
         if self.masks_255_to_1:
             raise BuildError("--masks_255_to_1 with --unlabelled_only: there are no masks; drop the flag")
+        if self.sparse:
+            raise BuildError("--scribbles / --unlabelled_value with --unlabelled_only: there are no masks to "
+                             "read them in; drop the flag")
 
 
 @dataclasses.dataclass
@@ -133,8 +163,9 @@ class CheckedPair:
     image_dtype: np.dtype
     max_label: int
     statistics: normalization.ChannelStatistics  # of the whole source image, before any tiling
-    class_counts: list  # pixels per class id (index = id) of the whole source image
+    class_counts: list  # annotated pixels per class id (index = id) of the whole source image
     object_extents: dict = None  # class id -> bounding-box extents (px) of its objects (object_extents)
+    unlabelled_pixels: int = 0  # pixels stored as records.IGNORE_LABEL (sparse annotations)
 
 
 @dataclasses.dataclass
@@ -245,11 +276,16 @@ def to_storable_image(image, path):
     raise BuildError(f"{path}: unsupported image dtype {dtype}; expected uint8, uint16, int32 or float32")
 
 
-def to_label_mask(mask, path, masks_255_to_1=False):
-    """Return (mask H x W of an unsigned integer dtype, max label) or raise BuildError.
+def to_label_mask(mask, path, masks_255_to_1=False, unlabelled_value=None, scribbles=False,
+                  number_classes=None):
+    """Return (mask H x W of class ids, max label) or raise BuildError.
 
     With ``masks_255_to_1`` a binary 0/255 mask becomes 0/1; any other value is refused, since
     mapping only 255 would silently merge it with whatever class 1 already means.
+    Sparse annotations: pixels equal to ``unlabelled_value``, or with ``scribbles`` the pixels 0
+    (and painted label L becomes class L - 1), become records.IGNORE_LABEL in a signed dtype; a
+    mask without any annotated pixel is refused. ``number_classes``: a class id >= it is refused.
+    Dense masks come back unsigned (uint8 or uint16), sparse ones signed (int16 or int32).
     """
     if mask.ndim == 3 and mask.shape[2] in (1, 3):
         if mask.shape[2] == 3 and not (np.array_equal(mask[..., 0], mask[..., 1])
@@ -267,31 +303,75 @@ def to_label_mask(mask, path, masks_255_to_1=False):
                          "class ids (0 = background)")
     if mask.dtype.kind not in "iu":
         raise BuildError(f"{path}: unsupported mask dtype {mask.dtype}; expected integer class ids")
+    unlabelled = None
+    if scribbles:
+        unlabelled = mask == 0
+    elif unlabelled_value is not None:
+        unlabelled = mask == unlabelled_value
     if masks_255_to_1:
-        others = sorted(set(np.unique(mask).tolist()) - {0, 255})
+        others = sorted(set(np.unique(mask).tolist()) - {0, 255, unlabelled_value})
         if others:
             raise BuildError(f"{path}: --masks_255_to_1 is for binary 0/255 masks, but this mask also "
                              f"holds {', '.join(map(str, others[:5]))}; drop the flag, or convert the "
                              "masks to class ids yourself")
         mask = (mask == 255).astype(np.uint8)
+    if unlabelled is not None:
+        return _sparse_label_mask(mask, unlabelled, path, unlabelled_value, scribbles, number_classes)
     low, high = (int(mask.min()), int(mask.max())) if mask.size else (0, 0)
     if low < 0:
         raise BuildError(f"{path}: mask holds negative values (min {low}); class ids must be >= 0")
     if high > np.iinfo(np.uint16).max:
         raise BuildError(f"{path}: mask holds class id {high}; at most 65535 classes are supported "
                          "(is this an instance/object-id mask rather than class ids?)")
+    _check_declared_classes(high, mask, path, number_classes, scribbles=False)
     return mask.astype(np.uint8 if high <= 255 else np.uint16), high
 
 
-def load_pair(pair, masks_255_to_1=False, first_axis_is_channels=False):
+def _sparse_label_mask(mask, unlabelled, path, unlabelled_value, scribbles, number_classes):
+    """to_label_mask for a mask with unlabelled pixels: class ids, IGNORE_LABEL where unlabelled."""
+    annotated = mask[~unlabelled]
+    if annotated.size == 0:
+        what = "0 (unpainted) with --scribbles" if scribbles else f"--unlabelled_value {unlabelled_value}"
+        raise BuildError(f"{path}: mask holds no annotated pixel (every pixel is {what}); annotate at "
+                         "least a stroke of background and of each class present, or leave the image out")
+    low, high = int(annotated.min()), int(annotated.max())
+    if low < 0:
+        raise BuildError(f"{path}: mask holds negative values (min {low}); class ids must be >= 0")
+    if high > np.iinfo(np.uint16).max:
+        raise BuildError(f"{path}: mask holds class id {high}; at most 65535 classes are supported "
+                         "(is this an instance/object-id mask rather than class ids?)")
+    labels = mask.astype(np.int32) - (1 if scribbles else 0)  # painted label L is class L - 1
+    high -= 1 if scribbles else 0
+    _check_declared_classes(high, labels[~unlabelled], path, number_classes, scribbles)
+    labels[unlabelled] = records.IGNORE_LABEL
+    return labels.astype(np.int16 if high <= np.iinfo(np.int16).max else np.int32), high
+
+
+def _check_declared_classes(high, labels, path, number_classes, scribbles):
+    if number_classes is None or high < number_classes:
+        return
+    beyond = sorted(int(v) for v in np.unique(labels[labels >= number_classes]))[:5]
+    if scribbles:
+        raise BuildError(f"{path}: mask holds painted label(s) {', '.join(str(v + 1) for v in beyond)}, "
+                         f"beyond --number_classes {number_classes} (with --scribbles paint background as "
+                         f"1 and class k as k + 1, so labels 1..{number_classes}); fix the painting or "
+                         "raise --number_classes")
+    raise BuildError(f"{path}: mask holds value(s) {', '.join(map(str, beyond))} outside --number_classes "
+                     f"{number_classes} (class ids 0..{number_classes - 1}); is the unlabelled value another "
+                     "one (--unlabelled_value)? Fix the mask or raise --number_classes")
+
+
+def load_pair(pair, masks_255_to_1=False, first_axis_is_channels=False, **label_options):
     """Read and convert one pair: (image H x W x C in a stored dtype, mask H x W, max label).
+    ``label_options``: the sparse-annotation keywords of to_label_mask.
 
     A pair without a mask (--unlabelled_only) gets an all-0 uint8 placeholder mask, so the readers
     crop and augment it like any other record."""
     if pair.mask_path is None:
         image = _image_without_mask(pair.image_path, first_axis_is_channels)
         return image, np.zeros(image.shape[:2], np.uint8), 0
-    mask, max_label = to_label_mask(_read(pair.mask_path, "mask"), pair.mask_path, masks_255_to_1)
+    mask, max_label = to_label_mask(_read(pair.mask_path, "mask"), pair.mask_path, masks_255_to_1,
+                                    **label_options)
     image = _read(pair.image_path, "image")
     if image.ndim == 3 and image.shape[:2] != mask.shape and image.shape[1:] == mask.shape:
         # N x H x W beside an H x W mask: multi-page TIFFs of channels look like this, but so do Z
@@ -342,7 +422,7 @@ def _image_without_mask(path, first_axis_is_channels):
     return image
 
 
-def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channels=False):
+def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channels=False, **label_options):
     """Read and validate every pair before anything is written, computing what the metadata and
     the records need from each whole source image (normalisation statistics, class pixel counts).
 
@@ -356,15 +436,19 @@ def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channe
     cached_bytes = 0
     for pair in pairs:
         try:
-            image, mask, max_label = load_pair(pair, masks_255_to_1, first_axis_is_channels)
+            image, mask, max_label = load_pair(pair, masks_255_to_1, first_axis_is_channels, **label_options)
         except BuildError as exc:
             problems.append(str(exc))
         else:
-            # An unlabelled image counts no class pixels (its placeholder mask is no label).
-            counts = [] if pair.mask_path is None else np.bincount(mask.ravel()).tolist()
+            # An unlabelled-only image counts no class pixels (its placeholder mask is no label); a
+            # sparse mask counts its annotated pixels only.
+            labelled = pair.mask_path is not None
+            annotated = mask[mask >= 0] if labelled else mask[:0]
             checked.append(CheckedPair(pair, image.shape, image.dtype, max_label,
-                                       normalization.channel_statistics(image), counts,
-                                       object_extents(mask) if pair.mask_path is not None else {}))
+                                       normalization.channel_statistics(image),
+                                       np.bincount(annotated.ravel()).tolist() if labelled else [],
+                                       object_extents=object_extents(mask) if labelled else {},
+                                       unlabelled_pixels=int(mask.size - annotated.size) if labelled else 0))
             if cached_bytes + image.nbytes + mask.nbytes <= CACHE_BUDGET_BYTES:
                 cache[pair.stem] = (image, mask)
                 cached_bytes += image.nbytes + mask.nbytes
@@ -495,7 +579,8 @@ def write_split(path, items, cache, config, image_dtype, mask_dtype, metadata_fi
             if pair.stem in cache:
                 image, mask = cache[pair.stem] if keep_cached else cache.pop(pair.stem)
             else:
-                image, mask, _ = load_pair(pair, config.masks_255_to_1, config.first_axis_is_channels)
+                image, mask, _ = load_pair(pair, config.masks_255_to_1, config.first_axis_is_channels,
+                                           **config.label_options())
                 if image.shape != item.image_shape or image.dtype != item.image_dtype:
                     raise BuildError(f"{pair.image_path} changed while the databases were being built")
             image = image.astype(image_dtype, copy=False)
@@ -512,7 +597,7 @@ def write_split(path, items, cache, config, image_dtype, mask_dtype, metadata_fi
                 progress.advance()
 
     # Overlapping tiles share pixels: the class totals come from the source images instead.
-    totals = {}
+    totals = {records.IGNORE_LABEL: sum(item.unlabelled_pixels for item in items)}
     for item in items:
         for label, count in enumerate(item.class_counts):
             totals[label] = totals.get(label, 0) + count
@@ -681,10 +766,12 @@ def build_databases(config, show_progress=None, warn=_print_warning):
         show_progress = sys.stderr.isatty()
     pairs = find_pairs(config.image_folder, config.mask_folder, config.image_extensions)
     checked, cache = check_pairs(pairs, _Progress("checking", len(pairs), show_progress),
-                                 config.masks_255_to_1, config.first_axis_is_channels)
+                                 config.masks_255_to_1, config.first_axis_is_channels, **config.label_options())
     image_dtype = common_image_dtype(checked)
     max_label = max(c.max_label for c in checked)
     mask_dtype = np.dtype(np.uint8 if max_label <= 255 else np.uint16)
+    if config.sparse:  # signed, to hold records.IGNORE_LABEL
+        mask_dtype = np.dtype(np.int8 if max_label <= 127 else np.int16 if max_label <= 32767 else np.int32)
     plan = database_plan(config, len(checked))
     warnings = _mask_warnings(config, checked)
 
@@ -720,6 +807,10 @@ def build_databases(config, show_progress=None, warn=_print_warning):
                 "image_folder": config.image_folder,
                 "mask_folder": config.mask_folder,
                 "masks_255_to_1": config.masks_255_to_1,
+                # How the masks' unlabelled pixels were declared; they are stored as ignore_label.
+                "unlabelled_value": config.unlabelled_value,
+                "scribbles": config.scribbles,
+                "ignore_label": records.IGNORE_LABEL,
             }
             if fold is not None:
                 extra.update(fold=fold, folds=config.folds)
@@ -774,6 +865,10 @@ def format_summary(result):
                      f"records  {size / 1e6:8.2f} MB{overhead}  {result.paths[key]}")
         counts = "  ".join(f"{k}: {n:,}" for k, n in enumerate(meta["class_pixel_counts"]))
         lines.append(f"  {'':{width}s} pixels per class  {counts or '(no records)'}")
+        if c.sparse and meta["num_records"]:
+            lines.append(f"  {'':{width}s} annotated pixels  {meta['annotated_pixels']:,} of "
+                         f"{meta['annotated_pixels'] + meta['unlabelled_pixels']:,} "
+                         f"({100.0 * records.annotated_share(meta):.1f}%); the rest is unlabelled")
     return "\n".join(lines)
 
 
@@ -859,6 +954,16 @@ def parse_args(argv=None):
                         help="3-D images N x H x W beside H x W masks hold N channels (e.g. a "
                              "multi-page TIFF of channels). Without it they are refused as Z or time "
                              "stacks, which 2-D masks cannot label")
+    parser.add_argument("--unlabelled_value", type=int, default=None, metavar="V",
+                        help="sparse annotations: the mask value meaning 'not annotated' (e.g. 255); "
+                             "those pixels are left out of the loss and the test metrics. A mask "
+                             "with no annotated pixel is refused")
+    parser.add_argument("--scribbles", action="store_true",
+                        help="sparse annotations painted in napari/Fiji: 0 = not annotated, painted "
+                             "label L = class L - 1 (paint background as 1, class k as k + 1)")
+    parser.add_argument("--number_classes", type=int, default=None, metavar="K",
+                        help="declare the class count: a mask holding a class id >= K (with "
+                             "--scribbles, a label > K) is refused by name. Default: any id is a class")
     args = parser.parse_args(argv)
     if args.unlabelled_only and args.train_fraction is not None:
         parser.error("--train_fraction with --unlabelled_only: an unlabelled database holds every image "
@@ -875,7 +980,8 @@ def parse_args(argv=None):
         tile_size=args.tile_size, tile_overlap=args.tile_overlap,
         image_extensions=image_io.parse_extensions(args.image_extensions),
         masks_255_to_1=args.masks_255_to_1, first_axis_is_channels=args.first_axis_is_channels,
-        folds=args.folds, unlabelled_only=args.unlabelled_only)
+        folds=args.folds, unlabelled_only=args.unlabelled_only, unlabelled_value=args.unlabelled_value,
+        scribbles=args.scribbles, number_classes=args.number_classes)
 
 
 def _raise_on_sigterm(signum, frame):

@@ -151,11 +151,16 @@ def read_config(directory):
 # Resume and transfer learning
 # ----------------------------------------------------------------------------------------------
 
-def restore_checkpoint(directory, model, optimizer, config, input_channels):
+def restore_checkpoint(directory, model, optimizer, config, input_channels, fine_tune=False):
     """Restore a checkpoint into ``model``/``optimizer``.
 
-    Same number_classes: resume (weights, optimizer state, TrainState). Different number_classes:
-    transfer learning (every layer but 'logits', fresh optimizer, fresh TrainState).
+    Same number_classes: resume (weights, optimizer state, TrainState); with ``fine_tune`` (the run's
+    databases are not the checkpoint's: database_differences) the weights only, batch-norm
+    statistics included, and a fresh optimizer and TrainState: the old step count, learning-rate
+    schedule, best test loss and early-stopping history belong to other data (a resumed step
+    counter past --max_steps would train nothing, and the old best loss, measured on another test
+    set, would decide which model is exported). Different number_classes: transfer learning
+    (every layer but 'logits', fresh optimizer, fresh TrainState).
     Returns:
       (TrainState, resumed: bool)
     """
@@ -164,6 +169,11 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels):
     saved = read_config(directory)
     check_compatible(directory, saved, config, input_channels)
     weights = os.path.join(directory, WEIGHTS_FILE)
+    if saved["number_classes"] == config.number_classes and fine_tune:
+        model.load_weights(weights)
+        print(f"fine-tuning from {directory}: every layer's weights restored; the optimizer state, step "
+              "counter, learning-rate schedule, best test loss and early stopping start fresh", flush=True)
+        return TrainState(), False
     if saved["number_classes"] == config.number_classes:
         model.load_weights(weights)
         load_optimizer(os.path.join(directory, "optimizer.npz"), optimizer)
@@ -447,5 +457,6 @@ def database_differences(checkpoint_dir, saved, config, fingerprints):
         if differs:
             warnings.append(f"warning: --{role}_database {path} is not the database the checkpoint was trained "
                             f"on ({old_path}, recorded in {os.path.join(checkpoint_dir, 'config.json')}); "
-                            "resuming with the new one")
+                            "a new run starts from the checkpoint's weights (fine-tuning, see "
+                            "docs/sparse-labels.md)")
     return warnings

@@ -71,12 +71,12 @@ class Evaluator:
           should_stop: polled between images; true on any worker drops the pass on every worker.
         Returns:
           (row, examples, seconds) or None when stopped. row: loss, pixel_accuracy, iou_k, dice_k,
-          mean_iou, test_pixels; examples: (raw images, true masks, predicted masks) of up to 3
+          mean_iou, test_pixels (all pixels predicted), annotated_pixels (those scored); examples: (raw images, true masks, predicted masks) of up to 3
           test images of the first one's shape, for TensorBoard, or None when this worker has none.
         """
         k = self.number_classes
         start = time.perf_counter()
-        totals = {"pixels": np.zeros(()), "ce_sum": np.zeros(()), "intersection": np.zeros(k),
+        totals = {"image_pixels": np.zeros(()), "pixels": np.zeros(()), "ce_sum": np.zeros(()), "intersection": np.zeros(k),
                   "prob_sum": np.zeros(k), "label_sum": np.zeros(k), "confusion": np.zeros((k, k))}
         examples, stopped = [], False
         if self.twin is not None:  # this pass scores the current weights
@@ -91,6 +91,7 @@ class Evaluator:
             sums = steps.pixel_sums(logits[None], labels[None], k, axis=(0, 1, 2), dtype="float64")
             for name, value in sums._asdict().items():
                 totals[name] = totals[name] + np.asarray(value, dtype=np.float64)
+            totals["image_pixels"] = totals["image_pixels"] + labels.size
             predicted = np.argmax(logits, axis=-1)
             totals["confusion"] += metrics.confusion_matrix(labels, predicted, k)
             if len(examples) < 3 and (not examples or image.shape == examples[0][0].shape):
@@ -102,7 +103,9 @@ class Evaluator:
         pixel_sums = steps.PixelSums(**{name: totals[name] for name in steps.PixelSums._fields})
         row = {"loss": float(steps.loss_from_sums(pixel_sums, self.loss_name)),
                **metrics.summarize(np.rint(totals["confusion"]).astype(np.int64)),
-               "test_pixels": int(round(float(totals["pixels"])))}
+               # All pixels predicted, and those scored: a sparse test mask scores its annotated ones.
+               "test_pixels": int(round(float(totals["image_pixels"]))),
+               "annotated_pixels": int(round(float(totals["pixels"])))}
         shown = tuple(np.stack(parts) for parts in zip(*examples)) if examples else None
         return row, shown, time.perf_counter() - start
 

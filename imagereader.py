@@ -54,6 +54,9 @@ _SHUTDOWN_SECONDS = 5.0  # budget for workers to stop by themselves before they 
 # plain byte rather than a multiprocessing.Event: an Event takes a lock shared by every process, and
 # a worker killed while holding it would hang the others and the parent's shutdown.
 _CONTROL_BYTES = 64
+# Training crops redrawn while they hold no annotated pixel (sparse masks); bounded, see
+# _annotated_crop_origin (a draw costs one comparison over the crop's mask pixels).
+CROP_REDRAWS = 10
 MODES = ("train", "test")
 
 
@@ -139,6 +142,7 @@ class _WorkerSpec:
     foreground_crop_fraction: float = 0.0
     foreground_classes: list = None  # per record, the foreground class ids it holds
     test_batches: list = field(default_factory=list)  # per batch: [(record, y0, x0, own_y, own_x)]
+    unannotated_crops: int = 0  # training crops taken without an annotated pixel (this worker)
 
 
 class ImageReader:
@@ -167,6 +171,8 @@ class ImageReader:
         the class drawn uniformly from the foreground classes the record holds, or, with
         balance_classes, the class that drew the record when it is a foreground class. Records
         without foreground get a random crop. The pixel is inside the crop before augmentation.
+        With sparse masks it is an annotated pixel (unlabelled ones hold records.IGNORE_LABEL),
+        and any training crop holding no annotated pixel is redrawn (up to CROP_REDRAWS times).
       shuffle: deprecated alias of ``mode``: True = "train", False = "test".
     """
 
@@ -667,6 +673,32 @@ def _test_batches(spec):
         yield from spec.test_batches
 
 
+def _annotated_crop_origin(spec, record, label, mask, rng):
+    """_crop_origin, redrawn up to CROP_REDRAWS times while the crop holds no annotated pixel.
+
+    A crop of unlabelled pixels only (sparse masks) adds nothing to the loss. The redraws are
+    bounded because a record may hold no annotated pixel at all (a tile of a sparse mask): the last
+    draw is then taken, and counted in a warning on stderr (at the 1st, 10th, 100th, ... time).
+    """
+    y0, x0 = _crop_origin(spec, record, label, mask, rng)
+    if mask.dtype.kind == "u":  # unsigned masks cannot hold records.IGNORE_LABEL: dense
+        return y0, x0
+    h, w = spec.layout.height, spec.layout.width
+    for _ in range(CROP_REDRAWS):
+        if (mask[y0:y0 + h, x0:x0 + w] >= 0).any():
+            return y0, x0
+        y0, x0 = _crop_origin(spec, record, label, mask, rng)
+    if (mask[y0:y0 + h, x0:x0 + w] >= 0).any():
+        return y0, x0
+    spec.unannotated_crops += 1
+    if math.log10(spec.unannotated_crops).is_integer():
+        print(f"warning: {spec.img_db}: {spec.unannotated_crops} training crop(s) of reader worker "
+              f"{spec.worker_id} held no annotated pixel after {CROP_REDRAWS + 1} draws (latest: record "
+              f"{record}) and add nothing to the loss; records without annotated pixels (tiles of sparse "
+              "masks) do this: build without --tile_size, or annotate every tile", file=sys.stderr, flush=True)
+    return y0, x0
+
+
 def _crop_origin(spec, record, label, mask, rng):
     """(y0, x0) of a training crop: on a foreground pixel for a foreground_crop_fraction share,
     else uniform over the record."""
@@ -699,7 +731,7 @@ def _read_item(txn, spec, item, rng):
         raise records.RecordFormatError(f"{spec.img_db}: record {record}: {exc}") from None
     h, w = spec.layout.height, spec.layout.width
     if y0 is None:
-        y0, x0 = _crop_origin(spec, record, item[5], mask, rng)
+        y0, x0 = _annotated_crop_origin(spec, record, item[5], mask, rng)
     image = image[y0:y0 + h, x0:x0 + w]
     mask = mask[y0:y0 + h, x0:x0 + w]
     if not image.flags.aligned:

@@ -63,6 +63,7 @@ import models
 import normalization
 import predictor
 import sharding
+import uncertainty
 
 DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 PROBABILITIES_SUFFIX = "_probabilities.npy"
@@ -122,6 +123,7 @@ class InferenceConfig:
     part: tuple | None = None
     skip_existing: bool = False
     engine: str = "tensorflow"  # or "onnxruntime" (engines.py): same tiles, halos, TTA, ensembles
+    uncertainty_csv: str | None = None  # rank the images by uncertainty here (uncertainty.py)
 
 
 @dataclasses.dataclass
@@ -708,8 +710,9 @@ def _interruptible(forward, device):
     return call
 
 
-def _segment_file(path, output_folder, loaded, forward, tile_size, device, config):
+def _segment_file(path, output_folder, loaded, forward, tile_size, device, config, tally=None):
     """Read, normalise, predict and write one image. Returns (outputs written, description).
+    ``tally``: an uncertainty.ImageUncertainty fed with every pixel's normalised entropy, or None.
 
     Every per-image problem (unreadable, wrong channels, NaN, out of memory, unwritable output) is
     raised as ImageError naming the file, so the caller can go on with the next image.
@@ -729,15 +732,20 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
             return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
 
         outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
+        if tally is not None:  # last, so the writers' results[0] / results[1] stay as they are
+            outputs.append(uncertainty.normalized_entropy)
         tiles = predictor.count_tiles(height, width, first.name, tile_size, options=first.options)
         progress = Progress(path.name, height * width)
 
         def bands():
             with tf.device(device):
-                yield from predictor.iter_bands(_interruptible(forward, device), source, stats,
-                                                first.name, tile_size,
-                                                config.batch_size, config.tta, outputs=outputs,
-                                                progress=progress, options=first.options)
+                for band in predictor.iter_bands(_interruptible(forward, device), source, stats,
+                                                 first.name, tile_size,
+                                                 config.batch_size, config.tta, outputs=outputs,
+                                                 progress=progress, options=first.options):
+                    if tally is not None:
+                        tally.add(band[2][-1])
+                    yield band
 
         try:
             if not streamed:
@@ -990,6 +998,8 @@ def run_inference(config):
     if config.batch_size < 1:
         raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
     image_folder, output_folder, images = _check_folders(config)
+    if config.uncertainty_csv and not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
+        raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
     banded = config.part is not None and config.part[1] > 1 and len(images) == 1
     if config.part is not None and not banded:
         images, part_pixels, all_pixels = sharding.select_part(images, *config.part)
@@ -1025,10 +1035,11 @@ def run_inference(config):
     except engines.EngineError as exc:
         raise InferenceError(str(exc)) from exc
 
-    written, failed, owners, skipped = [], {}, {}, []
+    written, failed, owners, skipped, ranking = [], {}, {}, [], []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
         stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
+        tally = None  # the uncertainty of a whole-image run (a band of a shared image has none)
         try:
             if stem in owners:
                 raise ImageError(f"{path.name}: same stem as {owners[stem]}, whose outputs "
@@ -1047,8 +1058,10 @@ def run_inference(config):
                       flush=True)
                 continue
             else:
+                if config.uncertainty_csv:
+                    tally = uncertainty.ImageUncertainty()
                 targets, description = _segment_file(path, output_folder, loaded, forward, tile_size,
-                                                      device, config)
+                                                      device, config, tally)
         except ImageError as exc:
             failed[path.name] = str(exc)
             print(f"[{index}/{len(images)}] FAILED {exc}", file=sys.stderr, flush=True)
@@ -1057,12 +1070,17 @@ def run_inference(config):
             exc.image = path.name
             raise
         written.append(str(targets[0]))
+        if tally is not None:
+            ranking.append(tally.row(path.name))
         elapsed = time.perf_counter() - start_time
         eta = (f", folder ETA {_duration(elapsed / index * (len(images) - index))}"
                if len(images) - index > 1 else "")
         print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
+    if config.uncertainty_csv:
+        uncertainty.write_ranking(config.uncertainty_csv, ranking)
+        print(f"uncertainty: {len(ranking)} image(s) ranked, most uncertain first, in {config.uncertainty_csv}")
     summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time,
                                skipped=skipped)
     print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
@@ -1140,6 +1158,11 @@ def build_parser():
                         help="file extensions to process, separated by commas or spaces, "
                         f"case-insensitive (default {','.join(DEFAULT_EXTENSIONS)}; zarr: *.zarr "
                         "folders)")
+    parser.add_argument("--uncertainty_csv", default=None, metavar="PATH",
+                        help="also write PATH: one row per image, most uncertain first (mean softmax "
+                        "entropy in units of log(classes), share of pixels above "
+                        f"{uncertainty.UNCERTAIN_ENTROPY}): correct those masks first and retrain "
+                        "(docs/sparse-labels.md)")
     return parser
 
 
@@ -1162,7 +1185,7 @@ def config_from_args(args):
                            tile_size=args.tile_size, batch_size=args.batch_size, gpu=args.gpu,
                            save_probabilities=args.save_probabilities, tta=args.tta,
                            image_extensions=extensions, part=part, skip_existing=args.skip_existing,
-                           engine=args.engine)
+                           engine=args.engine, uncertainty_csv=args.uncertainty_csv)
 
 
 def _raise_interrupted(signum, frame):

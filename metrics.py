@@ -10,7 +10,8 @@ import numpy as np
 def confusion_matrix(labels, predictions, number_classes):
     """Confusion matrix of integer label and prediction arrays of the same shape.
 
-    Pixels whose label is negative (-1 = ignore) are left out.
+    Pixels whose label is negative (-1 = ignore: padding, or unlabelled pixels of a sparse
+    annotation) are left out, so every metric counts annotated pixels only.
     Returns:
       int64 array [number_classes, number_classes], [true, predicted].
     """

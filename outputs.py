@@ -25,8 +25,8 @@ class Outputs:
         self.test_columns = test_columns or (["epoch", "step", "loss", "pixel_accuracy"]
                                              + [f"iou_{k}" for k in range(number_classes)]
                                              + [f"dice_{k}" for k in range(number_classes)]
-                                             + ["mean_iou", "test_pixels", "test_seconds", "starvation_s",
-                                                "wall_time_s"])
+                                             + ["mean_iou", "test_pixels", "annotated_pixels", "test_seconds",
+                                                "starvation_s", "wall_time_s"])
         self.metric_curves = metric_curves
         self.train_csv = os.path.join(output_dir, "train_loss.csv")
         self.test_csv = os.path.join(output_dir, "test_metrics.csv")

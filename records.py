@@ -16,7 +16,8 @@ Record layout (format version 2), all integers little-endian::
     mask bytes   H*W*itemsize, C-order
 
 Images are always stored as H x W x C (C >= 1); masks as H x W of an unsigned or signed integer
-dtype holding class ids (0 = background). ``statistics`` are the per-channel mean and std of the
+dtype holding class ids (0 = background); a sparse annotation stores its unlabelled pixels as
+IGNORE_LABEL (-1) in a signed dtype. ``statistics`` are the per-channel mean and std of the
 whole *source* image the record comes from (normalization.channel_statistics, computed before
 tiling): every tile of an image carries its image's values, so the reader, the test pass and
 inference normalise a pixel identically wherever it is seen. Version 1 (no statistics; the reader
@@ -38,6 +39,10 @@ import normalization
 FORMAT_VERSION = 2
 TOOL_VERSION = "0.1.0"
 METADATA_KEY = b"__metadata__"
+# The mask value of a pixel that carries no class: an unlabelled pixel of a sparse annotation
+# (build_lmdb.py --unlabelled_value / --scribbles stores it in a signed mask dtype), or padding. The
+# losses (steps.pixel_sums) and the confusion matrix (metrics.confusion_matrix) leave it out.
+IGNORE_LABEL = -1
 MAGIC = b"SEGR"
 _PREFIX = struct.Struct("<4sHI")
 # Recorded in the metadata so a reader of the database knows what its statistics are for.
@@ -174,23 +179,24 @@ def build_metadata(records_info, *, split, split_seed, train_fraction, extra=Non
       The metadata dict: format_version, tool_version, split, split_seed, train_fraction,
       num_records, image_shapes (distinct [H, W, C]), image_shape (the one shape, or None when
       they differ), image_dtype, channels, number_classes (max label + 1), class_pixel_counts
-      (list indexed by class id, each source pixel counted once), class_presence (per record, the
-      sorted class ids it holds), normalization (how the stored statistics are meant to be used)
+      (list indexed by class id, each source pixel counted once; annotated pixels only),
+      annotated_pixels (their sum), unlabelled_pixels (IGNORE_LABEL pixels), class_presence (per
+      record, the sorted class ids it holds), normalization (how the stored statistics are meant to be used)
       and sources (per record).
     """
     max_label = -1
     counts_per_record = []
+    unlabelled = 0
     for info in records_info:
-        counts = info["class_counts"]
-        counts = dict(enumerate(counts)) if isinstance(counts, (list, tuple)) else dict(counts)
-        counts = {int(k): int(v) for k, v in counts.items() if int(v) > 0}
+        counts = _label_counts(info["class_counts"])
+        # IGNORE_LABEL pixels are not annotated: they belong to no class (nor to class_presence).
+        unlabelled += counts.pop(IGNORE_LABEL, 0)
         counts_per_record.append(counts)
         if counts:
             max_label = max(max_label, max(counts))
     if class_pixel_counts is not None:
-        given = class_pixel_counts
-        given = dict(enumerate(given)) if isinstance(given, (list, tuple)) else dict(given)
-        given = {int(k): int(v) for k, v in given.items() if int(v) > 0}
+        given = _label_counts(class_pixel_counts)
+        unlabelled = given.pop(IGNORE_LABEL, 0)
         if given:
             max_label = max(max_label, max(given))
         counts_per_source = [given]
@@ -218,6 +224,8 @@ def build_metadata(records_info, *, split, split_seed, train_fraction, extra=Non
         "channels": shapes[0][2] if shapes else None,
         "number_classes": number_classes,
         "class_pixel_counts": totals,
+        "annotated_pixels": sum(totals),
+        "unlabelled_pixels": unlabelled,
         "class_presence": [sorted(c) for c in counts_per_record],
         "normalization": NORMALIZATION,
         "sources": [info["source"] for info in records_info],
@@ -225,6 +233,19 @@ def build_metadata(records_info, *, split, split_seed, train_fraction, extra=Non
     if extra:
         metadata.update(extra)
     return metadata
+
+
+def _label_counts(counts):
+    """{class id: pixels > 0} from a list indexed by class id or a dict (IGNORE_LABEL may be a key)."""
+    counts = dict(enumerate(counts)) if isinstance(counts, (list, tuple)) else dict(counts)
+    return {int(k): int(v) for k, v in counts.items() if int(v) > 0}
+
+
+def annotated_share(metadata):
+    """Annotated pixels / all pixels of a database (1.0 for databases built before sparse masks)."""
+    annotated = metadata.get("annotated_pixels", sum(metadata.get("class_pixel_counts") or []))
+    total = annotated + metadata.get("unlabelled_pixels", 0)
+    return annotated / total if total else 0.0
 
 
 def encode_metadata(metadata):

@@ -9,6 +9,10 @@ turns either into the loss, so a loss is written once:
     ce   = ce_sum / pixels                                        (mean cross-entropy)
     dice = 1 - mean over classes 1..K-1 of (2 I + 1) / (P + L + 1) (soft Dice, foreground classes)
 
+Label -1 (records.IGNORE_LABEL) is the one "no class here" mechanism: the padding of a test batch and
+the unlabelled pixels of a sparse annotation (build_lmdb.py --unlabelled_value / --scribbles store them
+as -1) are left out of every sum, so each image's loss is its mean over its annotated pixels.
+
 Distribution (running the replica functions, reducing their results) is in distribute.py.
 """
 import typing

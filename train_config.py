@@ -92,8 +92,10 @@ class TrainConfig:
                                          "gpu:0 with GPUs, else cpu); one worker only: several workers "
                                          "always sum with a collective all-reduce")
     restore_checkpoint_filepath: str = flag(
-        "resume from a checkpoint folder or an output folder (its checkpoints/latest); a checkpoint with "
-        "another number_classes is used for transfer learning (all layers but 'logits')")
+        "resume from a checkpoint folder or an output folder (its checkpoints/latest); with other "
+        "databases than the checkpoint's, fine-tune: only the weights are restored, the step count, "
+        "optimizer, schedule and early stopping restart; a checkpoint with another number_classes is "
+        "used for transfer learning (all layers but 'logits')")
     init_from: str = flag(
         "start from the weights of a pretrain_unet.py output folder (its checkpoints/best) or checkpoint "
         "folder: every layer but the output head 'logits', which starts fresh; the model, --base_filters, "

@@ -210,7 +210,8 @@ def train(config):
         optimizer.build(model.trainable_variables)
     state, resumed = TrainState(), False
     if checkpoint_dir:
-        state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels)
+        state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels,
+                                                        fine_tune=bool(database_warnings))
     if init_dir and not checkpoint_dir:
         checkpoints.initialise_from(init_dir, model, input_channels)
     if train_reader is None:
@@ -237,7 +238,7 @@ def train(config):
         source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
         if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
             checkpoints.copy_previous_run(source_dir, config.output_dir)
-        if resumed:
+        if checkpoint_dir:
             for warning in database_warnings:
                 print(warning, file=sys.stderr, flush=True)
     run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,

@@ -1,0 +1,64 @@
+"""Per-image prediction uncertainty, to spend a user's correction time where it helps most.
+
+inference.py --uncertainty_csv PATH ranks the images it segments, most uncertain first: correct
+those masks (or paint only their wrong regions, see docs/sparse-labels.md) and retrain. Per pixel
+the uncertainty is the entropy of the softmax in units of log(K) (0 = one class has probability
+1, 1 = all K classes equally likely), so the figures mean the same for any class count; the
+ensemble or TTA softmax is used when inference.py averages one.
+
+    mean_entropy      the image's mean normalised entropy
+    uncertain_share   the share of its pixels whose normalised entropy exceeds UNCERTAIN_ENTROPY
+"""
+import csv
+import io
+import math
+
+import numpy as np
+
+import image_io
+
+# 0.5 is a winning class of p ~ 0.89 for 2 classes: a pixel the model would often get wrong.
+UNCERTAIN_ENTROPY = 0.5
+COLUMNS = ["rank", "image", "mean_entropy", "uncertain_share", "pixels"]
+
+
+def normalized_entropy(logits):
+    """Softmax entropy / log(K) of float logits [..., K]: float32 [...] in [0, 1]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    probabilities = np.exp(shifted)
+    probabilities /= probabilities.sum(axis=-1, keepdims=True)
+    entropy = -np.sum(probabilities * np.log(np.maximum(probabilities, np.finfo(np.float64).tiny)), axis=-1)
+    return (entropy / math.log(logits.shape[-1])).astype(np.float32)
+
+
+class ImageUncertainty:
+    """Sums over one image's pixels, fed band by band (images need not fit in memory)."""
+
+    def __init__(self):
+        self.entropy_sum, self.uncertain, self.pixels = 0.0, 0, 0
+
+    def add(self, entropy):
+        """Add the normalised entropies of some of the image's pixels (any shape)."""
+        entropy = np.asarray(entropy)
+        self.entropy_sum += float(entropy.sum(dtype=np.float64))
+        self.uncertain += int(np.count_nonzero(entropy > UNCERTAIN_ENTROPY))
+        self.pixels += entropy.size
+
+    def row(self, image):
+        return {"image": image, "mean_entropy": self.entropy_sum / max(self.pixels, 1),
+                "uncertain_share": self.uncertain / max(self.pixels, 1), "pixels": self.pixels}
+
+
+def write_ranking(path, rows):
+    """Write ``rows`` (ImageUncertainty.row dicts) to the CSV ``path`` atomically, most uncertain
+    first (by mean_entropy, then uncertain_share, then name), with a 1-based rank column."""
+    ranked = sorted(rows, key=lambda r: (-r["mean_entropy"], -r["uncertain_share"], r["image"]))
+    text = io.StringIO()
+    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for rank, row in enumerate(ranked, start=1):
+        writer.writerow({"rank": rank, "image": row["image"], "mean_entropy": f"{row['mean_entropy']:.6f}",
+                         "uncertain_share": f"{row['uncertain_share']:.6f}", "pixels": row["pixels"]})
+    image_io.atomic_write(path, lambda f: f.write(text.getvalue()), mode="w")
+    return ranked
