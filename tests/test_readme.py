@@ -19,11 +19,12 @@ MAX_README_LINES = 300
 
 # The scripts a user runs; a flag the docs name without naming its script must belong to one of
 # them (or to a script the docs run with flags elsewhere, e.g. a benchmark).
-SCRIPTS = ("build_lmdb.py", "train_unet.py", "train_segnet.py", "inference.py",
+SCRIPTS = ("build_lmdb.py", "train_unet.py", "train_segnet.py", "pretrain_unet.py", "inference.py",
            "export_bioimageio.py", "demo.py", "demo_data.py")
 
 # Flags of other programs that the docs show in their commands: sbatch's and tensorboard's.
-FOREIGN_FLAGS = {"--export", "--nodes", "--signal", "--gres", "--cpus-per-task", "--logdir"}
+FOREIGN_FLAGS = {"--export", "--nodes", "--signal", "--gres", "--cpus-per-task", "--logdir", "--array", "--requeue",
+                 "--open-mode"}
 
 # A backtick opens or closes a code span; a script is any path ending in .py or .sh; a flag is two
 # dashes and a letter not glued to a word or another dash (so "and---reader_count" in a heading
@@ -32,6 +33,7 @@ TOKEN = re.compile(r"(?P<tick>`)|(?P<script>(?<![\w./-])(?:[\w-]+/)*[\w-]+\.(?:p
                    r"|(?P<flag>(?<![\w-])--[A-Za-z][\w-]*)")
 LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 SLURM_SCRIPT = ROOT / "launch_train_sbatch.sh"
+SLURM_SCRIPTS = (SLURM_SCRIPT, ROOT / "launch_inference_sbatch.sh")
 # launch_train_sbatch.sh takes environment variables, not flags: the docs set them per job as
 # `--export=ALL,NAME=value,...` and list them in the first column of docs/slurm.md's settings table.
 EXPORTED = re.compile(r"--export=ALL,([\w=,./:-]+)")
@@ -182,8 +184,9 @@ def _doc(path):
 
 
 def slurm_settings():
-    """The variables of launch_train_sbatch.sh's settings block (`: "${NAME:=default}"` lines)."""
-    return set(re.findall(r'^: "\$\{([A-Z_]+):=', SLURM_SCRIPT.read_text(encoding="utf-8"), flags=re.M))
+    """The variables of the Slurm scripts' settings blocks (`: "${NAME:=default}"` lines)."""
+    return {name for script in SLURM_SCRIPTS
+            for name in re.findall(r'^: "\$\{([A-Z_]+):=', script.read_text(encoding="utf-8"), flags=re.M)}
 
 
 def unknown_slurm_variables(text, label):
