@@ -661,16 +661,6 @@ def _make_scratch(output_folder):
     return tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{host}-{os.getpid()}-", dir=output_folder)
 
 
-def _process_running(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def remove_stale_scratch(output_folder):
     """Remove the scratch directories of builds on this host that are no longer running.
 
@@ -686,7 +676,7 @@ def remove_stale_scratch(output_folder):
     for name in sorted(os.listdir(output_folder)):
         match = _SCRATCH_NAME.match(name)
         path = os.path.join(output_folder, name)
-        if not match or match["host"] != host or not os.path.isdir(path) or _process_running(int(match["pid"])):
+        if not match or match["host"] != host or not os.path.isdir(path) or image_io.process_running(int(match["pid"])):
             continue
         for entry in sorted(os.listdir(path)):
             target = os.path.join(output_folder, entry[len("previous-"):])

@@ -13,7 +13,6 @@ remade when that changes; where the model's folder is read-only, the export goes
 file for this run only.
 """
 import contextlib
-import hashlib
 import os
 import pathlib
 import tempfile
@@ -46,11 +45,7 @@ def file_sha256(path):
     path = pathlib.Path(path)
     if path.is_dir():
         path = path / "model.weights.h5"
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return image_io.sha256(path)
 
 
 def onnx_cache_path(source):

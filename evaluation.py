@@ -31,7 +31,7 @@ import metrics
 import predictor
 import records
 import steps
-from train_config import TrainingError
+from errors import TrainingError
 
 
 class Evaluator:

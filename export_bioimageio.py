@@ -42,7 +42,6 @@ import argparse
 import dataclasses
 import datetime
 import getpass
-import hashlib
 import json
 import os
 import pathlib
@@ -381,14 +380,6 @@ def to_yaml(value, indent=0):
     return lines
 
 
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def default_name(run):
     """``segtool <model> <run folder>``, with characters bioimage.io does not allow replaced by '-'."""
     text = f"segtool {run.name} {run.folder.resolve().name}"
@@ -696,7 +687,7 @@ def export_package(config):
 
         (staging / "README.md").write_text(
             build_readme(run, config, keras_weights, sample_source, raw.shape[:2]), encoding="utf-8")
-        hashed = {name: sha256(staging / name) for name in names[3:]}
+        hashed = {name: image_io.sha256(staging / name) for name in names[3:]}
         rdf = build_rdf(run, config, hashed, raw.shape[:2], keras_weights, onnx_opset)
         (staging / "rdf.yaml").write_text("\n".join(to_yaml(rdf)) + "\n", encoding="utf-8")
 

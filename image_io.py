@@ -9,6 +9,7 @@ one "write to a temporary file beside the target, then rename" helper.
     remove_stale_scratch(folder)             scratch of processes of this host no longer running
 """
 import contextlib
+import hashlib
 import os
 import pathlib
 import re
@@ -117,7 +118,8 @@ def scratch_path(path, kind="tmp"):
     return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{kind}")
 
 
-def _process_running(pid):
+def process_running(pid):
+    """Whether process ``pid`` of this host exists (also when another user owns it)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -142,7 +144,7 @@ def remove_stale_scratch(folder):
         return actions
     for entry in sorted(folder.iterdir()):
         match = _SCRATCH_NAME.match(entry.name)
-        if not match or match["host"] != _host() or _process_running(int(match["pid"])):
+        if not match or match["host"] != _host() or process_running(int(match["pid"])):
             continue
         target = folder / match["target"]
         if match["kind"] == "old" and not os.path.lexists(target):
@@ -157,3 +159,12 @@ def remove_stale_scratch(folder):
                 entry.unlink()
         actions.append(f"removed {entry}, left by process {match['pid']} that is no longer running")
     return actions
+
+
+def sha256(path):
+    """Hex SHA-256 of the file at ``path``, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

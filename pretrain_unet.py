@@ -15,6 +15,7 @@ loss on fixed crops of the same database (see pretext.BlindSpotEvaluator).
 import dataclasses
 import sys
 
+import errors
 import pretext
 import trainer
 import train_config
@@ -43,7 +44,7 @@ def config_from_args(args):
     settings = pretext.config_from_args(args)
     problems = settings.problems()
     if problems:
-        raise train_config.ConfigError("; ".join(problems))
+        raise errors.ConfigError("; ".join(problems))
     metadata = train_config.read_database_metadata(args.database, None, "--database")
     return train_config.config_from_args(
         "unet", args, train_database=args.database, test_database=args.database,

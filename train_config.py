@@ -19,8 +19,7 @@ import optim
 import plan
 import records
 import steps
-from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
-                    ConfigError, TrainingError)  # (defined in errors.py, re-exported for callers)
+from errors import ConfigError
 
 
 def flag(help, default=None, *, required=False, kind=None, choices=None, action=None, const=None):

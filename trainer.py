@@ -40,7 +40,7 @@ import train_config
 from checkpoints import CHECKPOINT_FILES, TrainState  # noqa: F401  (re-exported for callers)
 from errors import (EXIT_BAD_FLAGS, EXIT_ERROR, EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM,  # noqa: F401
                     ConfigError, TrainingError)
-from train_config import (TrainConfig, build_parser, config_from_args,  # noqa: F401 (re-exported)
+from train_config import (TrainConfig, build_parser, config_from_args,  # noqa: F401 (TrainConfig re-exported)
                           database_flag, optimizer_settings, read_database_metadata, validate_config)
 
 

@@ -105,7 +105,6 @@ def float16_model(strategy):
     import keras
 
     import models
-    import steps
     import optim
     import train_config
 

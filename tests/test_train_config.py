@@ -7,7 +7,8 @@ import pytest
 import train_config
 import trainer
 from conftest import make_synthetic_db
-from train_config import ConfigError, TrainConfig
+from errors import ConfigError
+from train_config import TrainConfig
 
 
 def test_every_field_flag_is_declared_once_with_its_default():
