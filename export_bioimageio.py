@@ -118,7 +118,7 @@ class ExportConfig:
 
 
 @dataclasses.dataclass
-class Run:
+class TrainedRun:
     """A training output folder's model and the facts the package states about it."""
     folder: pathlib.Path
     config: dict
@@ -143,7 +143,7 @@ def load_run(folder):
     """Read RUN_DIR/config.json and its best model (model.keras, else checkpoints/best|latest).
 
     Returns:
-      Run. Raises ExportError naming the path when the folder, its config or its weights are missing,
+      TrainedRun. Raises ExportError naming the path when the folder, its config or its weights are missing,
       unreadable or describe an unknown model.
     """
     folder = pathlib.Path(folder)
@@ -172,7 +172,7 @@ def load_run(folder):
     if int(model.input_shape[-1]) != int(config["input_channels"]):
         raise ExportError(f"{source} takes {model.input_shape[-1]} channel(s) but {config_path} says "
                           f"input_channels {config['input_channels']}")
-    return Run(folder=folder, config=config, model=model, name=name,
+    return TrainedRun(folder=folder, config=config, model=model, name=name,
                number_classes=int(model.output_shape[-1]), input_channels=int(model.input_shape[-1]),
                weights_source=pathlib.Path(trained.source))
 

@@ -172,14 +172,12 @@ def _resolve_checkpoint_dir(path):
 
 
 def load_model(config):
-    """Load the model named by ``config.model`` or ``config.checkpoint_filepath``.
+    """Load the one model named by ``config.model`` or ``config.checkpoint_filepath`` (load_models
+    checks that exactly one is given, and gives each member of an ensemble in turn).
 
     Returns:
       LoadedModel. Raises InferenceError naming the path when anything is missing or unreadable.
     """
-    if (config.model is None) == (config.checkpoint_filepath is None):
-        raise InferenceError("give exactly one of --model and --checkpoint_filepath")
-
     if config.model is not None:
         path = pathlib.Path(config.model)
         keras_path = path / "model.keras" if path.is_dir() else path
