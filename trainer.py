@@ -142,16 +142,23 @@ def train(config):
     test_metadata = read_database_metadata(config.test_database, "test", database_flag(config, "test"))
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
     saved, run_plan, self_configuration = None, None, None
+    fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
+                    "test": checkpoints.database_fingerprint(test_metadata)}
     if checkpoint_dir:
         saved = checkpoints.read_config(checkpoint_dir)
-        config, run_plan = kept_plan(config, saved, checkpoint_dir)
+        if checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints):
+            # Fine-tuning on other databases is a new run: its own length (--max_steps or a new
+            # --time_budget), but the network the old run chose for itself, or its weights won't fit.
+            chosen = saved.get("self_configuration") or {}
+            config = dataclasses.replace(config, self_configure=[], **{
+                name: saved[name] for name in config.self_configure if name in chosen and name in saved})
+        else:
+            config, run_plan = kept_plan(config, saved, checkpoint_dir)
     if config.time_budget and config.self_configure and run_plan is None:
         config, self_configuration = self_configure(config, train_metadata, test_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
     init_dir = find_init_checkpoint(config, checkpoint_dir, input_channels)
-    fingerprints = {"train": checkpoints.database_fingerprint(train_metadata),
-                    "test": checkpoints.database_fingerprint(test_metadata)}
     database_warnings = []
     if checkpoint_dir:
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)

@@ -146,6 +146,19 @@ def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_pat
     assert resumed["time_budget"] is None and resumed["warmup_steps"] == config["warmup_steps"]
     assert resumed["batch_size"] == 8 and resumed["self_configuration"] == chosen
 
+    # Fine-tuning on other databases is a new run: its own --max_steps, not the old plan, with the
+    # batch the old run chose for itself.
+    make_synthetic_db(tmp_path / "more", num_records=6, shape=(64, 64), seed=5)
+    tuned = tmp_path / "tuned"
+    code, stdout, err = train_here(capsys, ["--train_database", tmp_path / "more", *dbs[2:], *no_batch,
+                                            "--output_dir", tuned, "--max_steps", 3,
+                                            "--restore_checkpoint_filepath", out])
+    assert code == 0, err[-2000:]
+    assert "keeps its" not in stdout
+    tuned_config = json.loads((tuned / "config.json").read_text())
+    assert (tuned_config["max_steps"], tuned_config["batch_size"], tuned_config.get("plan")) == (3, 8, None)
+    assert json.loads((tuned / "checkpoints" / "latest" / "state.json").read_text())["step"] == 3
+
 
 def test_a_budget_on_a_resumed_run_without_a_plan_is_refused(dbs, tmp_path, capsys):
     checkpoint = tmp_path / "old" / "checkpoints" / "latest"
