@@ -29,13 +29,14 @@ prints one line per row, a summary and a markdown table (also written to WORK/ab
 ``--ensemble`` adds a 3-seed ensemble of the last row (``inference.py --checkpoint_filepath A B C``).
 
 ``--time_budget 30m`` measures accuracy per minute instead (issue 26): on each data set of
-``--datasets`` (nist_colonies by default; also demo, coelho2009_nuclei_dev, drive_vessels_dev), two
-runs of train_unet.py given the same wall time: today's defaults (no flags but the databases and the
-class count; stopped by SIGTERM when the time is up, as a Slurm time limit would, which checkpoints
-the latest weights) and the planned run (``--time_budget`` alone: it self-configures and ends by
-itself). Both are scored from inference.py's masks of the whole test images (the LAST checkpoint),
-foreground Dice pooled over the test set. Prints one line per run and a markdown table (also
-written to WORK/budget.md).
+``--datasets`` (nist_colonies by default; also demo, coelho2009_nuclei_dev, drive_vessels_dev), up to
+three runs of train_unet.py given the same wall time: the planned run (``--time_budget`` alone: it
+self-configures and ends by itself), the README's hand-set recipe (f8, depth 4, 128 px, batch 8,
+its length planned by the same ``--time_budget``) and today's defaults (no flags but the databases
+and the class count; stopped by SIGTERM when the time is up, as a Slurm time limit would, which
+checkpoints the latest weights); ``--budget_runs`` picks them. All are scored from inference.py's
+masks of the whole test images (the LAST checkpoint), foreground Dice pooled over the test set. Prints one line per run and a markdown
+table (also written to WORK/budget.md).
 
 Run from the repo root: .venv/bin/python benchmarks/bench_accuracy.py [--work_dir DIR] [--ablation]
 """
@@ -428,8 +429,20 @@ def run_for(command, log_path, seconds):
     return code, time.perf_counter() - start
 
 
-def run_budget(work_dir, budget_text, datasets):
-    """Both runs on every data set. Returns (results, markdown table)."""
+def budget_runs(budget_text):
+    """The runs --time_budget compares: name -> (row label, train_unet.py flags besides the data)."""
+    return {
+        "planned": (f"--time_budget {budget_text}", ["--time_budget", budget_text]),
+        # The README's documented recipe (UNet f8, depth 4, 128 px crops, batch 8), hand-set: explicit
+        # flags win over self-configuration, so the budget only plans its run length.
+        "recipe": ("hand-set recipe", ["--time_budget", budget_text, "--base_filters", "8", "--unet_depth", "4",
+                                       "--tile_size", "128", "--batch_size", "8"]),
+        "defaults": ("today's defaults", []),
+    }
+
+
+def run_budget(work_dir, budget_text, datasets, runs=("planned", "recipe", "defaults")):
+    """The runs on every data set, "planned" first. Returns (results, markdown table)."""
     import tifffile
 
     budget_s = plan.parse_duration(budget_text)
@@ -444,11 +457,12 @@ def run_budget(work_dir, budget_text, datasets):
         common = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
                   "--number_classes", classes, "--gpus", "none"]
         # The planned run first: it ends by itself (its budget counts from the trainer's start, so the
-        # process gets a minute more for Python and TensorFlow to start); today's defaults then get
-        # exactly the wall time it took.
+        # process gets a minute more for Python and TensorFlow to start); the other runs then get
+        # exactly the wall time it took (the recipe plans its own length within the same budget).
         wall = budget_s + 60
-        for row, flags in ((f"--time_budget {budget_text}", ["--time_budget", budget_text]), ("today's defaults", [])):
-            output_dir = work / label / ("planned" if flags else "defaults")
+        for run_name in runs:
+            row, flags = budget_runs(budget_text)[run_name]
+            output_dir = work / label / run_name
             code, seconds = run_for([str(c) for c in common + ["--output_dir", output_dir] + flags],
                                     work / label / f"train-{output_dir.name}.log", wall)
             wall = seconds
@@ -545,6 +559,10 @@ def main(argv=None):
                         "planned run (train_unet.py --time_budget) at this wall time each, e.g. 30m")
     parser.add_argument("--datasets", nargs="+", default=["nist"], choices=BUDGET_DATASETS,
                         help="with --time_budget: the data sets (default nist)")
+    parser.add_argument("--budget_runs", nargs="+", default=["planned", "recipe", "defaults"],
+                        choices=["planned", "recipe", "defaults"],
+                        help="with --time_budget: the runs to compare (default all three; planned is "
+                        "always run first)")
     args = parser.parse_args(argv)
     if args.time_budget is not None:
         try:
@@ -559,7 +577,8 @@ def main(argv=None):
         with tempfile.TemporaryDirectory(prefix="bench_budget-") as tmp:
             work_dir = args.work_dir or tmp
             os.makedirs(work_dir, exist_ok=True)
-            _, table = run_budget(work_dir, args.time_budget, args.datasets)
+            runs = ["planned"] + [r for r in args.budget_runs if r != "planned"]
+            _, table = run_budget(work_dir, args.time_budget, args.datasets, runs)
         print("\n" + table)
         return
     if args.ablation:
@@ -570,7 +589,8 @@ def main(argv=None):
             run_ablation(work_dir, budget, args.ensemble)
         return
     values = {k: v for k, v in vars(args).items()
-              if k not in ("work_dir", "ablation", "ensemble", "nist_steps", "demo_steps", "time_budget", "datasets")}
+              if k not in ("work_dir", "ablation", "ensemble", "nist_steps", "demo_steps", "time_budget", "datasets",
+                          "budget_runs")}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy-") as tmp:
         work_dir = args.work_dir or tmp
         os.makedirs(work_dir, exist_ok=True)
