@@ -6,6 +6,7 @@
 #   sbatch --nodes=4 launch_train_sbatch.sh                        # multi-worker (see below)
 #   sbatch --gres=none --cpus-per-task=2 launch_train_sbatch.sh     # nodes without GPUs
 #   bash launch_train_sbatch.sh                                    # same steps, outside Slurm
+#   sbatch --export=ALL,PRETRAIN_DATABASE=data/unlabelled-x.lmdb launch_train_sbatch.sh  # pretrain
 #
 # A job: copies the two LMDB databases to node-local scratch (reading them over a network file
 # system would starve the GPUs), snapshots the source code into the results folder, trains with
@@ -35,6 +36,12 @@
 # is not used (the trainer warns if it is given; config.json's "reduction" records the all-reduce).
 # Every task reads its own shard of the training stream from the node-local copy of the databases.
 #
+# Self-supervised pretraining (docs/pretraining.md): PRETRAIN_DATABASE names an unlabelled LMDB
+# (build_lmdb.py --unlabelled_only); the job then runs pretrain_unet.py on it instead of training,
+# with the same scratch copy, snapshot, budget, signals and continuations (TRAIN_DATABASE,
+# TEST_DATABASE and NUMBER_CLASSES are not used). Fine-tune from its folder with
+# EXTRA_TRAIN_ARGS="--init_from results/<pretraining experiment>" in a later job.
+#
 #SBATCH --job-name=segtrain
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
@@ -50,6 +57,7 @@
 # Relative paths are relative to the directory sbatch was run from.
 : "${TRAIN_DATABASE:=data/train.lmdb}"  # LMDB folders made by build_lmdb.py
 : "${TEST_DATABASE:=data/test.lmdb}"
+: "${PRETRAIN_DATABASE:=}"              # an unlabelled LMDB: pretrain (pretrain_unet.py) instead of training
 : "${OUTPUT_ROOT:=results}"             # each experiment gets a folder under it
 : "${EXPERIMENT_NAME:=}"                # empty: <model>_<date>-<time>_job<id>; an existing folder resumes
 : "${MODEL:=unet}"                      # a model of models/__init__.py: unet | segnet
@@ -137,6 +145,14 @@ for node in ast.parse(open(sys.argv[1]).read()).body:
 ' "$CODE_DIR/models/__init__.py") || registered=""
 [ -n "$registered" ] || die "cannot read MODEL_NAMES from $CODE_DIR/models/__init__.py with PYTHON=$PYTHON"
 [[ " $registered " == *" $MODEL "* ]] || die "MODEL=$MODEL: expected ${registered// / or }"
+if [ -n "$PRETRAIN_DATABASE" ]; then
+  [ "$MODEL" = unet ] || die "MODEL=$MODEL: pretraining (PRETRAIN_DATABASE) is for the UNet only"
+  PROGRAM=pretrain_unet.py
+  DATABASES=(PRETRAIN_DATABASE)
+else
+  PROGRAM=train_$MODEL.py
+  DATABASES=(TRAIN_DATABASE TEST_DATABASE)
+fi
 for name in BATCH_SIZE NUMBER_CLASSES TILE_SIZE GPUS_PER_NODE REQUEUE MAX_RESUBMISSIONS RESUBMISSION \
     TIME_BUDGET_MARGIN; do
   [[ ${!name} =~ ^[0-9]+$ ]] || die "$name=${!name}: expected a whole number"
@@ -146,7 +162,7 @@ done
 [ "$REQUEUE" -le 1 ] || die "REQUEUE=$REQUEUE: expected 0 or 1"
 [ -z "$TIME_BUDGET" ] || [ "$TIME_BUDGET" = none ] || [[ $TIME_BUDGET =~ ^([0-9]+(\.[0-9]+)?[smhd])+$ ]] ||
   die "TIME_BUDGET=$TIME_BUDGET: expected a duration like 90s, 45m, 2h, 1d or 1h30m, none, or nothing"
-for name in TRAIN_DATABASE TEST_DATABASE; do
+for name in "${DATABASES[@]}"; do
   [ -f "${!name}/data.mdb" ] || die "$name=${!name}: not an LMDB database (expected a folder holding data.mdb)"
   printf -v "$name" '%s' "$(cd "${!name}" && pwd)"
 done
@@ -158,7 +174,7 @@ TASKS_PER_NODE=$(( (NTASKS + NNODES - 1) / NNODES ))
 if [ "$GPUS_PER_NODE" -gt 0 ] && [ $(( GPUS_PER_NODE % TASKS_PER_NODE )) -ne 0 ]; then
   die "GPUS_PER_NODE=$GPUS_PER_NODE cannot be shared equally by $TASKS_PER_NODE tasks per node"
 fi
-[ -n "$EXPERIMENT_NAME" ] || EXPERIMENT_NAME=${MODEL}_$(date +%Y%m%d-%H%M%S)_job${JOB_ID}
+[ -n "$EXPERIMENT_NAME" ] || EXPERIMENT_NAME=${PRETRAIN_DATABASE:+pretrain_}${MODEL}_$(date +%Y%m%d-%H%M%S)_job${JOB_ID}
 mkdir -p "$OUTPUT_ROOT"
 OUTPUT_ROOT=$(cd "$OUTPUT_ROOT" && pwd)
 OUT=$OUTPUT_ROOT/$EXPERIMENT_NAME
@@ -212,8 +228,13 @@ trap 'forward INT' INT
 log "copying databases to $SCRATCH_JOB_DIR"
 # The paths travel as arguments of one small script, so any characters in them are safe.
 # shellcheck disable=SC2016
-on_each_node bash -c 'rm -rf "$1" && mkdir -p "$1" && cp -r "$2" "$1/train_db" && cp -r "$3" "$1/test_db"' \
-  copy "$SCRATCH_JOB_DIR" "$TRAIN_DATABASE" "$TEST_DATABASE"
+if [ -n "$PRETRAIN_DATABASE" ]; then
+  on_each_node bash -c 'rm -rf "$1" && mkdir -p "$1" && cp -r "$2" "$1/pretrain_db"' \
+    copy "$SCRATCH_JOB_DIR" "$PRETRAIN_DATABASE"
+else
+  on_each_node bash -c 'rm -rf "$1" && mkdir -p "$1" && cp -r "$2" "$1/train_db" && cp -r "$3" "$1/test_db"' \
+    copy "$SCRATCH_JOB_DIR" "$TRAIN_DATABASE" "$TEST_DATABASE"
+fi
 
 # ---- source snapshot (once per experiment: continuations keep the code the training began with)
 if [ ! -d "$OUT/source" ]; then
@@ -226,9 +247,13 @@ if [ ! -d "$OUT/source" ]; then
 fi
 
 # ---- the trainer's command line
-args=(--train_database "$SCRATCH_JOB_DIR/train_db" --test_database "$SCRATCH_JOB_DIR/test_db"
-  --output_dir "$OUT" --batch_size "$BATCH_SIZE" --number_classes "$NUMBER_CLASSES"
-  --tile_size "$TILE_SIZE")
+if [ -n "$PRETRAIN_DATABASE" ]; then
+  args=(--database "$SCRATCH_JOB_DIR/pretrain_db")
+else
+  args=(--train_database "$SCRATCH_JOB_DIR/train_db" --test_database "$SCRATCH_JOB_DIR/test_db"
+    --number_classes "$NUMBER_CLASSES")
+fi
+args+=(--output_dir "$OUT" --batch_size "$BATCH_SIZE" --tile_size "$TILE_SIZE")
 [ -z "$TEST_EVERY_N_STEPS" ] || args+=(--test_every_n_steps "$TEST_EVERY_N_STEPS")
 if [ "$GPUS_PER_NODE" -eq 0 ]; then args+=(--gpus none); else args+=(--gpus all); fi
 if [ -d "$OUT/checkpoints/latest" ] || [ -d "$OUT/checkpoints/.latest.old" ]; then
@@ -267,8 +292,8 @@ fi
 # ---- train; forward SIGTERM / SIGINT so the trainer checkpoints before it is killed
 export PYTHONUNBUFFERED=1
 cd "$CODE_DIR"
-log "running: ${launcher[*]:+${launcher[*]} }$PYTHON train_$MODEL.py ${args[*]}"
-"${launcher[@]}" "$PYTHON" "train_$MODEL.py" "${args[@]}" &
+log "running: ${launcher[*]:+${launcher[*]} }$PYTHON $PROGRAM ${args[*]}"
+"${launcher[@]}" "$PYTHON" "$PROGRAM" "${args[@]}" &
 train_pid=$!
 # `wait` returns early when a trapped signal arrives; keep waiting for the trainer's own status.
 status=0
@@ -301,7 +326,7 @@ if [ "$status" -eq 143 ] && [ "$REQUEUE" -eq 1 ]; then
     output_dir=$(dirname "$(field StdOut)")
     options+=(--output="$output_dir/%x_%N.%j.out")
     # The continuation inherits this environment (--export=ALL), so it gets the resolved settings.
-    export TRAIN_DATABASE TEST_DATABASE OUTPUT_ROOT EXPERIMENT_NAME MODEL BATCH_SIZE TEST_EVERY_N_STEPS
+    export TRAIN_DATABASE TEST_DATABASE PRETRAIN_DATABASE OUTPUT_ROOT EXPERIMENT_NAME MODEL BATCH_SIZE TEST_EVERY_N_STEPS
     export NUMBER_CLASSES TILE_SIZE GPUS_PER_NODE EXTRA_TRAIN_ARGS SCRATCH_DIR REQUEUE MAX_RESUBMISSIONS
     export CODE_DIR PYTHON
     export RESUBMISSION=$(( RESUBMISSION + 1 ))

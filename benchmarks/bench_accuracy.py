@@ -58,6 +58,7 @@ import numpy as np  # noqa: E402
 
 import build_lmdb  # noqa: E402
 import demo_data  # noqa: E402
+import image_io  # noqa: E402
 import metrics  # noqa: E402
 import plan  # noqa: E402
 import records  # noqa: E402
@@ -443,8 +444,6 @@ def budget_runs(budget_text):
 
 def run_budget(work_dir, budget_text, datasets, runs=("planned", "recipe", "defaults")):
     """The runs on every data set, "planned" first. Returns (results, markdown table)."""
-    import tifffile
-
     budget_s = plan.parse_duration(budget_text)
     work = pathlib.Path(work_dir)
     results = []
@@ -453,7 +452,7 @@ def run_budget(work_dir, budget_text, datasets, runs=("planned", "recipe", "defa
         train_db, test_db, test_images, classes = budget_databases(label, work / label)
         names = [pathlib.Path(p).name for p in test_images]
         masks = {pathlib.Path(s["image"]).name: s["mask"] for s in records.read_metadata(test_db)["sources"]}
-        truths = [tifffile.imread(masks[n]) for n in names]
+        truths = [image_io.read_array(masks[n], "mask") for n in names]
         common = [sys.executable, "train_unet.py", "--train_database", train_db, "--test_database", test_db,
                   "--number_classes", classes, "--gpus", "none"]
         # The planned run first: it ends by itself (its budget counts from the trainer's start, so the

@@ -61,6 +61,9 @@ def run_outside_slurm(tmp_path, **settings):
     ({"BATCH_SIZE": "eight"}, "BATCH_SIZE=eight: expected a whole number"),
     ({"REQUEUE": "2"}, "REQUEUE=2: expected 0 or 1"),
     ({"TRAIN_DATABASE": "no/such.lmdb"}, "TRAIN_DATABASE=no/such.lmdb: not an LMDB database"),
+    ({"PRETRAIN_DATABASE": "no/such.lmdb"}, "PRETRAIN_DATABASE=no/such.lmdb: not an LMDB database"),
+    ({"PRETRAIN_DATABASE": "db", "MODEL": "segnet"},
+     "MODEL=segnet: pretraining (PRETRAIN_DATABASE) is for the UNet only"),
 ])
 def test_bad_settings_fail_before_anything_is_written(tmp_path, settings, message):
     from conftest import make_synthetic_db
@@ -222,6 +225,38 @@ def test_two_tasks_train_as_two_workers_through_srun(slurm, nist_databases, tmp_
     assert (folder / "model.keras").exists()
     assert train_steps(folder) == list(range(1, 2 * TEST_EVERY_N_STEPS + 1))
     assert list((tmp_path / "task_tmp").iterdir()) == [], "the non-chief worker left files behind"
+    assert_scratch_removed(tmp_path)
+
+
+@pytest.mark.slurm
+def test_pretraining_job_runs_pretrain_unet_on_the_unlabelled_copy(slurm, tmp_path):
+    import build_lmdb
+
+    if not (NIST_DIR / "images").is_dir():
+        pytest.skip(f"real data not present at {NIST_DIR}")
+    images = tmp_path / "unlabelled"
+    images.mkdir()
+    for path in sorted((NIST_DIR / "images").glob("*.tif"))[:6]:
+        shutil.copy(path, images / path.name)
+    build_lmdb.build_databases(build_lmdb.BuildConfig(
+        image_folder=str(images), mask_folder=None, output_folder=str(tmp_path / "db"), dataset_name="u",
+        train_fraction=1.0, unlabelled_only=True), show_progress=False)
+    database = tmp_path / "db" / "unlabelled-u.lmdb"
+    settings = job_settings(tmp_path, ("unused", "unused"), PRETRAIN_DATABASE=str(database), TIME_BUDGET="none",
+                            EXTRA_TRAIN_ARGS="--base_filters 2 --unet_depth 2 --log_every_n_steps 1 "
+                            "--use_augmentation 0 --max_steps 4 --test_every_n_steps 2 --test_crops 2")
+    code, job = sbatch_wait(slurm, tmp_path, settings, "--cpus-per-task=2", "--time=10")
+    folder = experiment_folder(tmp_path)
+    log = (folder / "train.log").read_text()
+    assert code == 0, log[-4000:]
+    assert re.fullmatch(rf"pretrain_unet_\d{{8}}-\d{{6}}_job{job}", folder.name)
+    assert f"pretrain_unet.py --database {tmp_path}/scratch/segtrain_job{job}/pretrain_db" in log
+    config = json.loads((folder / "config.json").read_text())
+    assert config["train_database"] == str(tmp_path / "scratch" / f"segtrain_job{job}" / "pretrain_db")
+    assert config["pretext"]["task"] == "blind_spot"
+    assert train_steps(folder) == [1, 2, 3, 4]
+    assert (folder / "model.keras").stat().st_size > 0
+    assert (folder / "source" / "pretrain_unet.py").exists()
     assert_scratch_removed(tmp_path)
 
 
