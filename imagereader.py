@@ -135,8 +135,7 @@ class _WorkerSpec:
     train: bool
     seed: int
     shard_index: int
-    use_augmentation: bool
-    augment_kwargs: dict
+    augmentation: augment.AugmentationConfig  # None: no augmentation
     train_records: list = field(default_factory=list)
     class_records: list = None  # balance_classes: per class id, the records holding it
     foreground_crop_fraction: float = 0.0
@@ -345,13 +344,12 @@ class ImageReader:
         self._views = [layout.views(self._shm.buf, slot) for slot in range(layout.capacity)]
         self._errors = ctx.Queue()
         train = self.mode == "train"
-        augment_kwargs = self.augmentation.augment_kwargs() if self.use_augmentation else {}
         presence = self._metadata.get("class_presence") or []
         for worker_id in range(self.num_workers):
             spec = _WorkerSpec(
                 img_db=os.path.abspath(self.img_db), worker_id=worker_id, parent_pid=os.getpid(),
                 shm_name=name, layout=layout, train=train, seed=self.seed, shard_index=self.shard_index,
-                use_augmentation=self.use_augmentation and train, augment_kwargs=augment_kwargs,
+                augmentation=self.augmentation if self.use_augmentation and train else None,
                 train_records=list(range(int(self._metadata["num_records"]))) if train else [],
                 class_records=_records_per_class(self._metadata) if train and self.balance_classes else None,
                 foreground_crop_fraction=self.foreground_crop_fraction if train else 0.0,
@@ -738,10 +736,10 @@ def _read_item(txn, spec, item, rng):
         # LMDB values start at any byte offset; numpy and scipy are slower on unaligned data, and
         # copying one crop costs far less than the augmentation (measured ~7% faster overall).
         image = image.copy()
-    if spec.use_augmentation:
+    if spec.augmentation is not None:
         # On the raw values: intensity and noise augmentation then change what the network sees
         # (a per-crop z-score afterwards would cancel an intensity shift entirely).
-        image, mask = augment.augment_image(image, mask, **spec.augment_kwargs, rng=rng)
+        image, mask = augment.augment_image(image, spec.augmentation, mask, rng)
     image = normalization.normalize(image, statistics)
     if not np.isfinite(image).all():
         raise NonFiniteRecordError(

@@ -23,7 +23,6 @@ import time
 
 import numpy as np
 
-import augment
 import checkpoints
 import distribute
 import evaluation
@@ -473,7 +472,6 @@ def find_init_checkpoint(config, checkpoint_dir, input_channels):
 def make_train_reader(config, towers, info, start_step):
     """The training ImageReader of this worker (not started). (The test pass reads its whole test
     images itself: see evaluation.py.)"""
-    augmentation = augment.AugmentationConfig(**config.augmentation)
     # A resumed run draws a new sampling stream instead of replaying the batches already seen.
     seed = config.seed + 7919 * start_step
     common = dict(num_workers=config.reader_count * towers, tile_size=config.tile_size,
@@ -481,7 +479,7 @@ def make_train_reader(config, towers, info, start_step):
     try:
         train_reader = imagereader.ImageReader(
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
-            balance_classes=config.balance_classes, mode="train", augmentation=augmentation, seed=seed,
+            balance_classes=config.balance_classes, mode="train", augmentation=config.augmentation, seed=seed,
             foreground_crop_fraction=config.foreground_crop_fraction, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
