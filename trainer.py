@@ -479,7 +479,7 @@ def make_train_reader(config, towers, info, start_step):
     try:
         train_reader = imagereader.ImageReader(
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
-            balance_classes=config.balance_classes, mode="train", augmentation=config.augmentation, seed=seed,
+            balance_classes=config.balance_classes, augmentation=config.augmentation, seed=seed,
             foreground_crop_fraction=config.foreground_crop_fraction, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
