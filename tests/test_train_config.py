@@ -6,6 +6,7 @@ import pytest
 
 import augment
 import flags
+import records
 import train_config
 import trainer
 from conftest import make_synthetic_db
@@ -64,8 +65,6 @@ def test_parser_has_every_flag_with_help():
 
 
 def test_validate_config_messages(tmp_path):
-    import records
-
     make_synthetic_db(tmp_path / "four", num_records=3, shape=(32, 32), number_classes=4, seed=0)
     meta = records.read_metadata(str(tmp_path / "four"))
     config = TrainConfig("unet", str(tmp_path / "four"), str(tmp_path / "four"), str(tmp_path / "o"),
@@ -110,8 +109,6 @@ def test_mixed_precision_flag_takes_float16_bare_or_a_named_dtype():
 
 
 def test_too_few_classes_for_0_255_masks_names_the_likely_cause(tmp_path):
-    import records
-
     probabilities = np.zeros(256)
     probabilities[[0, 255]] = 0.5
     make_synthetic_db(tmp_path / "binary", num_records=2, shape=(32, 32), number_classes=256, seed=0,
@@ -145,8 +142,6 @@ def test_recipe_flags_parse_into_the_config():
 
 
 def test_recipe_flag_values_are_validated_by_name(tmp_path):
-    import records
-
     make_synthetic_db(tmp_path / "db", num_records=3, shape=(40, 40), seed=0)
     meta = records.read_metadata(str(tmp_path / "db"))
 
