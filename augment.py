@@ -35,9 +35,9 @@ units: the reader passes the raw crop (stored dtype values) and normalises after
 image's statistics, so their strengths are relative to the crop's own value range (or mean), which makes
 them independent of the image's units and bit depth.
 
-AugmentationConfig is the small configuration object the trainer and ImageReader pass around;
-add_augmentation_arguments() / augmentation_config_from_args() give it a CLI with precedence
-defaults < JSON file < explicit flags.
+AugmentationConfig is the small configuration object the trainer and ImageReader pass around; its
+fields are also the augmentation flags (flags.py), and add_augmentation_arguments() /
+augmentation_config_from_args() resolve them with precedence defaults < JSON file < explicit flags.
 """
 import dataclasses
 import functools
@@ -50,6 +50,8 @@ import numpy as np
 import scipy.interpolate
 import scipy.ndimage
 import scipy.special
+
+import flags
 
 # Blur sigmas below this change a pixel by under 1% of its neighbours' difference: skipping the
 # filter there costs nothing visible and saves a full pass.
@@ -413,12 +415,7 @@ def _gamma_curve(image, gamma):
     return out
 
 
-def augment_image(img, mask=None, rotation_flag=False, reflection_flag=False,
-                  jitter_augmentation_severity=0, noise_augmentation_severity=0,
-                  scale_augmentation_severity=0, blur_augmentation_max_sigma=0,
-                  intensity_augmentation_severity=0, elastic_augmentation_severity=0,
-                  elastic_augmentation_grid_points=3, elastic_augmentation_probability=1.0,
-                  gamma_augmentation_severity=0, contrast_augmentation_severity=0, rng=None):
+def augment_image(img, config, mask=None, rng=None):
     """Randomly augment an image and (optionally) its label mask with one shared geometry.
 
     The intensity transforms work in the units of img: give it the raw crop and normalise afterwards
@@ -426,102 +423,36 @@ def augment_image(img, mask=None, rotation_flag=False, reflection_flag=False,
 
     Args:
       img: H x W or H x W x C array of any numeric dtype.
+      config: AugmentationConfig, validated (AugmentationConfig.validate; not checked again here);
+        AugmentationConfig.disabled() returns the image unchanged (as float32).
       mask: None or an H x W label array; resampled by nearest neighbour, so it keeps its dtype and
         contains only labels that were already in it.
-      rotation_flag, reflection_flag: enable random rotation / random flips of rows and columns.
-      jitter_augmentation_severity, noise_augmentation_severity, scale_augmentation_severity,
-        intensity_augmentation_severity, elastic_augmentation_severity, gamma_augmentation_severity,
-        contrast_augmentation_severity: in [0, 1); 0 disables (see the module docstring for meanings).
-      elastic_augmentation_grid_points: n >= 2, the elastic field's coarse grid is n x n.
-      elastic_augmentation_probability: in [0, 1], the share of calls that get an elastic field.
-      blur_augmentation_max_sigma: >= 0 pixels; 0 disables.
       rng: numpy.random.Generator (None: a fresh unseeded one).
 
     Returns:
       The augmented image as float32 with img's shape, or (image, mask) when a mask is given.
     """
-    image_in = np.asarray(img)
-    if image_in.ndim not in (2, 3) or image_in.size == 0:
-        raise ValueError(f"img must be a non-empty H x W or H x W x C array, got shape {image_in.shape}")
-    if not (np.issubdtype(image_in.dtype, np.number) or image_in.dtype == np.bool_):
-        raise ValueError(f"img must have a numeric dtype, got {image_in.dtype}")
-    if mask is not None:
-        mask = np.asarray(mask)
-        if mask.shape != image_in.shape[:2]:
-            raise ValueError(f"mask shape {mask.shape} does not match the image's H x W {image_in.shape[:2]}")
-    for name, value in (("jitter_augmentation_severity", jitter_augmentation_severity),
-                        ("noise_augmentation_severity", noise_augmentation_severity),
-                        ("scale_augmentation_severity", scale_augmentation_severity),
-                        ("intensity_augmentation_severity", intensity_augmentation_severity),
-                        ("elastic_augmentation_severity", elastic_augmentation_severity),
-                        ("gamma_augmentation_severity", gamma_augmentation_severity),
-                        ("contrast_augmentation_severity", contrast_augmentation_severity)):
-        _check_severity(name, value)
-    _check_severity("blur_augmentation_max_sigma", blur_augmentation_max_sigma, upper=None)
-    _check_grid_points("elastic_augmentation_grid_points", elastic_augmentation_grid_points)
-    _check_severity("elastic_augmentation_probability", elastic_augmentation_probability,
-                    upper_inclusive=True)
+    image_in, mask = _checked_arrays(img, mask)
     if rng is None:
         rng = np.random.default_rng()
     elif not isinstance(rng, np.random.Generator):
         raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
-
     height, width = image_in.shape[:2]
     channels = 1 if image_in.ndim == 2 else image_in.shape[2]
     image = image_in.reshape(height, width, channels)
     work = _workspace(height, width, channels)
-    if noise_augmentation_severity > 0 or intensity_augmentation_severity > 0:
-        value_range = float(image_in.max()) - float(image_in.min())
+    # The noise and the intensity shift scale with the input's range, before anything changes it.
+    value_range = float(image_in.max()) - float(image_in.min()) if config.noise > 0 or config.intensity > 0 else 0.0
 
-    # Geometry: draw every enabled parameter, then resample once (skipped when the map is the identity,
-    # so disabled augmentation returns the float32 input bit-exactly).
-    flip_rows = flip_cols = False
-    angle = 0.0
-    shift = (0.0, 0.0)
-    scale = (1.0, 1.0)
-    if reflection_flag:
-        flip_rows, flip_cols = (bool(v) for v in rng.random(2) < 0.5)
-    if rotation_flag:
-        angle = float(rng.uniform(0.0, 360.0))
-    if jitter_augmentation_severity > 0:
-        shift = tuple(rng.uniform(-jitter_augmentation_severity, jitter_augmentation_severity, 2)
-                      * (height, width))
-    if scale_augmentation_severity > 0:
-        scale = tuple(rng.uniform(1.0 - scale_augmentation_severity, 1.0 + scale_augmentation_severity, 2))
-    displacement = None
-    if elastic_augmentation_severity > 0 and elastic_augmentation_probability > 0:
-        # No coin is drawn at probability 1, so "always" draws exactly what the field needs.
-        if elastic_augmentation_probability >= 1 or rng.random() < elastic_augmentation_probability:
-            displacement = elastic_displacement((height, width), elastic_augmentation_severity,
-                                                elastic_augmentation_grid_points, rng,
-                                                out=work.displacement)
-    if gamma_augmentation_severity > 0:
-        limit = math.log1p(gamma_augmentation_severity)
+    # Parameters are drawn in the module docstring's order: geometry, gamma, then the rest after the warp.
+    matrix, offset, displacement = _draw_geometry(config, rng, height, width, work)
+    if config.gamma > 0:
         # A pixelwise curve commutes with the resampling (up to interpolation), so it is applied to the
         # input: there its min and max are exactly the crop's, and integer grey levels can be looked up.
+        limit = math.log1p(config.gamma)
         image = _gamma_curve(image, math.exp(rng.uniform(-limit, limit)))
-    matrix, offset = inverse_affine((height, width), flip_rows, flip_cols, angle, shift, scale)
-    if displacement is None and np.array_equal(matrix, np.eye(2)) and not offset.any():
-        image = image.astype(np.float32)
-    else:
-        image, mask = _warp(image, mask, matrix, offset, work, displacement)
-
-    if blur_augmentation_max_sigma > 0:
-        sigma = float(rng.uniform(0.0, blur_augmentation_max_sigma))
-        if sigma >= _MIN_BLUR_SIGMA:
-            image = gaussian_blur(image, sigma, work, out=image)  # image is this call's own array
-    if contrast_augmentation_severity > 0:
-        factor = float(rng.uniform(1.0 - contrast_augmentation_severity,
-                                   1.0 + contrast_augmentation_severity))
-        mean = image.mean(axis=(0, 1), dtype=np.float64)
-        image *= np.float32(factor)
-        image += (mean * (1.0 - factor)).astype(np.float32)
-    if noise_augmentation_severity > 0:
-        noise_sigma = float(rng.uniform(0.0, noise_augmentation_severity * value_range))
-        image += gaussian_noise(rng, noise_sigma, work.noise)
-    if intensity_augmentation_severity > 0:
-        limit = intensity_augmentation_severity * value_range
-        image += np.float32(rng.uniform(-limit, limit))
+    image, mask = _resample(image, mask, matrix, offset, displacement, work)
+    image = _blur_and_intensities(image, config, rng, value_range, work)
 
     image = image.reshape(image_in.shape)
     if mask is None:
@@ -529,32 +460,91 @@ def augment_image(img, mask=None, rotation_flag=False, reflection_flag=False,
     return image, mask
 
 
+def _checked_arrays(img, mask):
+    """(image, mask) as arrays, or ValueError for a shape or dtype augment_image cannot take."""
+    image = np.asarray(img)
+    if image.ndim not in (2, 3) or image.size == 0:
+        raise ValueError(f"img must be a non-empty H x W or H x W x C array, got shape {image.shape}")
+    if not (np.issubdtype(image.dtype, np.number) or image.dtype == np.bool_):
+        raise ValueError(f"img must have a numeric dtype, got {image.dtype}")
+    if mask is not None:
+        mask = np.asarray(mask)
+        if mask.shape != image.shape[:2]:
+            raise ValueError(f"mask shape {mask.shape} does not match the image's H x W {image.shape[:2]}")
+    return image, mask
+
+
+def _draw_geometry(config, rng, height, width, work):
+    """(matrix, offset, displacement or None): the output-to-input map of one draw of the enabled
+    geometric transforms (flips, rotation, jitter, scale, elastic field; in that order)."""
+    flip_rows = flip_cols = False
+    angle = 0.0
+    shift = (0.0, 0.0)
+    scale = (1.0, 1.0)
+    if config.reflection:
+        flip_rows, flip_cols = (bool(v) for v in rng.random(2) < 0.5)
+    if config.rotation:
+        angle = float(rng.uniform(0.0, 360.0))
+    if config.jitter > 0:
+        shift = tuple(rng.uniform(-config.jitter, config.jitter, 2) * (height, width))
+    if config.scale > 0:
+        scale = tuple(rng.uniform(1.0 - config.scale, 1.0 + config.scale, 2))
+    displacement = None
+    if config.elastic > 0 and config.elastic_probability > 0:
+        # No coin is drawn at probability 1, so "always" draws exactly what the field needs.
+        if config.elastic_probability >= 1 or rng.random() < config.elastic_probability:
+            displacement = elastic_displacement((height, width), config.elastic, config.elastic_grid_points, rng,
+                                                out=work.displacement)
+    matrix, offset = inverse_affine((height, width), flip_rows, flip_cols, angle, shift, scale)
+    return matrix, offset, displacement
+
+
+def _resample(image, mask, matrix, offset, displacement, work):
+    """(float32 image, mask) resampled at the map's coordinates; skipped when the map is the identity,
+    so disabled augmentation returns the float32 input bit-exactly."""
+    if displacement is None and np.array_equal(matrix, np.eye(2)) and not offset.any():
+        return image.astype(np.float32), mask
+    return _warp(image, mask, matrix, offset, work, displacement)
+
+
+def _blur_and_intensities(image, config, rng, value_range, work):
+    """The transforms after the warp, in place on ``image`` (this call's own float32 array): blur,
+    contrast, noise, intensity shift, each drawn only when enabled."""
+    if config.blur_max_sigma > 0:
+        sigma = float(rng.uniform(0.0, config.blur_max_sigma))
+        if sigma >= _MIN_BLUR_SIGMA:
+            image = gaussian_blur(image, sigma, work, out=image)
+    if config.contrast > 0:
+        factor = float(rng.uniform(1.0 - config.contrast, 1.0 + config.contrast))
+        mean = image.mean(axis=(0, 1), dtype=np.float64)
+        image *= np.float32(factor)
+        image += (mean * (1.0 - factor)).astype(np.float32)
+    if config.noise > 0:
+        noise_sigma = float(rng.uniform(0.0, config.noise * value_range))
+        image += gaussian_noise(rng, noise_sigma, work.noise)
+    if config.intensity > 0:
+        limit = config.intensity * value_range
+        image += np.float32(rng.uniform(-limit, limit))
+    return image
+
+
 # ---------------------------------------------------------------------------------------------------
 # Configuration and CLI
 # ---------------------------------------------------------------------------------------------------
 
-# config field -> (command-line flag / augment_image keyword)
-_FIELD_FLAGS = {
-    "reflection": ("reflection_augmentation", "reflection_flag"),
-    "rotation": ("rotation_augmentation", "rotation_flag"),
-    "jitter": ("jitter_augmentation_severity", "jitter_augmentation_severity"),
-    "noise": ("noise_augmentation_severity", "noise_augmentation_severity"),
-    "scale": ("scale_augmentation_severity", "scale_augmentation_severity"),
-    "blur_max_sigma": ("blur_augmentation_max_sigma", "blur_augmentation_max_sigma"),
-    "intensity": ("intensity_augmentation_severity", "intensity_augmentation_severity"),
-    "elastic": ("elastic_augmentation_severity", "elastic_augmentation_severity"),
-    "elastic_grid_points": ("elastic_augmentation_grid_points", "elastic_augmentation_grid_points"),
-    "elastic_probability": ("elastic_augmentation_probability", "elastic_augmentation_probability"),
-    "gamma": ("gamma_augmentation_severity", "gamma_augmentation_severity"),
-    "contrast": ("contrast_augmentation_severity", "contrast_augmentation_severity"),
-}
-_BOOLEAN_FIELDS = ("reflection", "rotation")
+# The strengths whose range is [0, 1) (see AugmentationConfig.validate for the others).
 _SEVERITY_FIELDS = ("jitter", "noise", "scale", "intensity", "elastic", "gamma", "contrast")
+
+
+def _strength(help, default, name, kind=float):
+    """An AugmentationConfig field and its --<name> flag, whose help ends with the default."""
+    return flags.flag(f"{help} (default {{default:g}})", default, kind=kind, name=name,
+                      metavar="N" if kind is int else "F")
 
 
 @dataclasses.dataclass
 class AugmentationConfig:
-    """Which augmentations run and how strongly.
+    """Which augmentations run and how strongly; each field is also a flag (flags.py).
 
     The first seven defaults are the original toolkit's. Gamma 0.5 and contrast 0.25 (nnU-Net's ranges,
     gamma in [0.67, 1.5], contrast x [0.75, 1.25]) are on: in the ablation of docs/recipe.md they helped on the
@@ -562,18 +552,31 @@ class AugmentationConfig:
     the ablation's shortest budget and was neutral at twice that (0.04 on a 3 x 3 grid, the U-Net
     paper's 10 px at 256 px, is the value to try with very few images and a long run).
     """
-    reflection: bool = True
-    rotation: bool = True
-    jitter: float = 0.1
-    noise: float = 0.02
-    scale: float = 0.1
-    blur_max_sigma: float = 2.0
-    intensity: float = 0.0
-    elastic: float = 0.0
-    elastic_grid_points: int = 3
-    elastic_probability: float = 1.0
-    gamma: float = 0.5
-    contrast: float = 0.25
+    reflection: bool = flags.flag("random flips of rows and columns (default {default:d})", True, kind="binary",
+                                  name="reflection_augmentation")
+    rotation: bool = flags.flag("random rotation in [0, 360) degrees (default {default:d})", True, kind="binary",
+                                name="rotation_augmentation")
+    jitter: float = _strength("random shift, fraction of the image size in [0, 1)", 0.1,
+                              "jitter_augmentation_severity")
+    noise: float = _strength("Gaussian noise sigma up to this fraction of the image range, [0, 1)", 0.02,
+                             "noise_augmentation_severity")
+    scale: float = _strength("random zoom in [1 - s, 1 + s] per axis, [0, 1)", 0.1, "scale_augmentation_severity")
+    blur_max_sigma: float = _strength("Gaussian blur sigma drawn in [0, this] pixels, >= 0", 2.0,
+                                      "blur_augmentation_max_sigma")
+    intensity: float = _strength("additive shift up to this fraction of the image range, [0, 1)", 0.0,
+                                 "intensity_augmentation_severity")
+    elastic: float = _strength("smooth elastic deformation: std of the coarse-grid displacements as a fraction "
+                               "of the image size, [0, 1), 0 = off; 0.04 is the U-Net paper's 10 px at 256 px",
+                               0.0, "elastic_augmentation_severity")
+    elastic_grid_points: int = _strength("the elastic displacements are drawn on an N x N grid spanning the "
+                                         "image and spline-interpolated; fewer points = smoother, >= 2", 3,
+                                         "elastic_augmentation_grid_points", kind=int)
+    elastic_probability: float = _strength("share of images that get an elastic deformation, [0, 1]", 1.0,
+                                           "elastic_augmentation_probability")
+    gamma: float = _strength("gamma correction: log(gamma) uniform in +-log(1 + g), on the image rescaled to "
+                             "[0, 1] by its min and max, [0, 1), 0 = off", 0.5, "gamma_augmentation_severity")
+    contrast: float = _strength("deviations from the mean scaled by a factor in [1 - c, 1 + c], [0, 1), 0 = off",
+                                0.25, "contrast_augmentation_severity")
 
     @classmethod
     def disabled(cls):
@@ -582,26 +585,26 @@ class AugmentationConfig:
                    blur_max_sigma=0.0, intensity=0.0, elastic=0.0, gamma=0.0, contrast=0.0)
 
     def validate(self):
-        """Raise ValueError naming the field and value when a setting is out of range; returns self."""
-        for field in _BOOLEAN_FIELDS:
-            value = getattr(self, field)
-            if not isinstance(value, (bool, np.bool_)) and not (
-                    isinstance(value, numbers.Integral) and value in (0, 1)):
-                raise ValueError(f"{_FIELD_FLAGS[field][0]} (config key '{field}') must be 0/1 or "
-                                 f"true/false, got {value!r}")
-            setattr(self, field, bool(value))
+        """Raise ValueError naming the flag, field and value when a setting is out of range; returns self
+        (with 0/1 as bool and numbers as float, the grid points as int). The one check of these
+        settings: augment_image trusts them."""
         checks = {field: _check_severity for field in _SEVERITY_FIELDS}
         checks["blur_max_sigma"] = functools.partial(_check_severity, upper=None)
         checks["elastic_probability"] = functools.partial(_check_severity, upper_inclusive=True)
         checks["elastic_grid_points"] = _check_grid_points
-        for field, check in checks.items():
-            value = getattr(self, field)
+        for field in flags.flag_fields(AugmentationConfig):
+            value, name = getattr(self, field.name), flags.flag_name(field)
+            if field.metadata["flag"]["kind"] == "binary":
+                if not isinstance(value, (bool, np.bool_)) and not (
+                        isinstance(value, numbers.Integral) and value in (0, 1)):
+                    raise ValueError(f"{name} (config key '{field.name}') must be 0/1 or true/false, got {value!r}")
+                setattr(self, field.name, bool(value))
+                continue
             try:
-                check(_FIELD_FLAGS[field][0], value)
+                checks[field.name](name, value)
             except ValueError as error:
-                flag, rest = str(error).split(" ", 1)
-                raise ValueError(f"{flag} (config key '{field}') {rest}") from None
-            setattr(self, field, int(value) if field == "elastic_grid_points" else float(value))
+                raise ValueError(f"{name} (config key '{field.name}') {str(error).split(' ', 1)[1]}") from None
+            setattr(self, field.name, int(value) if field.metadata["flag"]["kind"] is int else float(value))
         return self
 
     @classmethod
@@ -617,10 +620,10 @@ class AugmentationConfig:
         if not isinstance(values, dict):
             raise ValueError(f"augmentation config {path} must hold a JSON object, got "
                              f"{type(values).__name__}")
-        unknown = sorted(set(values) - set(_FIELD_FLAGS))
+        keys = [field.name for field in dataclasses.fields(cls)]
+        unknown = sorted(set(values) - set(keys))
         if unknown:
-            raise ValueError(f"augmentation config {path} has unknown keys {unknown}; valid keys are "
-                             f"{list(_FIELD_FLAGS)}")
+            raise ValueError(f"augmentation config {path} has unknown keys {unknown}; valid keys are {keys}")
         try:
             return cls(**values).validate()
         except ValueError as error:
@@ -630,41 +633,16 @@ class AugmentationConfig:
         """The settings as a plain dict (JSON-serialisable, the same keys from_json accepts)."""
         return dataclasses.asdict(self)
 
-    def augment_kwargs(self):
-        """Keyword arguments for augment_image (everything but img, mask and rng)."""
-        return {keyword: getattr(self, field) for field, (_, keyword) in _FIELD_FLAGS.items()}
-
 
 def add_augmentation_arguments(parser):
-    """Add the augmentation flags (all default None = not given) to an argparse parser."""
+    """Add --augmentation_config and the flags of AugmentationConfig's fields (all default None = not
+    given) to an argparse parser, as its "augmentation" group."""
     group = parser.add_argument_group("augmentation",
                                       "precedence: built-in defaults < --augmentation_config < flags")
     group.add_argument("--augmentation_config", metavar="FILE.json", default=None,
-                       help=f"JSON object with any of the keys {', '.join(_FIELD_FLAGS)}")
-    group.add_argument("--reflection_augmentation", type=int, choices=(0, 1), default=None,
-                       help="random flips of rows and columns (default 1)")
-    group.add_argument("--rotation_augmentation", type=int, choices=(0, 1), default=None,
-                       help="random rotation in [0, 360) degrees (default 1)")
-    defaults = AugmentationConfig()
-    for field, help_text in (
-            ("jitter", "random shift, fraction of the image size in [0, 1)"),
-            ("noise", "Gaussian noise sigma up to this fraction of the image range, [0, 1)"),
-            ("scale", "random zoom in [1 - s, 1 + s] per axis, [0, 1)"),
-            ("blur_max_sigma", "Gaussian blur sigma drawn in [0, this] pixels, >= 0"),
-            ("intensity", "additive shift up to this fraction of the image range, [0, 1)"),
-            ("elastic", "smooth elastic deformation: std of the coarse-grid displacements as a fraction "
-                        "of the image size, [0, 1), 0 = off; 0.04 is the U-Net paper's 10 px at 256 px"),
-            ("elastic_grid_points", "the elastic displacements are drawn on an N x N grid spanning the "
-                                    "image and spline-interpolated; fewer points = smoother, >= 2"),
-            ("elastic_probability", "share of images that get an elastic deformation, [0, 1]"),
-            ("gamma", "gamma correction: log(gamma) uniform in +-log(1 + g), on the image rescaled to "
-                      "[0, 1] by its min and max, [0, 1), 0 = off"),
-            ("contrast", "deviations from the mean scaled by a factor in [1 - c, 1 + c], [0, 1), "
-                         "0 = off")):
-        integer = field == "elastic_grid_points"
-        group.add_argument(f"--{_FIELD_FLAGS[field][0]}", type=int if integer else float, default=None,
-                           metavar="N" if integer else "F",
-                           help=f"{help_text} (default {getattr(defaults, field):g})")
+                       help="JSON object with any of the keys "
+                            f"{', '.join(field.name for field in dataclasses.fields(AugmentationConfig))}")
+    flags.add_flags(group, AugmentationConfig, overrides=True)
     return parser
 
 
@@ -672,8 +650,8 @@ def augmentation_config_from_args(args):
     """Resolve the augmentation flags into a validated AugmentationConfig (defaults < JSON < flags)."""
     path = getattr(args, "augmentation_config", None)
     config = AugmentationConfig.from_json(path) if path else AugmentationConfig()
-    for field, (flag, _) in _FIELD_FLAGS.items():
-        value = getattr(args, flag, None)
+    for field in flags.flag_fields(AugmentationConfig):
+        value = getattr(args, flags.flag_name(field), None)
         if value is not None:
-            setattr(config, field, bool(value) if field in _BOOLEAN_FIELDS else value)
+            setattr(config, field.name, flags.parsed_value(field, value))
     return config.validate()

@@ -36,6 +36,7 @@ import numpy as np
 
 import image_io
 import normalization
+import progress
 import records
 import tiling
 
@@ -759,21 +760,11 @@ def build_databases(config, show_progress=None, warn=_print_warning):
                                  config.masks_255_to_1, config.first_axis_is_channels, **config.label_options())
     image_dtype = common_image_dtype(checked)
     max_label = max(c.max_label for c in checked)
-    mask_dtype = np.dtype(np.uint8 if max_label <= 255 else np.uint16)
-    if config.sparse:  # signed, to hold records.IGNORE_LABEL
-        mask_dtype = np.dtype(np.int8 if max_label <= 127 else np.int16 if max_label <= 32767 else np.int32)
+    mask_dtype = stored_mask_dtype(max_label, config.sparse)
     plan = database_plan(config, len(checked))
     warnings = _mask_warnings(config, checked)
-
-    suffix = {key: "" if fold is None else f"-fold{fold}" for key, _, fold, _ in plan}
-    targets = {key: os.path.join(config.output_folder, f"{split}-{config.dataset_name}{suffix[key]}.lmdb")
-               for key, split, _, _ in plan}
-    pixels = sum(c.image_shape[0] * c.image_shape[1] for c in checked)
-    bytes_per_pixel = checked[0].image_shape[2] * image_dtype.itemsize + mask_dtype.itemsize
-    overlap_factor = 1.0 if not config.tile_size else (config.tile_size / (config.tile_size - config.tile_overlap)) ** 2
-    copies = 1 if config.folds is None else config.folds  # each image is in K - 1 train sets and 1 test set
-    needed = int(pixels * bytes_per_pixel * overlap_factor * copies * 1.1) + (1 << 20) * len(plan)
-    _check_targets(targets, config.output_folder, needed)
+    targets = database_paths(config, plan)
+    _check_targets(targets, config.output_folder, needed_bytes(config, checked, image_dtype, mask_dtype, len(plan)))
 
     created_output = not os.path.isdir(config.output_folder)
     os.makedirs(config.output_folder, exist_ok=True)
@@ -787,32 +778,11 @@ def build_databases(config, show_progress=None, warn=_print_warning):
         for key, split, fold, indices in plan:
             new_path = os.path.join(scratch, os.path.basename(targets[key]))
             items = [checked[i] for i in indices]
-            extra = {
-                "dataset_name": config.dataset_name,
-                "source_images": len(items),
-                "dataset_number_classes": max_label + 1,
-                # Only train (and unlabelled) databases are tiled; test images are stored whole.
-                "tile_size": config.tile_size if split != "test" else None,
-                "tile_overlap": config.tile_overlap if split != "test" else 0,
-                "image_folder": config.image_folder,
-                "mask_folder": config.mask_folder,
-                "masks_255_to_1": config.masks_255_to_1,
-                # How the masks' unlabelled pixels were declared; they are stored as ignore_label.
-                "unlabelled_value": config.unlabelled_value,
-                "scribbles": config.scribbles,
-                "ignore_label": records.IGNORE_LABEL,
-            }
-            if fold is not None:
-                extra.update(fold=fold, folds=config.folds)
-            if config.unlabelled_only:
-                extra["unlabelled_only"] = True  # train_unet.py refuses it, pretrain_unet.py reads it
-            fields = {"split": split, "split_seed": config.seed, "extra": extra,
-                      "train_fraction": config.train_fraction if fold is None
-                      else round(len(plan[2 * fold][3]) / len(checked), 6)}
-            progress = _Progress(f"writing {key}", len(items), show_progress)
+            fields = metadata_fields(config, plan, len(checked), max_label, split, fold, len(items))
+            writing = _Progress(f"writing {key}", len(items), show_progress)
             try:
                 metadata[key], raw_bytes[key] = write_split(
-                    new_path, items, cache, config, image_dtype, mask_dtype, fields, progress,
+                    new_path, items, cache, config, image_dtype, mask_dtype, fields, writing,
                     tile=split != "test", keep_cached=config.folds is not None)
             except records.NoSpaceError as exc:
                 raise BuildError(f"no space left on {config.output_folder} while writing "
@@ -834,6 +804,56 @@ def build_databases(config, show_progress=None, warn=_print_warning):
         source_images={key: len(indices) for key, _, _, indices in plan},
         database_bytes={key: directory_bytes(path) for key, path in targets.items()},
         raw_pixel_bytes=raw_bytes, seconds=time.perf_counter() - start, config=config, warnings=warnings)
+
+
+def stored_mask_dtype(max_label, sparse):
+    """The smallest mask dtype that holds every label (signed for sparse masks, to hold
+    records.IGNORE_LABEL)."""
+    if sparse:
+        return np.dtype(np.int8 if max_label <= 127 else np.int16 if max_label <= 32767 else np.int32)
+    return np.dtype(np.uint8 if max_label <= 255 else np.uint16)
+
+
+def database_paths(config, plan):
+    """{key: output path} of the databases of database_plan's ``plan``."""
+    suffix = {key: "" if fold is None else f"-fold{fold}" for key, _, fold, _ in plan}
+    return {key: os.path.join(config.output_folder, f"{split}-{config.dataset_name}{suffix[key]}.lmdb")
+            for key, split, _, _ in plan}
+
+
+def needed_bytes(config, checked, image_dtype, mask_dtype, databases):
+    """An upper estimate of the disk space ``databases`` databases of the CheckedPairs take."""
+    pixels = sum(c.image_shape[0] * c.image_shape[1] for c in checked)
+    bytes_per_pixel = checked[0].image_shape[2] * image_dtype.itemsize + mask_dtype.itemsize
+    overlap_factor = 1.0 if not config.tile_size else (config.tile_size / (config.tile_size - config.tile_overlap)) ** 2
+    copies = 1 if config.folds is None else config.folds  # each image is in K - 1 train sets and 1 test set
+    return int(pixels * bytes_per_pixel * overlap_factor * copies * 1.1) + (1 << 20) * databases
+
+
+def metadata_fields(config, plan, num_images, max_label, split, fold, source_images):
+    """The metadata fields records.write_database records for one database of ``plan``."""
+    extra = {
+        "dataset_name": config.dataset_name,
+        "source_images": source_images,
+        "dataset_number_classes": max_label + 1,
+        # Only train (and unlabelled) databases are tiled; test images are stored whole.
+        "tile_size": config.tile_size if split != "test" else None,
+        "tile_overlap": config.tile_overlap if split != "test" else 0,
+        "image_folder": config.image_folder,
+        "mask_folder": config.mask_folder,
+        "masks_255_to_1": config.masks_255_to_1,
+        # How the masks' unlabelled pixels were declared; they are stored as ignore_label.
+        "unlabelled_value": config.unlabelled_value,
+        "scribbles": config.scribbles,
+        "ignore_label": records.IGNORE_LABEL,
+    }
+    if fold is not None:
+        extra.update(fold=fold, folds=config.folds)
+    if config.unlabelled_only:
+        extra["unlabelled_only"] = True  # train_unet.py refuses it, pretrain_unet.py reads it
+    return {"split": split, "split_seed": config.seed, "extra": extra,
+            "train_fraction": config.train_fraction if fold is None
+            else round(len(plan[2 * fold][3]) / num_images, 6)}
 
 
 def format_summary(result):
@@ -863,26 +883,19 @@ def format_summary(result):
 
 
 class _Progress:
-    """A one-line progress counter on stderr, redrawn at most 10 times a second."""
+    """The images done in one pass (checking, or writing one database), shown on stderr by a
+    progress.ProgressLine (when enabled) with the pass's name as its last figure."""
 
     def __init__(self, label, total, enabled):
-        self.label, self.total, self.enabled = label, total, enabled
-        self.done, self.start, self.last_draw = 0, time.perf_counter(), 0.0
+        self.label, self.done = label, 0
+        self.line = progress.ProgressLine(total, unit="image", stream=sys.stderr) if enabled else None
+        if self.line:
+            self.line.update(0)  # the line's rate and remaining time count from here
 
     def advance(self):
         self.done += 1
-        now = time.perf_counter()
-        finished = self.done >= self.total
-        if self.enabled and (finished or now - self.last_draw >= 0.1):
-            self.last_draw = now
-            width = 30
-            filled = int(width * self.done / max(self.total, 1))
-            rate = self.done / max(now - self.start, 1e-9)
-            sys.stderr.write(f"\r{self.label:14s} [{'=' * filled}{' ' * (width - filled)}] "
-                             f"{self.done}/{self.total} images, {rate:.0f}/s")
-            if finished:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        if self.line:
+            self.line.update(self.done, metric=self.label)
 
 
 # ----------------------------------------------------------------------------- command line

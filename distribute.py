@@ -27,6 +27,8 @@ import re
 
 import numpy as np
 
+import models
+
 SLURM_PORT_BASE = 8888
 
 
@@ -251,8 +253,6 @@ def check_xla(xla, model_name):
     """Refuse --xla for a model the registry says XLA cannot compile. (Only each tower's forward and
     backward pass is compiled: see steps.make_train_step; the gradient reduction stays on its chosen
     device.)"""
-    import models
-
     problem = models.xla_problem(model_name)
     if xla and problem:
         raise DistributionError(f"--xla cannot compile {model_name}: {problem}")

@@ -2,8 +2,8 @@
 
 Each worker is its own process (started with the "spawn" method, so no LMDB environment, TensorFlow
 state or lock ever crosses a fork). A worker opens the database itself, then loops: take a free
-slot of a shared-memory ring, read and decode records, crop or tile them, augment (training only;
-augmentation acts on the raw stored values), normalise with the statistics of the record's whole
+slot of a shared-memory ring, read and decode records, crop them at random, augment (on the raw
+stored values), normalise with the statistics of the record's whole
 source image (normalization.normalize, the same values inference.py uses, so a pixel gets the
 same network input whichever crop it is seen in), write a whole batch into the slot and put the
 slot's index on its ready queue. The slot arithmetic lives in one place, ``RingLayout``.
@@ -31,7 +31,6 @@ import time
 import traceback
 import types
 import uuid
-import warnings
 from dataclasses import dataclass, field
 from multiprocessing import resource_tracker, shared_memory
 
@@ -40,7 +39,6 @@ import numpy as np
 import augment
 import normalization
 import records
-import tiling
 
 # /dev/shm segments are named SHM_PREFIX + "<parent pid>_<random>", so leaks are easy to spot.
 SHM_PREFIX = "segreader_"
@@ -57,7 +55,6 @@ _CONTROL_BYTES = 64
 # Training crops redrawn while they hold no annotated pixel (sparse masks); bounded, see
 # _annotated_crop_origin (a draw costs one comparison over the crop's mask pixels).
 CROP_REDRAWS = 10
-MODES = ("train", "test")
 
 
 class NonFiniteRecordError(ValueError):
@@ -132,54 +129,47 @@ class _WorkerSpec:
     parent_pid: int
     shm_name: str
     layout: RingLayout
-    train: bool
     seed: int
     shard_index: int
-    use_augmentation: bool
-    augment_kwargs: dict
+    augmentation: augment.AugmentationConfig  # None: no augmentation
     train_records: list = field(default_factory=list)
     class_records: list = None  # balance_classes: per class id, the records holding it
     foreground_crop_fraction: float = 0.0
     foreground_classes: list = None  # per record, the foreground class ids it holds
-    test_batches: list = field(default_factory=list)  # per batch: [(record, y0, x0, own_y, own_x)]
     unannotated_crops: int = 0  # training crops taken without an annotated pixel (this worker)
 
 
 class ImageReader:
-    """Batches of (images, masks) from an LMDB database, produced by ``num_workers`` processes.
+    """Training batches of (images, masks) from an LMDB database, produced by ``num_workers`` processes:
+    endless random crops of records drawn at random. (The test pass reads whole images itself: see
+    evaluation.py.)
 
     Args:
       img_db: path of a database written by build_lmdb.py.
       batch_size: images per batch.
-      use_augmentation: augment training batches (never applied in test mode: test metrics must be
-        exact and the masks must match the tiling).
-      balance_classes: training mode: draw a class uniformly, then a record holding it (from the
+      use_augmentation: augment the crops.
+      balance_classes: draw a class uniformly, then a record holding it (from the
         metadata's class_presence), so every class is equally represented among the records drawn.
-      mode: "train" = endless random crops of records drawn at random; "test" = every record (or
-        every tile of records larger than tile_size) exactly once per pass, in a fixed order, then
-        None.
       num_workers: reader processes.
       tile_size: side T of the square crops / tiles delivered; None = the records' own size (then
         all records must share it).
       augmentation: augment.AugmentationConfig, or None for its defaults.
-      seed: training mode: worker w of shard s draws from numpy default_rng([seed, s, w]).
+      seed: worker w of shard s draws from numpy default_rng([seed, s, w]).
       queue_size: batches buffered in total (default 4 per worker; at least 2 per worker).
       shard_index, shard_count: this process's part when several training processes share the
-        database: its own random streams in training mode, a disjoint part of the records in test mode.
-      foreground_crop_fraction: training mode: this share P of the crops is placed on a pixel of a
+        database: its own random streams.
+      foreground_crop_fraction: this share P of the crops is placed on a pixel of a
         foreground class (centred on it, jittered by up to a quarter tile, clipped to the record),
         the class drawn uniformly from the foreground classes the record holds, or, with
         balance_classes, the class that drew the record when it is a foreground class. Records
         without foreground get a random crop. The pixel is inside the crop before augmentation.
         With sparse masks it is an annotated pixel (unlabelled ones hold records.IGNORE_LABEL),
-        and any training crop holding no annotated pixel is redrawn (up to CROP_REDRAWS times).
-      shuffle: deprecated alias of ``mode``: True = "train", False = "test".
+        and any crop holding no annotated pixel is redrawn (up to CROP_REDRAWS times).
     """
 
-    def __init__(self, img_db, batch_size, use_augmentation=True, balance_classes=False, mode=None,
+    def __init__(self, img_db, batch_size, use_augmentation=True, balance_classes=False,
                  num_workers=1, tile_size=None, augmentation=None, seed=0, queue_size=None,
-                 shard_index=0, shard_count=1, foreground_crop_fraction=0.0, *, shuffle=None):
-        mode = _resolve_mode(mode, shuffle)
+                 shard_index=0, shard_count=1, foreground_crop_fraction=0.0):
         for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 1),
                                      ("shard_count", shard_count, 1)):
             if not isinstance(value, (int, np.integer)) or value < minimum:
@@ -194,7 +184,6 @@ class ImageReader:
         self.batch_size = int(batch_size)
         self.use_augmentation = bool(use_augmentation)
         self.balance_classes = bool(balance_classes)
-        self.mode = mode
         self.num_workers = int(num_workers)
         self.seed = int(seed)
         self.shard_index = int(shard_index)
@@ -210,20 +199,12 @@ class ImageReader:
         channels = int(self._metadata["channels"])
         shapes = _record_shapes(self.img_db, self._metadata)
         tile = _resolve_tile(self.img_db, shapes, tile_size)
-
-        shard_records = list(range(self.shard_index, num_records, self.shard_count))
-        if mode == "test":
-            items = [item for r in shard_records for item in _tiles(r, shapes[r], tile)]
-            self._test_batches = [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
-        else:
-            self._test_batches = []
         per_worker = max(2, math.ceil((queue_size or 4 * self.num_workers) / self.num_workers))
         self._layout = RingLayout(self.batch_size, tile[0], tile[1], channels, self.num_workers, per_worker)
 
         self._starvation_seconds = 0.0
         self._starving = False
-        self._next_batch = 0  # batches delivered since startup: picks the worker in training mode
-        self._pass_position = 0  # batches delivered in the current test pass
+        self._next_batch = 0  # batches delivered since startup: picks the worker
         self._last_liveness_check = 0.0
         self._started = False
         self._shm = None
@@ -235,11 +216,6 @@ class ImageReader:
         self._views = []
 
     # ------------------------------------------------------------------ public API
-
-    @property
-    def shuffle(self):
-        """Deprecated: True in training mode (use ``mode``)."""
-        return self.mode == "train"
 
     def get_queue_size(self):
         """Batches ready and waiting for get_batch."""
@@ -263,7 +239,6 @@ class ImageReader:
             return
         self._started = True
         self._next_batch = 0
-        self._pass_position = 0
         self._starving = False
         self._last_liveness_check = time.monotonic()
         atexit.register(self.shutdown)
@@ -312,26 +287,16 @@ class ImageReader:
     def get_batch(self, timeout=None):
         """The next batch: (images float32 [B, T, T, C], masks int32 [B, T, T]).
 
-        In test mode returns None once the pass is complete (pixels of the padded last batch and
-        pixels owned by a neighbouring tile have mask -1); the next call starts the next pass.
         Raises ImageReaderError when a worker failed or died, TimeoutError after ``timeout`` seconds.
         """
         if not self._started:
             raise RuntimeError("ImageReader.get_batch called before startup() (or after shutdown())")
-        if self.mode == "test":
-            if self._pass_position == len(self._test_batches):
-                self._pass_position = 0
-                return None
-            worker = self._pass_position % self.num_workers
-        else:
-            worker = self._next_batch % self.num_workers
+        worker = self._next_batch % self.num_workers
         self._report_starvation()
         slot = self._wait_for_slot(worker, timeout)
         images, masks = (view.copy() for view in self._views[slot])
         self._free[worker].put(slot)
         self._next_batch += 1
-        if self.mode == "test":
-            self._pass_position += 1
         return images, masks
 
     # ------------------------------------------------------------------ internals
@@ -344,20 +309,17 @@ class ImageReader:
         self._stop = layout.stop_flag(self._shm.buf)
         self._views = [layout.views(self._shm.buf, slot) for slot in range(layout.capacity)]
         self._errors = ctx.Queue()
-        train = self.mode == "train"
-        augment_kwargs = self.augmentation.augment_kwargs() if self.use_augmentation else {}
         presence = self._metadata.get("class_presence") or []
         for worker_id in range(self.num_workers):
             spec = _WorkerSpec(
                 img_db=os.path.abspath(self.img_db), worker_id=worker_id, parent_pid=os.getpid(),
-                shm_name=name, layout=layout, train=train, seed=self.seed, shard_index=self.shard_index,
-                use_augmentation=self.use_augmentation and train, augment_kwargs=augment_kwargs,
-                train_records=list(range(int(self._metadata["num_records"]))) if train else [],
-                class_records=_records_per_class(self._metadata) if train and self.balance_classes else None,
-                foreground_crop_fraction=self.foreground_crop_fraction if train else 0.0,
+                shm_name=name, layout=layout, seed=self.seed, shard_index=self.shard_index,
+                augmentation=self.augmentation if self.use_augmentation else None,
+                train_records=list(range(int(self._metadata["num_records"]))),
+                class_records=_records_per_class(self._metadata) if self.balance_classes else None,
+                foreground_crop_fraction=self.foreground_crop_fraction,
                 foreground_classes=[[int(c) for c in classes if int(c) != 0] for classes in presence]
-                if train and self.foreground_crop_fraction > 0 else None,
-                test_batches=self._test_batches[worker_id::self.num_workers])
+                if self.foreground_crop_fraction > 0 else None)
             free, ready = ctx.Queue(), ctx.Queue()
             for slot in layout.worker_slots(worker_id):
                 free.put(slot)
@@ -472,24 +434,6 @@ def _resolve_tile(img_db, shapes, tile_size):
     return (int(tile_size), int(tile_size))
 
 
-def _axis_tiles(length, tile):
-    """[(start, first owned offset)] along one axis, from tiling.tile_starts (no overlap).
-
-    A tile shifted inward overlaps its predecessor; the shared pixels belong to the predecessor, so
-    the first owned offset says where this tile's own pixels begin.
-    """
-    tiles, previous_end = [], 0
-    for start in tiling.tile_starts(length, tile):
-        tiles.append((start, max(0, previous_end - start)))
-        previous_end = start + tile
-    return tiles
-
-
-def _tiles(record, shape, tile):
-    return [(record, y0, x0, own_y, own_x)
-            for y0, own_y in _axis_tiles(shape[0], tile[0]) for x0, own_x in _axis_tiles(shape[1], tile[1])]
-
-
 def _records_per_class(metadata):
     """[(class id, records holding it)] for every class present, from the metadata's class_presence."""
     presence = metadata.get("class_presence")
@@ -500,19 +444,6 @@ def _records_per_class(metadata):
         for c in classes:
             by_class.setdefault(int(c), []).append(record)
     return [(c, by_class[c]) for c in sorted(by_class)]
-
-
-def _resolve_mode(mode, shuffle):
-    if shuffle is not None:
-        if mode is not None:
-            raise ValueError("give mode= or the deprecated shuffle=, not both")
-        warnings.warn("ImageReader(shuffle=...) is deprecated: use mode='train' (shuffle=True) or "
-                      "mode='test' (shuffle=False)", DeprecationWarning, stacklevel=3)
-        return "train" if shuffle else "test"
-    mode = "train" if mode is None else mode
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
-    return mode
 
 
 @contextlib.contextmanager
@@ -600,22 +531,16 @@ def _produce(spec, shm, env, free, ready):
     layout = spec.layout
     stop = layout.stop_flag(shm.buf)
     rng = np.random.default_rng([spec.seed, spec.shard_index, spec.worker_id])
-    batches = _train_batches(spec, rng) if spec.train else _test_batches(spec)
     with env.begin(buffers=True) as txn:
-        for items in batches:
+        for items in _train_batches(spec, rng):
             slot = _next_free_slot(free, stop, spec.parent_pid)
             if slot is None:
                 return
             images, masks = layout.views(shm.buf, slot)
             for i, item in enumerate(items):
                 images[i], masks[i] = _read_item(txn, spec, item, rng)
-            images[len(items):] = 0
-            masks[len(items):] = -1
             del images, masks
             ready.put(slot)
-    # Test mode with no batch for this worker (more workers than batches): idle until told.
-    while _parent_wants_us(stop, spec.parent_pid):
-        time.sleep(_POLL_SECONDS)
 
 
 def _attach_shared_memory(name):
@@ -650,8 +575,8 @@ def _next_free_slot(free, stop, parent_pid):
 
 
 def _train_batches(spec, rng):
-    """Endless lists of (record, None, None, 0, 0, class): a random crop of the record, placed by
-    _read_item; class is the class id balance_classes drew the record for (else None)."""
+    """Endless lists of (record, class): a random crop of the record, placed by _read_item; class is
+    the class id balance_classes drew the record for (else None)."""
     if spec.class_records is not None:
         def draw():
             label, members = spec.class_records[rng.integers(len(spec.class_records))]
@@ -664,13 +589,7 @@ def _train_batches(spec, rng):
                 order.extend(rng.permutation(spec.train_records).tolist())
             return order.pop(), None
     while True:
-        yield [(record, None, None, 0, 0, label) for record, label in (draw() for _ in range(spec.layout.batch_size))]
-
-
-def _test_batches(spec):
-    """The worker's batches of a test pass, pass after pass."""
-    while spec.test_batches:
-        yield from spec.test_batches
+        yield [draw() for _ in range(spec.layout.batch_size)]
 
 
 def _annotated_crop_origin(spec, record, label, mask, rng):
@@ -721,7 +640,7 @@ def _crop_origin(spec, record, label, mask, rng):
 
 def _read_item(txn, spec, item, rng):
     """One (image float32 T x T x C, mask T x T) from a record: crop, augment, normalise."""
-    record, y0, x0, own_y, own_x = item[:5]
+    record, label = item
     buffer = txn.get(records.record_key(record))
     if buffer is None:
         raise records.RecordFormatError(f"{spec.img_db}: record {record} is missing")
@@ -730,26 +649,21 @@ def _read_item(txn, spec, item, rng):
     except records.RecordFormatError as exc:
         raise records.RecordFormatError(f"{spec.img_db}: record {record}: {exc}") from None
     h, w = spec.layout.height, spec.layout.width
-    if y0 is None:
-        y0, x0 = _annotated_crop_origin(spec, record, item[5], mask, rng)
+    y0, x0 = _annotated_crop_origin(spec, record, label, mask, rng)
     image = image[y0:y0 + h, x0:x0 + w]
     mask = mask[y0:y0 + h, x0:x0 + w]
     if not image.flags.aligned:
         # LMDB values start at any byte offset; numpy and scipy are slower on unaligned data, and
         # copying one crop costs far less than the augmentation (measured ~7% faster overall).
         image = image.copy()
-    if spec.use_augmentation:
+    if spec.augmentation is not None:
         # On the raw values: intensity and noise augmentation then change what the network sees
         # (a per-crop z-score afterwards would cancel an intensity shift entirely).
-        image, mask = augment.augment_image(image, mask, **spec.augment_kwargs, rng=rng)
+        image, mask = augment.augment_image(image, spec.augmentation, mask, rng)
     image = normalization.normalize(image, statistics)
     if not np.isfinite(image).all():
         raise NonFiniteRecordError(
             f"{spec.img_db}: record {record} holds non-finite values (NaN or Inf) in its pixels or "
             "its normalisation statistics; training cannot use it. Rebuild the database with "
             "build_lmdb.py, which refuses such images and names the file")
-    if own_y or own_x:
-        mask = mask.astype(np.int32)
-        mask[:own_y] = -1
-        mask[:, :own_x] = -1
     return image, mask

@@ -18,6 +18,8 @@ restarts from warm-up after a resume" bugs.
 import dataclasses
 import math
 
+import distribute
+
 SCHEDULES = ("constant", "cosine", "poly")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 POLY_EXPONENT = 0.9  # nnU-Net's poly decay
@@ -120,8 +122,6 @@ def _agreed_loss_scale_optimizer_class():
     together.
     """
     import keras
-
-    import distribute
 
     class AgreedLossScaleOptimizer(keras.optimizers.LossScaleOptimizer):
         def check_finite(self, grads):

@@ -30,6 +30,7 @@ import time
 
 import numpy as np
 
+import flags
 import normalization
 import records
 import steps
@@ -49,18 +50,27 @@ _TEST_BATCH = 4
 
 @dataclasses.dataclass
 class PretextConfig:
-    """The pretext task's settings, saved in config.json under "pretext".
+    """The pretext task's settings, saved in config.json under "pretext"; each field is also a flag of
+    pretrain_unet.py (flags.py).
 
     task: one of TASKS. mask_fraction: share of the pixels (blind_spot) or squares (masked_patch) of a
     crop hidden and scored per step; None = the task's default. radius: blind_spot's neighbour lies
     within this many pixels. patch_size: masked_patch's square side. test_crops: crops (one per
     record, spread over the database) the test pass scores.
     """
-    task: str = "blind_spot"
-    mask_fraction: float = None
-    radius: int = DEFAULT_RADIUS
-    patch_size: int = DEFAULT_PATCH_SIZE
-    test_crops: int = DEFAULT_TEST_CROPS
+    task: str = flags.flag("blind_spot: Noise2Void-style denoising, the masked pixels predicted from their "
+                           "neighbours; masked_patch: hidden squares restored from their surroundings "
+                           "(default %(default)s)", "blind_spot", choices=TASKS, name="pretext_task")
+    mask_fraction: float = flags.flag("share of the pixels (blind_spot) or squares (masked_patch) of each crop "
+                                      "hidden and scored (default: {mask_fractions})", kind=float)
+    radius: int = flags.flag("blind_spot: a replaced pixel takes the value of a random pixel at most this far "
+                             "away (default %(default)s: a 5 x 5 window)", DEFAULT_RADIUS, kind=int,
+                             name="neighbour_radius")
+    patch_size: int = flags.flag("masked_patch: side in pixels of the hidden squares (default %(default)s)",
+                                 DEFAULT_PATCH_SIZE, kind=int)
+    test_crops: int = flags.flag("crops of --tile_size, one per record spread over the database, that the test "
+                                 "pass scores with fixed masked pixels (default %(default)s)", DEFAULT_TEST_CROPS,
+                                 kind=int)
 
     def __post_init__(self):
         if self.mask_fraction is None and self.task in DEFAULT_MASK_FRACTION:
@@ -87,29 +97,14 @@ class PretextConfig:
 
 
 def add_arguments(parser):
-    """The pretext flags of pretrain_unet.py."""
-    group = parser.add_argument_group("pretext task")
-    group.add_argument("--pretext_task", default="blind_spot", choices=TASKS,
-                       help="blind_spot: Noise2Void-style denoising, the masked pixels predicted from their "
-                            "neighbours; masked_patch: hidden squares restored from their surroundings "
-                            "(default %(default)s)")
-    group.add_argument("--mask_fraction", type=float, default=None,
-                       help="share of the pixels (blind_spot) or squares (masked_patch) of each crop hidden "
-                            "and scored (default: " + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_MASK_FRACTION.items())
-                            + ")")
-    group.add_argument("--neighbour_radius", type=int, default=DEFAULT_RADIUS,
-                       help="blind_spot: a replaced pixel takes the value of a random pixel at most this "
-                            "far away (default %(default)s: a 5 x 5 window)")
-    group.add_argument("--patch_size", type=int, default=DEFAULT_PATCH_SIZE,
-                       help="masked_patch: side in pixels of the hidden squares (default %(default)s)")
-    group.add_argument("--test_crops", type=int, default=DEFAULT_TEST_CROPS,
-                       help="crops of --tile_size, one per record spread over the database, that the test "
-                            "pass scores with fixed masked pixels (default %(default)s)")
+    """The pretext flags of pretrain_unet.py: PretextConfig's fields."""
+    flags.add_flags(parser.add_argument_group("pretext task"), PretextConfig,
+                    mask_fractions=", ".join(f"{k} {v:g}" for k, v in DEFAULT_MASK_FRACTION.items()))
 
 
 def config_from_args(args):
-    return PretextConfig(task=args.pretext_task, mask_fraction=args.mask_fraction, radius=args.neighbour_radius,
-                         patch_size=args.patch_size, test_crops=args.test_crops)
+    return PretextConfig(**{field.name: getattr(args, flags.flag_name(field))
+                            for field in flags.flag_fields(PretextConfig)})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +236,7 @@ class PretextEvaluator:
     """
 
     def __init__(self, model, database, tile_size, task, shard_index=0, shard_count=1):
-        import predictor
+        import predictor  # here, not at the top: it loads the models (TensorFlow), this module must not
 
         self.forward = predictor.make_predictor(model)
         crops = _test_crops(database, tile_size, task.settings.test_crops)[shard_index::shard_count]

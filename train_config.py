@@ -4,9 +4,10 @@
     read_database_metadata(path, role)         validate_config(config, train_meta, test_meta)
     run_length(config, steps_per_epoch)        optimizer_settings(config, steps_per_epoch)
 
-Each field of ``TrainConfig`` carries its flag in its metadata (help text, type, choices); the
-parser is generated from the fields, so a new flag is one field and its default is written once
-(help texts show it through ``%(default)s``).
+Each field of ``TrainConfig`` carries its flag in its metadata (help text, type, choices; see
+flags.py); the parser is generated from the fields, so a new flag is one field and its default is
+written once (help texts show it through ``%(default)s``). The augmentation flags are the fields of
+augment.AugmentationConfig, built by the same code (flags.add_flags).
 """
 import argparse
 import dataclasses
@@ -14,31 +15,14 @@ import math
 import os
 
 import augment
+import flags
 import models
 import optim
 import plan
 import records
 import steps
 from errors import ConfigError
-
-
-def flag(help, default=None, *, required=False, kind=None, choices=None, action=None, const=None):
-    """A TrainConfig field that is also a command-line flag.
-
-    Args:
-      help: help text; ``%(default)s`` shows the default, ``{no_xla}`` / ``{divisors}`` the
-        registry's models without XLA / their size divisors.
-      default: the field's (and the flag's) default.
-      required: the flag must be given (the field then has no default).
-      kind: the argparse type (int, float; None = str), or "binary" for a 0/1 flag stored as bool.
-      choices, action: passed to argparse.
-      const: the value of the flag given bare (``--flag`` without a value).
-    """
-    metadata = {"help": help, "kind": kind, "choices": choices, "action": action, "required": required,
-                "const": const}
-    if required:
-        return dataclasses.field(metadata={"flag": metadata})
-    return dataclasses.field(default=default, metadata={"flag": metadata})
+from flags import flag
 
 
 @dataclasses.dataclass
@@ -127,52 +111,36 @@ class TrainConfig:
     # checkpoint; any other run keeps the defaults above. Not compared: how a value came about does
     # not change the configuration.
     self_configure: list = dataclasses.field(default_factory=list, compare=False)
-    # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags).
-    augmentation: dict = dataclasses.field(default_factory=lambda: augment.AugmentationConfig().to_dict())
+    # Resolved from the augmentation flags by augment.py (defaults < --augmentation_config < flags);
+    # config.json holds it as a dict of its fields.
+    augmentation: augment.AugmentationConfig = dataclasses.field(default_factory=augment.AugmentationConfig)
     # pretrain_unet.py: the pretext task's settings (pretext.PretextConfig as a dict); None = segmentation.
     pretext: dict = None
 
     def __post_init__(self):
-        # Code written when --mixed_precision was an on/off switch passes True / False.
         if self.lr_schedule is None:
             # Decay needs the run's length; a run ended by early stopping alone keeps a constant rate.
             self.lr_schedule = "poly" if (self.max_steps or self.max_epochs or self.time_budget) else "constant"
+        if isinstance(self.augmentation, dict):  # as config.json records it
+            self.augmentation = augment.AugmentationConfig(**self.augmentation)
+        # Code written when --mixed_precision was an on/off switch passes True / False.
         if self.mixed_precision is True:
             self.mixed_precision = "float16"
         elif self.mixed_precision is False:
             self.mixed_precision = None
 
 
-def _flag_fields():
-    return [field for field in dataclasses.fields(TrainConfig) if "flag" in field.metadata]
-
-
 def build_parser(model_name, exclude=(), prog=None, description=None):
     """The argparse parser of train_<model_name>.py, generated from TrainConfig's fields (without the
-    flags named in ``exclude``: pretrain_unet.py has no labels, so no --loss, --number_classes, ...)."""
+    flags named in ``exclude``: pretrain_unet.py has no labels, so no --loss, --number_classes, ...)
+    and AugmentationConfig's."""
     parser = argparse.ArgumentParser(
         prog=prog or f"train_{model_name}.py",
         description=description or f"Train a {model_name} segmentation network on LMDB databases made by "
                                    "build_lmdb.py.")
-    registry = {"no_xla": ", ".join(n for n in models.MODEL_NAMES if models.xla_problem(n)) or "none",
-                "divisors": ", ".join(f"{models.SIZE_DIVISOR[n]} for {n}" for n in models.MODEL_NAMES)}
-    for field in _flag_fields():
-        if field.name in exclude:
-            continue
-        spec = field.metadata["flag"]
-        options = {"help": spec["help"].format(**registry)}
-        if spec["action"]:
-            options["action"] = spec["action"]
-        else:
-            options["type"] = int if spec["kind"] == "binary" else spec["kind"]
-            options["choices"] = (0, 1) if spec["kind"] == "binary" else spec["choices"]
-            if spec["const"] is not None:
-                options.update(nargs="?", const=spec["const"])
-            if spec["required"]:
-                options["required"] = True
-            else:
-                options["default"] = int(field.default) if spec["kind"] == "binary" else field.default
-        parser.add_argument(f"--{field.name}", **options)
+    flags.add_flags(parser, TrainConfig, exclude,
+                    no_xla=", ".join(n for n in models.MODEL_NAMES if models.xla_problem(n)) or "none",
+                    divisors=", ".join(f"{models.SIZE_DIVISOR[n]} for {n}" for n in models.MODEL_NAMES))
     augment.add_augmentation_arguments(parser)
     return parser
 
@@ -202,15 +170,15 @@ def config_from_args(model_name, args, **values):
     except (ValueError, OSError) as error:
         raise ConfigError(str(error)) from None
     unset = []
-    for field in _flag_fields():
+    for field in flags.flag_fields(TrainConfig):
         if field.name in values:
             continue
         value = getattr(args, field.name, UNSET)
         if value is UNSET:
             value = field.default
             unset.append(field.name)
-        values[field.name] = bool(value) if field.metadata["flag"]["kind"] == "binary" else value
-    return TrainConfig(model=model_name, augmentation=augmentation.to_dict(), self_configure=unset, **values)
+        values[field.name] = flags.parsed_value(field, value)
+    return TrainConfig(model=model_name, augmentation=augmentation, self_configure=unset, **values)
 
 
 def read_database_metadata(path, role, flag_name=None):

@@ -6,7 +6,9 @@ The pieces live by concern: flags and TrainConfig in train_config.py, losses and
 steps in steps.py, checkpoints in checkpoints.py, CSVs/TensorBoard/plots in outputs.py and plots.py,
 devices, strategy and every tf.distribute call in distribute.py, metrics in metrics.py, the rules
 of --time_budget (run length, self-configuration) in plan.py, the progress line in progress.py. ``train``
-sets a run up; ``Run`` holds its pieces, and ``Run.loop`` reads top to bottom: train up to the end
+sets a run up in named steps (prepare_run checks everything before anything is written,
+build_distribution, run_record is config.json, starting_weights, announce); ``Run`` holds its pieces,
+and ``Run.loop`` reads top to bottom: train up to the end
 of the epoch (``test_every_n_steps`` steps), run a full test pass, log, checkpoint (latest, and
 best by test loss), decide on early stopping. The test pass (evaluation.py) predicts the whole test
 images exactly as inference.py does, so its metrics are those of the masks inference.py writes.
@@ -17,13 +19,14 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
 
-import augment
 import checkpoints
 import distribute
 import evaluation
@@ -136,8 +139,87 @@ def train(config):
       non-finite loss, imagereader.ImageReaderError when a reader fails.
     """
     started = time.perf_counter()  # the --time_budget counts from here
-    # Everything that can refuse the run comes before anything is written: a refused run
-    # creates nothing.
+    start = prepare_run(config)
+    config, run_plan = start.config, start.run_plan
+    # Devices and strategy come before any other TensorFlow work (see distribute.py).
+    towers, reduce_to, strategy, info = build_distribution(config)
+
+    import keras
+    keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
+    keras.utils.set_random_seed(config.seed)
+    global_batch = config.batch_size * len(towers) * info.num_workers
+    task = make_task(config)
+    with strategy.scope():
+        model = build_model(config, start.input_channels)
+    train_reader = evaluator = None
+    if config.time_budget and run_plan is None:
+        # Measuring needs the run's own model, data and devices; the plan then sets the run length
+        # (and with it the learning-rate schedule) before the real optimizer exists.
+        train_reader = make_train_reader(config, len(towers), info, 0)
+        try:
+            config, model, evaluator, run_plan = plan_by_measuring(
+                task, config, strategy, info, model, train_reader, start.input_channels, global_batch,
+                start.self_configuration, started)
+        except BaseException:
+            train_reader.shutdown()
+            raise
+    steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(start.train_metadata["num_records"] / global_batch))
+    # ConfigError (nothing written yet) for a warm-up past the end; config.json records what is used.
+    settings = optimizer_settings(config, steps_per_epoch)
+    config_dict = run_record(config, start, run_plan, towers, reduce_to, info, steps_per_epoch, settings)
+    with strategy.scope():
+        optimizer = optim.make_optimizer(settings)
+        optimizer.build(model.trainable_variables)
+    state, resumed = starting_weights(config, start, model, optimizer)
+    if train_reader is None:
+        train_reader = make_train_reader(config, len(towers), info, state.step)
+    if info.is_chief:
+        announce(config, config_dict, start, strategy, towers, reduce_to, info, run_plan, resumed)
+
+    run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
+                                  state if resumed else None, test_columns=task.test_columns,
+                                  metric_curves=task.metric_curves)
+    run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
+              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
+              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task)
+    try:
+        with StopSignals() as stop, train_reader:
+            stop_reason = run.loop(state, stop)
+    finally:
+        run.end_progress_line()
+        run_outputs.close()
+    exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
+    model_path = None
+    if exit_code == EXIT_OK and info.is_chief:
+        model_path = checkpoints.export_model(config.output_dir, config_dict)
+    if info.is_chief:
+        _print_locations(config.output_dir, stop_reason, state, model_path)
+    return {"exit_code": exit_code, "stop_reason": stop_reason, "step": state.step, "epoch": state.epoch,
+            "best_loss": state.best_loss, "best_epoch": state.best_epoch, "history": list(state.history),
+            "effective_batch": global_batch, "output_dir": config.output_dir, "model_path": model_path,
+            "is_chief": info.is_chief, "num_workers": info.num_workers, "towers": towers}
+
+
+@dataclasses.dataclass
+class RunStart:
+    """What prepare_run settled before anything is written."""
+    config: TrainConfig  # with what a resumed or fine-tuned run keeps, and self-configured flags
+    train_metadata: dict
+    test_metadata: dict
+    fingerprints: dict  # {"train": ..., "test": ...}: checkpoints.database_fingerprint of each
+    input_channels: int
+    checkpoint_dir: str = None  # --restore_checkpoint_filepath's checkpoint folder
+    saved: dict = None  # its config.json
+    run_plan: plan.RunPlan = None  # the plan a resumed --time_budget run keeps
+    self_configuration: dict = None  # {flag: {value, reason}} chosen by self_configure
+    init_dir: str = None  # the starting weights' folder: --init_from, or what a resumed run began from
+    database_warnings: list = dataclasses.field(default_factory=list)  # fine-tuning on other databases
+
+
+def prepare_run(config):
+    """RunStart: the databases' metadata, the checkpoint to resume or start from, what a resumed run
+    keeps, the self-configured flags, all checked. Everything that can refuse the run comes before
+    anything is written: a refused run creates nothing."""
     train_metadata = read_database_metadata(config.train_database, "train", database_flag(config, "train"))
     test_metadata = read_database_metadata(config.test_database, "test", database_flag(config, "test"))
     checkpoint_dir = find_restore_checkpoint(config.restore_checkpoint_filepath)
@@ -165,111 +247,83 @@ def train(config):
         database_warnings = checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints)
         # A resumed fine-tuning run still records what its weights began from.
         init_dir = init_dir or saved.get("init_from_checkpoint")
+    return RunStart(config=config, train_metadata=train_metadata, test_metadata=test_metadata,
+                    fingerprints=fingerprints, input_channels=input_channels, checkpoint_dir=checkpoint_dir,
+                    saved=saved, run_plan=run_plan, self_configuration=self_configuration, init_dir=init_dir,
+                    database_warnings=database_warnings)
 
-    # Devices and strategy come before any other TensorFlow work (see distribute.py).
+
+def build_distribution(config):
+    """(towers, where gradients are summed, strategy, distribute.ClusterInfo) of this process."""
     cluster = distribute.detect_cluster(os.environ)
     towers = distribute.configure_devices(config.cpu_towers, config.gpus)
     reduce_to = distribute.parse_reduction_location(
         config.gradient_update_location, len(towers) if towers[0].startswith("/gpu") else 0)
     distribute.check_xla(config.xla, config.model)
     strategy = distribute.build_strategy(towers, reduce_to, cluster)
-    info = distribute.cluster_info(strategy)
+    return towers, reduce_to, strategy, distribute.cluster_info(strategy)
 
-    import keras
-    keras.mixed_precision.set_global_policy(steps.precision_policy(config.mixed_precision))
-    keras.utils.set_random_seed(config.seed)
-    global_batch = config.batch_size * len(towers) * info.num_workers
-    task = make_task(config)
-    with strategy.scope():
-        model = build_model(config, input_channels)
-    train_reader = evaluator = None
-    if config.time_budget and run_plan is None:
-        # Measuring needs the run's own model, data and devices; the plan then sets the run length
-        # (and with it the learning-rate schedule) before the real optimizer exists.
-        train_reader = make_train_reader(config, len(towers), info, 0)
-        try:
-            config, model, evaluator, run_plan = plan_by_measuring(
-                task, config, strategy, info, model, train_reader, input_channels, global_batch, self_configuration,
-                started)
-        except BaseException:
-            train_reader.shutdown()
-            raise
-    steps_per_epoch = config.test_every_n_steps or max(1, math.ceil(train_metadata["num_records"] / global_batch))
-    # ConfigError (nothing written yet) for a warm-up past the end; config.json records what is used.
-    settings = optimizer_settings(config, steps_per_epoch)
-    config_dict = dict(dataclasses.asdict(config), input_channels=input_channels, effective_batch=global_batch,
+
+def run_record(config, start, run_plan, towers, reduce_to, info, steps_per_epoch, settings):
+    """The run's config.json: the TrainConfig and what the run resolved (devices, run length,
+    warm-up, databases, plan, self-configuration)."""
+    config_dict = dict(dataclasses.asdict(config), input_channels=start.input_channels,
+                       effective_batch=config.batch_size * len(towers) * info.num_workers,
                        towers=towers, num_workers=info.num_workers,
                        reduction=distribute.reduction_in_use(towers, reduce_to, info.num_workers),
                        steps_per_epoch=steps_per_epoch, run_length=settings.total_steps,
                        warmup_steps=settings.warmup_steps,
                        tool_version=records.TOOL_VERSION, normalization=checkpoints.NORMALIZATION,
-                       train_database_fingerprint=fingerprints["train"],
-                       test_database_fingerprint=fingerprints["test"],
-                       init_from_checkpoint=init_dir)
+                       train_database_fingerprint=start.fingerprints["train"],
+                       test_database_fingerprint=start.fingerprints["test"],
+                       init_from_checkpoint=start.init_dir)
     if run_plan is not None:
         config_dict["plan"] = run_plan.to_dict()
-    if self_configuration is not None:
-        config_dict["self_configuration"] = self_configuration
-    elif saved and saved.get("self_configuration") and run_plan is not None:
-        config_dict["self_configuration"] = saved["self_configuration"]
-    with strategy.scope():
-        optimizer = optim.make_optimizer(settings)
-        optimizer.build(model.trainable_variables)
-    state, resumed = TrainState(), False
-    if checkpoint_dir:
-        state, resumed = checkpoints.restore_checkpoint(checkpoint_dir, model, optimizer, config, input_channels,
-                                                        fine_tune=bool(database_warnings))
-    if init_dir and not checkpoint_dir:
-        checkpoints.initialise_from(init_dir, model, input_channels)
-    if train_reader is None:
-        train_reader = make_train_reader(config, len(towers), info, state.step)
+    if start.self_configuration is not None:
+        config_dict["self_configuration"] = start.self_configuration
+    elif start.saved and start.saved.get("self_configuration") and run_plan is not None:
+        config_dict["self_configuration"] = start.saved["self_configuration"]
+    return config_dict
 
-    if info.is_chief:
-        _create_output_dir(config.output_dir, config_dict)
-        print("configuration:\n" + json.dumps(config_dict, indent=2, sort_keys=True, default=str), flush=True)
-        print(distribute.describe(strategy, towers, reduce_to, info), flush=True)
-        if info.num_workers > 1 and config.gradient_update_location is not None:
-            print(f"warning: --gradient_update_location {config.gradient_update_location} is not used with "
-                  f"{info.num_workers} workers: the gradients of all replicas are summed by a "
-                  f"{config_dict['reduction']}", file=sys.stderr, flush=True)
-        if distribute.env_summary():
-            print(f"environment: {distribute.env_summary()}", flush=True)
-        print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
-              f"{info.num_workers} worker(s) = {global_batch}", flush=True)
-        for warning in fixed_crop_warnings(config, train_metadata):
+
+def starting_weights(config, start, model, optimizer):
+    """(TrainState, resumed): restore --restore_checkpoint_filepath into the model and optimizer, or
+    load --init_from's weights, or neither (a fresh TrainState)."""
+    state, resumed = TrainState(), False
+    if start.checkpoint_dir:
+        state, resumed = checkpoints.restore_checkpoint(start.checkpoint_dir, model, optimizer, config,
+                                                        start.input_channels, fine_tune=bool(start.database_warnings))
+    if start.init_dir and not start.checkpoint_dir:
+        checkpoints.initialise_from(start.init_dir, model, start.input_channels)
+    return state, resumed
+
+
+def announce(config, config_dict, start, strategy, towers, reduce_to, info, run_plan, resumed):
+    """The chief's start of a run: create --output_dir with config.json (and a resumed run's earlier
+    outputs), then print the configuration, devices, batch, warnings, self-configuration and plan."""
+    _create_output_dir(config.output_dir, config_dict)
+    print("configuration:\n" + json.dumps(config_dict, indent=2, sort_keys=True, default=str), flush=True)
+    print(distribute.describe(strategy, towers, reduce_to, info), flush=True)
+    if info.num_workers > 1 and config.gradient_update_location is not None:
+        print(f"warning: --gradient_update_location {config.gradient_update_location} is not used with "
+              f"{info.num_workers} workers: the gradients of all replicas are summed by a "
+              f"{config_dict['reduction']}", file=sys.stderr, flush=True)
+    if distribute.env_summary():
+        print(f"environment: {distribute.env_summary()}", flush=True)
+    print(f"effective batch: {config.batch_size} per tower x {len(towers)} tower(s) x "
+          f"{info.num_workers} worker(s) = {config_dict['effective_batch']}", flush=True)
+    for warning in fixed_crop_warnings(config, start.train_metadata):
+        print(warning, file=sys.stderr, flush=True)
+    for name, choice in (config_dict.get("self_configuration") or {}).items():
+        print(f"self-configuration: --{name} {choice['value']}: {choice['reason']}", flush=True)
+    if run_plan is not None:
+        print(run_plan.line(), flush=True)
+    source_dir = checkpoints.output_dir_of(start.checkpoint_dir) if start.checkpoint_dir else None
+    if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
+        checkpoints.copy_previous_run(source_dir, config.output_dir)
+    if start.checkpoint_dir:
+        for warning in start.database_warnings:
             print(warning, file=sys.stderr, flush=True)
-        for name, choice in (config_dict.get("self_configuration") or {}).items():
-            print(f"self-configuration: --{name} {choice['value']}: {choice['reason']}", flush=True)
-        if run_plan is not None:
-            print(run_plan.line(), flush=True)
-        source_dir = checkpoints.output_dir_of(checkpoint_dir) if checkpoint_dir else None
-        if resumed and source_dir is not None and os.path.abspath(config.output_dir) != source_dir:
-            checkpoints.copy_previous_run(source_dir, config.output_dir)
-        if checkpoint_dir:
-            for warning in database_warnings:
-                print(warning, file=sys.stderr, flush=True)
-    run_outputs = outputs.Outputs(config.output_dir, config.number_classes, info.is_chief,
-                                  state if resumed else None, test_columns=task.test_columns,
-                                  metric_curves=task.metric_curves)
-    run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
-              steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
-              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task)
-    try:
-        with StopSignals() as stop, train_reader:
-            stop_reason = run.loop(state, stop)
-    finally:
-        run.end_progress_line()
-        run_outputs.close()
-    exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
-    model_path = None
-    if exit_code == EXIT_OK and info.is_chief:
-        model_path = checkpoints.export_model(config.output_dir, config_dict)
-    if info.is_chief:
-        _print_locations(config.output_dir, stop_reason, state, model_path)
-    return {"exit_code": exit_code, "stop_reason": stop_reason, "step": state.step, "epoch": state.epoch,
-            "best_loss": state.best_loss, "best_epoch": state.best_epoch, "history": list(state.history),
-            "effective_batch": global_batch, "output_dir": config.output_dir, "model_path": model_path,
-            "is_chief": info.is_chief, "num_workers": info.num_workers, "towers": towers}
 
 
 def _create_output_dir(output_dir, config_dict):
@@ -350,8 +404,6 @@ def training_deadline(run_plan, started, info, evaluator):
 def self_configure(config, train_metadata, test_metadata):
     """(config, {flag: {value, reason}}): the flags in config.self_configure set from the training
     data and the machine by plan.py's rules; the others as given."""
-    import models
-
     device, memory, memory_reason = machine_profile(config)
     # Objects from the training images; the tile must also fit the smallest test image.
     shapes = dict(train_metadata, image_shapes=train_metadata["image_shapes"] + test_metadata["image_shapes"])
@@ -370,8 +422,6 @@ def machine_profile(config):
     """("gpu" or "cpu", memory in bytes of one device, where the figure comes from), without
     starting TensorFlow (devices are configured later, see distribute.py): nvidia-smi for GPUs,
     the physical RAM for a CPU."""
-    import subprocess
-
     if config.gpus != "none" and not config.cpu_towers and shutil.which("nvidia-smi"):
         try:
             result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
@@ -473,7 +523,6 @@ def find_init_checkpoint(config, checkpoint_dir, input_channels):
 def make_train_reader(config, towers, info, start_step):
     """The training ImageReader of this worker (not started). (The test pass reads its whole test
     images itself: see evaluation.py.)"""
-    augmentation = augment.AugmentationConfig(**config.augmentation)
     # A resumed run draws a new sampling stream instead of replaying the batches already seen.
     seed = config.seed + 7919 * start_step
     common = dict(num_workers=config.reader_count * towers, tile_size=config.tile_size,
@@ -481,7 +530,7 @@ def make_train_reader(config, towers, info, start_step):
     try:
         train_reader = imagereader.ImageReader(
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
-            balance_classes=config.balance_classes, mode="train", augmentation=augmentation, seed=seed,
+            balance_classes=config.balance_classes, augmentation=config.augmentation, seed=seed,
             foreground_crop_fraction=config.foreground_crop_fraction, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
@@ -719,7 +768,6 @@ class StopSignals:
         self._previous = {}
 
     def __enter__(self):
-        import threading
         if threading.current_thread() is threading.main_thread():
             for number in (signal.SIGTERM, signal.SIGINT):
                 self._previous[number] = signal.signal(number, self._handle)

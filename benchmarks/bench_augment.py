@@ -41,19 +41,20 @@ def main():
     no_elastic = dict(original, gamma=0.3, contrast=0.25)
     settings = {"original 7": original, "all but elastic": no_elastic,
                 "all 10": dict(no_elastic, elastic=0.04, elastic_grid_points=3, elastic_probability=1.0)}
-    kwargs = {name: augment.AugmentationConfig(**values).validate().augment_kwargs()
-              for name, values in settings.items()}
+    configs = {name: augment.AugmentationConfig(**values).validate() for name, values in settings.items()}
     rng = np.random.default_rng(0)
     for name in settings:
         for i in range(WARMUP_IMAGES):
-            augment.augment_image(*pairs[i % len(pairs)], **kwargs[name], rng=rng)
+            image, mask = pairs[i % len(pairs)]
+            augment.augment_image(image, configs[name], mask, rng)
     # Best of several rounds: the machine is shared, and other jobs only ever make a round slower.
     best = dict.fromkeys(settings, float("inf"))
     for _ in range(ROUNDS):
         for name in settings:
             start = time.process_time()
             for i in range(NUM_IMAGES):
-                augment.augment_image(*pairs[i % len(pairs)], **kwargs[name], rng=rng)
+                image, mask = pairs[i % len(pairs)]
+                augment.augment_image(image, configs[name], mask, rng)
             best[name] = min(best[name], time.process_time() - start)
     image, _ = pairs[0]
     height, width = image.shape[:2]

@@ -49,13 +49,13 @@ def build_database(path):
 def single_process_rate(pairs, seconds):
     """(images/s, CPU ms per image) of one process augmenting and normalising in a loop, as a
     reader worker does (normalised with the source image's statistics, stored with each record)."""
-    kwargs = augment.AugmentationConfig().augment_kwargs()
+    config = augment.AugmentationConfig()
     rng = np.random.default_rng(0)
     statistics = [normalization.channel_statistics(img) for img, _ in pairs]
     count, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         img, mask = pairs[count % len(pairs)]
-        img, mask = augment.augment_image(img, mask, **kwargs, rng=rng)
+        img, mask = augment.augment_image(img, config, mask, rng)
         normalization.normalize(img, statistics[count % len(pairs)])
         count += 1
     return count / (time.perf_counter() - start), (time.process_time() - cpu) / count * 1e3

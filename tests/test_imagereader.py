@@ -13,25 +13,13 @@ import time
 import numpy as np
 import pytest
 
+import build_lmdb
+import normalization
 import records
 from conftest import make_synthetic_db
 from imagereader import SHM_PREFIX, ImageReader, ImageReaderError
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-def _identity_db(path, num_records, shape):
-    """A database whose mask pixels are unique across the database: record * H * W + y * W + x."""
-    h, w = shape
-
-    def pairs():
-        for i in range(num_records):
-            mask = (i * h * w + np.arange(h * w, dtype=np.int32)).reshape(h, w)
-            image = np.random.default_rng(i).integers(0, 4000, size=(h, w, 1)).astype(np.uint16)
-            yield image, mask, {"image": f"{i}.tif", "mask": f"{i}.tif"}
-
-    records.write_database(str(path), pairs(), {"split": "test", "split_seed": 0, "train_fraction": 0.0})
-    return str(path)
 
 
 def _gone(pid):
@@ -52,14 +40,6 @@ def _segments(pid=None):
 def _assert_nothing_left(pids):
     assert pids and all(_gone(pid) for pid in pids), [p for p in pids if not _gone(p)]
     assert _segments(os.getpid()) == []
-
-
-def _one_pass(reader):
-    """The batches of one test pass (get_batch until its None)."""
-    batches = []
-    while (batch := reader.get_batch(timeout=30)) is not None:
-        batches.append(batch)
-    return batches
 
 
 def test_train_batches_shapes_dtypes_and_normalisation(tmp_path):
@@ -87,53 +67,6 @@ def test_train_crops_stay_aligned_with_masks(tmp_path):
     for image, mask in zip(images[..., 0], masks):
         if 0 < mask.mean() < 1:
             assert image[mask == 1].min() > image[mask == 0].max()
-
-
-@pytest.mark.parametrize("num_workers", [1, 2, 3])
-def test_test_pass_covers_every_record_once(tmp_path, num_workers):
-    db = _identity_db(tmp_path / "db", num_records=7, shape=(16, 16))
-    with ImageReader(db, batch_size=3, mode="test", num_workers=num_workers) as reader:
-        passes = []
-        for _ in range(2):
-            batches = _one_pass(reader)
-            assert len(batches) == 3
-            passes.append(batches)
-        assert reader.get_batch(timeout=30) is not None  # a third pass starts after the None
-    # Passes are identical: fixed order, and test mode never augments (use_augmentation is on here).
-    for (a_img, a_mask), (b_img, b_mask) in zip(*passes):
-        np.testing.assert_array_equal(a_img, b_img)
-        np.testing.assert_array_equal(a_mask, b_mask)
-    first = np.concatenate([m for _, m in passes[0]])
-    valid = first[first >= 0]
-    np.testing.assert_array_equal(np.sort(valid), np.arange(7 * 16 * 16))
-    # The last batch holds one record and two padded images masked out entirely.
-    assert (first[7:] == -1).all()
-    assert (batches[-1][0][1:] == 0).all()
-    # Records come in database order, so test metrics are reproducible.
-    np.testing.assert_array_equal(first[:7, 0, 0], np.arange(7) * 256)
-
-
-def test_test_tiles_count_each_pixel_once(tmp_path):
-    db = _identity_db(tmp_path / "db", num_records=3, shape=(40, 36))
-    with ImageReader(db, batch_size=4, mode="test", num_workers=2, tile_size=16) as reader:
-        # 3 tile rows (0, 16, 24) x 3 tile columns (0, 16, 20) per record: 27 tiles in 7 batches.
-        batches = _one_pass(reader)
-        assert len(batches) == 7
-        masks = np.concatenate([m for _, m in batches])
-    assert masks.shape == (28, 16, 16)
-    valid = masks[masks >= 0]
-    np.testing.assert_array_equal(np.sort(valid), np.arange(3 * 40 * 36))
-
-
-def test_shards_split_test_records(tmp_path):
-    db = _identity_db(tmp_path / "db", num_records=5, shape=(8, 8))
-    seen = []
-    for shard in range(2):
-        with ImageReader(db, 2, mode="test", shard_index=shard, shard_count=2) as reader:
-            shard_records = [np.unique(m[m >= 0] // 64).tolist() for _, m in _one_pass(reader)]
-        assert sum(map(len, shard_records)) == (3, 2)[shard]
-        seen.extend(shard_records)
-    assert sorted(r for batch in seen for r in batch) == [0, 1, 2, 3, 4]
 
 
 def _first_batches(db, seed, count=4):
@@ -181,7 +114,7 @@ def test_worker_exception_surfaces_with_traceback(tmp_path):
     with env.begin(write=True) as txn:
         txn.put(records.record_key(2), b"not a record")
     env.close()
-    reader = ImageReader(str(tmp_path / "db"), 4, mode="test", num_workers=2)
+    reader = ImageReader(str(tmp_path / "db"), 4, num_workers=2)
     reader.startup()
     pids = reader.worker_pids
     with pytest.raises(ImageReaderError, match="RecordFormatError") as info:
@@ -350,8 +283,6 @@ def test_crops_are_normalised_with_the_whole_source_image_statistics(tmp_path):
     # Two 100 x 136 source images with a bright strip; the mask encodes each pixel's position, so
     # every delivered pixel can be traced back to its source pixel. The train image is stored as
     # overlapping 80 px tiles, the test image whole; the reader takes 64 px crops / tiles.
-    import build_lmdb
-    import normalization
     import tifffile
 
     rng = np.random.default_rng(0)
@@ -386,11 +317,9 @@ def test_crops_are_normalised_with_the_whole_source_image_statistics(tmp_path):
             assert np.abs(images.mean(axis=(1, 2, 3))).max() > 0.1
     assert len(offsets) >= 5
     test_stem = ({"a", "b"} - {train_stem}).pop()
-    with ImageReader(result.paths["test"], 4, mode="test", tile_size=64) as reader:
-        batches = _one_pass(reader)
-    for images, masks in batches:
-        check(images, masks, test_stem)
-    assert sum(int((m >= 0).sum()) for _, m in batches) == 100 * 136  # whole image, every pixel once
+    with ImageReader(result.paths["test"], 4, use_augmentation=False, tile_size=64) as reader:
+        images, masks = reader.get_batch(timeout=30)
+    check(images, masks, test_stem)
 
 
 def test_record_with_non_finite_values_stops_the_reader_naming_database_and_record(tmp_path):
@@ -403,8 +332,8 @@ def test_record_with_non_finite_values_stops_the_reader_naming_database_and_reco
 
     records.write_database(str(tmp_path / "db"), pairs(), {"split": "train", "split_seed": 0, "train_fraction": 1.0})
     with pytest.raises(ImageReaderError) as info:
-        with ImageReader(str(tmp_path / "db"), 3, use_augmentation=False, mode="test") as reader:
-            _one_pass(reader)
+        with ImageReader(str(tmp_path / "db"), 3, use_augmentation=False) as reader:
+            reader.get_batch(timeout=30)  # holds every record: each batch is drawn from a permutation
     first_line = str(info.value).splitlines()[0]
     assert f"{tmp_path / 'db'}: record 1 holds non-finite values" in first_line
     assert "NonFiniteRecordError" in first_line and "build_lmdb.py" in first_line
@@ -417,22 +346,6 @@ def test_older_database_format_is_refused_with_the_rebuild_message(tmp_path):
     with pytest.raises(records.RecordFormatError, match=r"old\.lmdb was built by an older build_lmdb\.py "
                                                         r"\(format 1\); rebuild it with build_lmdb\.py"):
         ImageReader(path, 2)
-
-
-def test_mode_replaces_shuffle_which_stays_a_deprecated_alias(tmp_path):
-    db = _identity_db(tmp_path / "db", num_records=3, shape=(8, 8))
-    with pytest.warns(DeprecationWarning, match="mode='test'"):
-        reader = ImageReader(db, 2, shuffle=False)
-    assert reader.mode == "test" and not reader.shuffle
-    with pytest.warns(DeprecationWarning):
-        assert ImageReader(db, 2, shuffle=True).mode == "train"
-    assert ImageReader(db, 2).mode == "train"
-    with pytest.raises(ValueError, match="mode must be one of 'train', 'test'"):
-        ImageReader(db, 2, mode="eval")
-    with pytest.raises(ValueError, match="not both"):
-        ImageReader(db, 2, mode="test", shuffle=False)
-    with reader:
-        assert len(_one_pass(reader)) == 2
 
 
 def test_sigterm_to_the_process_group_leaves_shutdown_to_the_parent(tmp_path):

@@ -123,7 +123,7 @@ def test_databases_built_before_sparse_masks_still_load(tmp_path):
     env.close()
     meta = records.read_metadata(str(path))
     assert records.annotated_share(meta) == 1.0
-    with imagereader.ImageReader(str(path), 2, use_augmentation=False, mode="train", tile_size=16,
+    with imagereader.ImageReader(str(path), 2, use_augmentation=False, tile_size=16,
                                  foreground_crop_fraction=1.0) as reader:
         images, masks = reader.get_batch()
     assert images.shape == (2, 16, 16, 1) and masks.min() >= 0
@@ -201,20 +201,20 @@ def test_foreground_crops_land_on_annotated_foreground_and_unannotated_records_c
     mask[60:68, 70:78] = 1
     mask[5:7, :] = 0
     _sparse_db(tmp_path / "sparse.lmdb", [mask])
-    with imagereader.ImageReader(str(tmp_path / "sparse.lmdb"), 4, use_augmentation=False, mode="train",
+    with imagereader.ImageReader(str(tmp_path / "sparse.lmdb"), 4, use_augmentation=False,
                                  tile_size=32, foreground_crop_fraction=1.0, seed=3) as reader:
         for _ in range(5):
             _, masks = reader.get_batch()
             assert all((crop == 1).any() for crop in masks)
     # Random crops (no foreground placement) are redrawn until they hold an annotated pixel.
-    with imagereader.ImageReader(str(tmp_path / "sparse.lmdb"), 4, use_augmentation=False, mode="train",
+    with imagereader.ImageReader(str(tmp_path / "sparse.lmdb"), 4, use_augmentation=False,
                                  tile_size=32, seed=3) as reader:
         for _ in range(5):
             _, masks = reader.get_batch()
             assert all((crop >= 0).any() for crop in masks)
     # A record without any annotated pixel: crops are taken after the bounded redraws, with a warning.
     _sparse_db(tmp_path / "empty.lmdb", [np.full((48, 48), -1, np.int8)])
-    with imagereader.ImageReader(str(tmp_path / "empty.lmdb"), 2, use_augmentation=False, mode="train",
+    with imagereader.ImageReader(str(tmp_path / "empty.lmdb"), 2, use_augmentation=False,
                                  tile_size=32, foreground_crop_fraction=0.5) as reader:
         for _ in range(6):
             _, masks = reader.get_batch()

@@ -4,6 +4,9 @@ import dataclasses
 import numpy as np
 import pytest
 
+import augment
+import flags
+import records
 import train_config
 import trainer
 from conftest import make_synthetic_db
@@ -23,6 +26,11 @@ def test_every_field_flag_is_declared_once_with_its_default():
             expected = int(field.default) if field.metadata["flag"]["kind"] == "binary" else field.default
             assert action.default == expected, field.name
     assert "divisible by 16 for unet, 32 for segnet" in actions["tile_size"].help
+    # The augmentation flags come from AugmentationConfig's fields by the same code; their own default is
+    # None (not given: --augmentation_config may set the value), the help shows the field's.
+    for field in dataclasses.fields(augment.AugmentationConfig):
+        action = actions[flags.flag_name(field)]
+        assert action.default is None and action.help.endswith(f"(default {field.default:g})"), field.name
     assert "(not for segnet)" in actions["xla"].help
     # Defaults come from the dataclass: a config built from no flags equals TrainConfig's defaults.
     args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c"])
@@ -45,7 +53,7 @@ def test_parser_has_every_flag_with_help():
     args = parser.parse_args(["--train_database", "a", "--test_database", "b", "--output_dir", "c",
                               "--noise_augmentation_severity", "0.3", "--use_augmentation", "0"])
     config = train_config.config_from_args("unet", args)
-    assert config.augmentation["noise"] == 0.3 and config.use_augmentation is False
+    assert config.augmentation.noise == 0.3 and config.use_augmentation is False
     assert (config.number_classes, config.tile_size, config.learning_rate, config.early_stopping) == (2, 256, 1e-3, 10)
     # The recipe's defaults (see the ablation in docs/recipe.md): CE + Dice, a third of the crops on foreground,
     # and a poly decay whenever the run has a length (constant when only early stopping ends it).
@@ -57,8 +65,6 @@ def test_parser_has_every_flag_with_help():
 
 
 def test_validate_config_messages(tmp_path):
-    import records
-
     make_synthetic_db(tmp_path / "four", num_records=3, shape=(32, 32), number_classes=4, seed=0)
     meta = records.read_metadata(str(tmp_path / "four"))
     config = TrainConfig("unet", str(tmp_path / "four"), str(tmp_path / "four"), str(tmp_path / "o"),
@@ -103,8 +109,6 @@ def test_mixed_precision_flag_takes_float16_bare_or_a_named_dtype():
 
 
 def test_too_few_classes_for_0_255_masks_names_the_likely_cause(tmp_path):
-    import records
-
     probabilities = np.zeros(256)
     probabilities[[0, 255]] = 0.5
     make_synthetic_db(tmp_path / "binary", num_records=2, shape=(32, 32), number_classes=256, seed=0,
@@ -138,8 +142,6 @@ def test_recipe_flags_parse_into_the_config():
 
 
 def test_recipe_flag_values_are_validated_by_name(tmp_path):
-    import records
-
     make_synthetic_db(tmp_path / "db", num_records=3, shape=(40, 40), seed=0)
     meta = records.read_metadata(str(tmp_path / "db"))
 
