@@ -76,8 +76,10 @@ class Evaluator:
         """
         k = self.number_classes
         start = time.perf_counter()
+        terms = ("ce", "dice") + tuple(t for t in steps.LOSS_TERMS[self.loss_name] if t not in ("ce", "dice"))
         totals = {"image_pixels": np.zeros(()), "pixels": np.zeros(()), "ce_sum": np.zeros(()), "intersection": np.zeros(k),
-                  "prob_sum": np.zeros(k), "label_sum": np.zeros(k), "confusion": np.zeros((k, k))}
+                  "prob_sum": np.zeros(k), "label_sum": np.zeros(k), "skeleton_hit": np.zeros(k),
+                  "skeleton_sum": np.zeros(k), "confusion": np.zeros((k, k))}
         examples, stopped = [], False
         if self.twin is not None:  # this pass scores the current weights
             self.twin.set_weights(self.model.get_weights())
@@ -88,9 +90,10 @@ class Evaluator:
                 break
             labels = mask.astype(np.int32)
             logits = self.predict(image, stats)
-            sums = steps.pixel_sums(logits[None], labels[None], k, axis=(0, 1, 2), dtype="float64")
+            sums = steps.pixel_sums(logits[None], labels[None], k, terms, axis=(0, 1, 2), dtype="float64")
             for name, value in sums._asdict().items():
-                totals[name] = totals[name] + np.asarray(value, dtype=np.float64)
+                if value is not None:
+                    totals[name] = totals[name] + np.asarray(value, dtype=np.float64)
             totals["image_pixels"] = totals["image_pixels"] + labels.size
             predicted = np.argmax(logits, axis=-1)
             totals["confusion"] += metrics.confusion_matrix(labels, predicted, k)

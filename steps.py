@@ -6,8 +6,16 @@ over the global batch), the test pass over whole test images (added up over the 
 test loss is exact). ``loss_from_sums``
 turns either into the loss, so a loss is written once:
 
-    ce   = ce_sum / pixels                                        (mean cross-entropy)
-    dice = 1 - mean over classes 1..K-1 of (2 I + 1) / (P + L + 1) (soft Dice, foreground classes)
+    ce       = ce_sum / pixels                                        (mean cross-entropy)
+    dice     = 1 - mean over classes 1..K-1 of (2 I + 1) / (P + L + 1) (soft Dice, foreground classes)
+    skeleton = 1 - mean over classes 1..K-1 of (H + 1) / (S + 1)      (skeleton recall)
+
+Skeleton recall (Kirchhoff et al., ECCV 2024) is for thin structures (vessels, membranes,
+filaments), where a Dice term is content with the thick parts: S counts the pixels of the true
+mask's skeleton, widened to a 3 px tube, H the softmax mass the network puts on them, so a vessel
+broken anywhere costs recall. The skeleton here is the soft skeleton of clDice (Shit et al., CVPR
+2021: repeated min/max-pool erosion and opening), which on a binary mask is a skeleton computed in
+the graph, so the readers need no extra target and the test pass scores the same loss.
 
 Label -1 (records.IGNORE_LABEL) is the one "no class here" mechanism: the padding of a test batch and
 the unlabelled pixels of a sparse annotation (build_lmdb.py --unlabelled_value / --scribbles store them
@@ -20,9 +28,15 @@ import typing
 import distribute
 
 # The additive terms each loss needs.
-LOSS_TERMS = {"ce": ("ce",), "dice": ("dice",), "ce+dice": ("ce", "dice")}
+LOSS_TERMS = {"ce": ("ce",), "dice": ("dice",), "ce+dice": ("ce", "dice"),
+              "ce+dice+skeleton": ("ce", "dice", "skeleton")}
 LOSSES = tuple(LOSS_TERMS)
+ALL_TERMS = ("ce", "dice", "skeleton")
 DICE_SMOOTH = 1.0
+# Erosion rounds of the soft skeleton: structures up to about twice this many pixels wide get a
+# complete skeleton (vessels and membranes are a few pixels wide; the cores of wider objects are
+# simply not part of it, which only weakens the term there).
+SKELETON_ITERATIONS = 10
 # --mixed_precision choices and their Keras policies (None: float32 throughout).
 _POLICIES = {None: "float32", "float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}
 MIXED_PRECISIONS = ("float16", "bfloat16")
@@ -32,14 +46,36 @@ class PixelSums(typing.NamedTuple):
     """Sums over the valid pixels (label >= 0) of an image or a set of images.
 
     pixels: valid pixel count; ce_sum: summed cross-entropy; intersection, prob_sum, label_sum:
-    per-class [..., K] sums of softmax x one-hot, softmax, one-hot (soft Dice). A term a loss
-    does not need is None.
+    per-class [..., K] sums of softmax x one-hot, softmax, one-hot (soft Dice); skeleton_hit,
+    skeleton_sum: per-class sums of softmax x true skeleton tube, and of the tube (skeleton
+    recall). A term a loss does not need is None.
     """
     pixels: object
     ce_sum: object = None
     intersection: object = None
     prob_sum: object = None
     label_sum: object = None
+    skeleton_hit: object = None
+    skeleton_sum: object = None
+
+
+def soft_skeleton(masks, iterations=SKELETON_ITERATIONS):
+    """Soft skeleton (clDice) of float masks [B, H, W, K] in [0, 1], per channel; on binary masks a
+    binary skeleton, widened here to a 3 px tube (the tolerance of skeleton recall)."""
+    import tensorflow as tf
+
+    def erode(x):  # a plus-shaped min-pool keeps one-pixel lines connected
+        return tf.minimum(-tf.nn.max_pool2d(-x, (3, 1), 1, "SAME"), -tf.nn.max_pool2d(-x, (1, 3), 1, "SAME"))
+
+    def dilate(x):
+        return tf.nn.max_pool2d(x, 3, 1, "SAME")
+
+    skeleton = tf.nn.relu(masks - dilate(erode(masks)))
+    for _ in range(iterations):
+        masks = erode(masks)
+        delta = tf.nn.relu(masks - dilate(erode(masks)))
+        skeleton = skeleton + tf.nn.relu(delta - skeleton * delta)
+    return dilate(skeleton)
 
 
 def pixel_sums(logits, masks, number_classes, terms=("ce", "dice"), axis=(1, 2), dtype="float32"):
@@ -47,7 +83,7 @@ def pixel_sums(logits, masks, number_classes, terms=("ce", "dice"), axis=(1, 2),
 
     Args:
       logits: float [B, H, W, K]; masks: int32 [B, H, W].
-      terms: which of "ce", "dice" to compute.
+      terms: which of ALL_TERMS ("ce", "dice", "skeleton") to compute.
       axis: the axes summed: (1, 2) gives per-image sums [B] / [B, K], (0, 1, 2) batch totals.
       dtype: dtype of the per-pixel terms before summing (float64 keeps test-set totals exact).
     Returns:
@@ -69,6 +105,14 @@ def pixel_sums(logits, masks, number_classes, terms=("ce", "dice"), axis=(1, 2),
         sums["intersection"] = tf.reduce_sum(tf.cast(probs * onehot, dtype), axis=axis)
         sums["prob_sum"] = tf.reduce_sum(tf.cast(probs, dtype), axis=axis)
         sums["label_sum"] = tf.reduce_sum(tf.cast(onehot, dtype), axis=axis)
+    if "skeleton" in terms:
+        # Unlabelled pixels count as "not this class" for the skeleton and are then left out, so
+        # nothing flows back from them.
+        onehot = tf.one_hot(labels, number_classes) * valid[..., None]
+        tube = soft_skeleton(onehot) * valid[..., None]
+        probs = tf.nn.softmax(logits)
+        sums["skeleton_hit"] = tf.reduce_sum(tf.cast(probs * tube, dtype), axis=axis)
+        sums["skeleton_sum"] = tf.reduce_sum(tf.cast(tube, dtype), axis=axis)
     return PixelSums(**sums)
 
 
@@ -85,6 +129,9 @@ def loss_from_sums(sums, loss_name):
     if "dice" in LOSS_TERMS[loss_name]:
         dice = (2.0 * sums.intersection + DICE_SMOOTH) / (sums.prob_sum + sums.label_sum + DICE_SMOOTH)
         terms.append(1.0 - tf.reduce_mean(dice[..., 1:], axis=-1))
+    if "skeleton" in LOSS_TERMS[loss_name]:
+        recall = (sums.skeleton_hit + DICE_SMOOTH) / (sums.skeleton_sum + DICE_SMOOTH)
+        terms.append(1.0 - tf.reduce_mean(recall[..., 1:], axis=-1))
     return tf.add_n(terms)
 
 

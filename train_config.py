@@ -103,7 +103,9 @@ class TrainConfig:
         choices=steps.MIXED_PRECISIONS, const="float16")
     xla: bool = flag("compile the replica step with XLA (not for {no_xla})", False, action="store_true")
     loss: str = flag("cross-entropy, soft Dice over the foreground classes, or their sum (default "
-                     "%(default)s; the Dice term keeps small and rare classes from being ignored)", "ce+dice",
+                     "%(default)s; the Dice term keeps small and rare classes from being ignored); "
+                     "ce+dice+skeleton adds skeleton recall, for thin structures such as vessels, membranes "
+                     "and filaments", "ce+dice",
                      choices=steps.LOSSES)
     log_every_n_steps: int = flag("print one progress line every N steps (default %(default)s)", 10, kind=int)
     # The flags of plan.AUTO_FLAGS not given on the command line: a --time_budget run sets them from

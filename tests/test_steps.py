@@ -4,6 +4,7 @@ import math
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import steps
 
@@ -34,10 +35,10 @@ def test_summed_totals_give_the_loss_of_all_pixels_together(loss_name):
     logits = rng.normal(size=(4, 8, 8, 3)).astype(np.float32)
     masks = rng.integers(0, 3, size=(4, 8, 8)).astype(np.int32)
     masks[1, :6] = -1                     # images with different numbers of valid pixels
-    first = steps.pixel_sums(logits[:2], masks[:2], 3, axis=(0, 1, 2), dtype="float64")
-    second = steps.pixel_sums(logits[2:], masks[2:], 3, axis=(0, 1, 2), dtype="float64")
+    first = steps.pixel_sums(logits[:2], masks[:2], 3, steps.ALL_TERMS, axis=(0, 1, 2), dtype="float64")
+    second = steps.pixel_sums(logits[2:], masks[2:], 3, steps.ALL_TERMS, axis=(0, 1, 2), dtype="float64")
     totals = steps.PixelSums(*[np.asarray(a) + np.asarray(b) for a, b in zip(first, second)])
-    together = steps.pixel_sums(logits, masks, 3, axis=(0, 1, 2), dtype="float64")
+    together = steps.pixel_sums(logits, masks, 3, steps.ALL_TERMS, axis=(0, 1, 2), dtype="float64")
     for total, expected in zip(totals, together):
         np.testing.assert_allclose(total, expected, rtol=1e-12)
     assert float(totals.pixels) == (masks >= 0).sum()
@@ -57,3 +58,49 @@ def test_summed_totals_give_the_loss_of_all_pixels_together(loss_name):
 def test_only_the_needed_terms_are_computed():
     sums = steps.pixel_sums(np.zeros((1, 4, 4, 2), np.float32), np.zeros((1, 4, 4), np.int32), 2, terms=("ce",))
     assert sums.ce_sum is not None and sums.intersection is None and sums.prob_sum is None
+
+
+# ---------------------------------------------------------------------------------------------
+# Skeleton recall (--loss ce+dice+skeleton)
+# ---------------------------------------------------------------------------------------------
+
+def test_soft_skeleton_of_a_bar_is_its_centre_line_widened_to_three_pixels():
+    bar = np.zeros((1, 32, 40, 1), np.float32)
+    bar[0, 10:17, 5:35] = 1.0              # 7 px thick, rows 10-16: centre row 13
+    tube = steps.soft_skeleton(tf.constant(bar)).numpy()[0, ..., 0]
+    assert set(np.unique(tube)) <= {0.0, 1.0}
+    assert not np.any((tube > 0) & (bar[0, ..., 0] == 0))   # inside the bar
+    rows = np.nonzero(tube[:, 20])[0]
+    assert rows.tolist() == [12, 13, 14]    # the centre row, +-1 px, mid-bar
+    assert tube[13, 8:32].all()             # an unbroken line along the bar
+
+
+def test_skeleton_recall_is_the_share_of_the_centre_line_missed():
+    mask = np.zeros((1, 32, 64), np.int32)
+    mask[0, 15:18, 2:62] = 1                # a 3 px wide "vessel"
+    complete = np.where(mask[..., None] == np.arange(2), 8.0, -8.0).astype(np.float32)
+    broken = complete.copy()
+    broken[0, :, 30:34] = [8.0, -8.0]       # a 4 px gap: background predicted across the vessel
+    dice = [float(steps.per_image_loss(tf.constant(x), tf.constant(mask), "dice", 2)[0]) for x in (complete, broken)]
+    full = [float(steps.per_image_loss(tf.constant(x), tf.constant(mask), "ce+dice+skeleton", 2)[0])
+            for x in (complete, broken)]
+    skeleton = [f - d - float(steps.per_image_loss(tf.constant(x), tf.constant(mask), "ce", 2)[0])
+                for f, d, x in zip(full, dice, (complete, broken))]
+    assert skeleton[0] == pytest.approx(0.0, abs=1e-2)      # everything on the skeleton found
+    sums = steps.pixel_sums(tf.constant(broken), tf.constant(mask), 2, ("skeleton",))
+    hit, tube = float(sums.skeleton_hit[0, 1]), float(sums.skeleton_sum[0, 1])
+    assert skeleton[1] == pytest.approx(1 - (hit + 1) / (tube + 1), rel=1e-5)
+    assert skeleton[1] == pytest.approx(4 / 60, abs=0.01)   # a 4 px gap in a 60 px line
+
+
+def test_unlabelled_pixels_give_the_skeleton_term_no_gradient():
+    rng = np.random.default_rng(1)
+    logits = tf.constant(rng.normal(size=(2, 24, 24, 2)).astype(np.float32))
+    mask = np.zeros((2, 24, 24), np.int32)
+    mask[:, 10:13, :] = 1
+    mask[:, :, 15:] = -1                    # unlabelled right part
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        loss = tf.reduce_sum(steps.per_image_loss(logits, tf.constant(mask), "ce+dice+skeleton", 2))
+    gradient = tape.gradient(loss, logits).numpy()
+    assert np.all(gradient[:, :, 15:] == 0) and np.any(gradient[:, :, :15] != 0)
