@@ -12,19 +12,24 @@ A checkpoint is a folder (``<output_dir>/checkpoints/latest`` or ``.../best``) h
     export_model(output_dir, config_dict)                               model.keras from the best checkpoint
     load_trained(path)                                                  a .keras file or checkpoint, ready
                                                                         to predict (inference, export)
+    load_models(model=paths | checkpoint_filepath=paths)                LoadedModel list of an inference
+                                                                        run (one, or an ensemble)
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import pathlib
 import shutil
 import tempfile
 import zipfile
 
 import numpy as np
 
-from errors import ConfigError, TrainingError
+import models
+from errors import ConfigError, InferenceError, TrainingError
 
 CHECKPOINT_FILES = ("model.weights.h5", "optimizer.npz", "state.json", "config.json")
 WEIGHTS_FILE = "model.weights.h5"
@@ -164,8 +169,6 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels, fine
     Returns:
       (TrainState, resumed: bool)
     """
-    import models
-
     saved = read_config(directory)
     check_compatible(directory, saved, config, input_channels)
     weights = os.path.join(directory, WEIGHTS_FILE)
@@ -250,8 +253,6 @@ def initialise_from(directory, model, input_channels):
     """--init_from: copy every layer of the checkpoint in ``directory`` but the output head 'logits' into
     ``model`` (check_compatible has accepted it) and print which layers were and were not restored.
     Returns (restored names, skipped names)."""
-    import models
-
     saved = read_config(directory)
     source = models.build_from_config(dict(saved, input_channels=input_channels))
     source.load_weights(os.path.join(directory, WEIGHTS_FILE))
@@ -327,8 +328,6 @@ def read_training_config(folders):
 def _registry_name(config, config_path, model, source):
     """The model's registry name: config.json's "model", else the name its builder gave the saved
     model (every registered builder names its keras.Model after itself); never guessed from layers."""
-    import models
-
     if config is not None and "model" in config:
         if config["model"] not in models.MODEL_NAMES:
             raise ModelLoadError(f"{config_path}: model {config['model']!r} is not one of "
@@ -347,8 +346,6 @@ def load_trained(path):
     checkpoint folder holding model.weights.h5 (rebuilt from the config.json in it or in one of the
     two folders above it: <output>/checkpoints/<which>/). Raises ModelLoadError naming the file."""
     import keras
-
-    import models
 
     path = os.fspath(path)
     if os.path.isfile(path):
@@ -389,6 +386,125 @@ def load_trained(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Load the models of an inference run (inference.py, export_bioimageio.py)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A ready model plus what inference needs to know about it."""
+    model: object  # keras.Model
+    name: str
+    number_classes: int
+    input_channels: int
+    training_tile_size: int | None
+    source: str
+    options: dict = dataclasses.field(default_factory=dict)  # shape options (e.g. unet_depth)
+
+
+def _resolve_checkpoint_dir(path):
+    """A directory holding model.weights.h5: ``path`` itself or, for an output folder, its best
+    checkpoint (the one model.keras is exported from), else its latest."""
+    found = find_checkpoint(str(path), prefer="best", required=(WEIGHTS_FILE,))
+    if found is None:
+        raise InferenceError(
+            f"checkpoint not found: {path} holds neither model.weights.h5 nor "
+            f"checkpoints/best|latest/model.weights.h5 (expected a checkpoint directory or a training "
+            f"output folder)")
+    return pathlib.Path(found)
+
+
+def load_model(model=None, checkpoint_filepath=None):
+    """Load the one model at ``model`` (a .keras file or a training output folder holding model.keras)
+    or ``checkpoint_filepath`` (a checkpoint folder or a training output folder); load_models checks
+    that exactly one is given, and gives each member of an ensemble in turn.
+
+    Returns:
+      LoadedModel. Raises InferenceError naming the path when anything is missing or unreadable.
+    """
+    if model is not None:
+        path = pathlib.Path(model)
+        keras_path = path / "model.keras" if path.is_dir() else path
+        if not keras_path.is_file():
+            hint = (" (this folder has checkpoints/: use --checkpoint_filepath)"
+                    if (path / "checkpoints").is_dir() else "")
+            raise InferenceError(f"model not found: {keras_path} (expected a .keras file or a training "
+                                 f"output folder holding model.keras){hint}")
+        source = keras_path
+    else:
+        source = _resolve_checkpoint_dir(checkpoint_filepath)
+    try:
+        trained = load_trained(source)
+    except ModelLoadError as exc:
+        raise InferenceError(str(exc)) from exc
+    network, name, training_config, source = trained.model, trained.name, trained.config, trained.source
+
+    tile = training_config.get("tile_size") if training_config else None
+    # Depth changes the size divisor and the halo: from config.json, else from the model itself.
+    options = ({key: training_config[key] for key in models.OPTION_KEYS if key in training_config}
+               if training_config else models.options_of(network))
+    try:
+        models.check_options(name, **options)
+    except ValueError as exc:
+        if training_config is None:
+            # The options were read from the model's layers, not given by anyone: a message naming
+            # a flag (e.g. "--unet_depth 0") would blame a flag the user never gave.
+            raise InferenceError(
+                f"{source} is not a model trained by this tool: it is named {name!r}, but its layers "
+                f"are not those of this tool's {models.display_name(name)}. Inference needs the "
+                f"model.keras that train_unet.py / train_segnet.py export into their output folder "
+                f"(with its config.json), or such a folder's checkpoint (--checkpoint_filepath)") from exc
+        raise InferenceError(f"{source}: {exc}") from exc
+    return LoadedModel(model=network, name=name, number_classes=int(network.output_shape[-1]),
+                       input_channels=int(network.input_shape[-1]),
+                       training_tile_size=int(tile) if tile else None, source=source, options=options)
+
+def _recorded_normalization(source):
+    """The "normalization" entry of the training config.json beside a loaded model; a model without
+    one (trained before it was recorded, or a bare .keras file) used NORMALIZATION."""
+    folder = pathlib.Path(source).parent
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        path = candidate / "config.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                return json.loads(path.read_text()).get("normalization", NORMALIZATION)
+            return None
+    return NORMALIZATION
+
+
+def load_models(model=None, checkpoint_filepath=None):
+    """Every model of an inference run: ``model`` or ``checkpoint_filepath`` (exactly one), each a path
+    or a list of paths (the members of an ensemble), checked to be compatible.
+
+    Returns:
+      list of LoadedModel. Raises InferenceError when a member cannot be loaded, or when members
+      differ in classes, input channels, architecture (halo and size divisor) or normalisation.
+    """
+    if (model is None) == (checkpoint_filepath is None):
+        raise InferenceError("give exactly one of --model and --checkpoint_filepath")
+    flag, paths = (("--model", model) if model is not None
+                   else ("--checkpoint_filepath", checkpoint_filepath))
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise InferenceError(f"{flag}: no path given")
+    loaded = []
+    for path in paths:
+        loaded.append(load_model(model=str(path)) if flag == "--model"
+                      else load_model(checkpoint_filepath=str(path)))
+    first = loaded[0]
+    for other in loaded[1:]:
+        for what, value in [("classes", lambda m: m.number_classes),
+                            ("input channels", lambda m: m.input_channels),
+                            ("architecture", lambda m: (m.name, models.model_options(m.name, **m.options))),
+                            ("normalisation", lambda m: _recorded_normalization(m.source))]:
+            if value(other) != value(first):
+                raise InferenceError(
+                    f"{flag}: ensemble members differ in {what}: {first.source} has {value(first)!r}, "
+                    f"{other.source} has {value(other)!r}; an ensemble averages the softmax of models "
+                    f"trained for the same task (same classes, channels and architecture)")
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------
 
@@ -397,8 +513,6 @@ def export_model(output_dir, config_dict):
     without the training code after ``import models``, named after its registry model (the model's
     name, and ``config.json`` beside it, say which model it is). Returns its path."""
     import keras
-
-    import models
 
     checkpoint = find_checkpoint(output_dir, prefer="best", required=(WEIGHTS_FILE,))
     # Build outside the strategy and in float32 so the file holds plain variables that load

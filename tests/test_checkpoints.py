@@ -9,7 +9,7 @@ import pytest
 import checkpoints
 import models
 from checkpoints import TrainState
-from errors import TrainingError
+from errors import InferenceError, TrainingError
 
 CONFIG = {"model": "unet", "number_classes": 2, "input_channels": 1, "base_filters": 2, "batch_norm": True}
 
@@ -116,14 +116,12 @@ def test_save_replaces_atomically_and_export_uses_best_and_names_the_model(tmp_p
 
 
 def test_inference_reads_the_model_name_not_the_layers(tmp_path):
-    import inference
-
     model = models.build_from_config(dict(CONFIG, model="segnet"))
     renamed = keras.Model(model.inputs, model.outputs, name="my_net")  # a SegNet under another name
     renamed.save(tmp_path / "model.keras")
-    with pytest.raises(inference.InferenceError, match=r"cannot tell which model .*model.keras is.*'my_net' is "
-                                                       r"not one of unet, segnet.*config.json"):
-        inference.load_model(inference.InferenceConfig("in", "out", model=str(tmp_path / "model.keras")))
+    with pytest.raises(InferenceError, match=r"cannot tell which model .*model.keras is.*'my_net' is "
+                                             r"not one of unet, segnet.*config.json"):
+        checkpoints.load_model(model=str(tmp_path / "model.keras"))
     model.save(tmp_path / "model.keras")  # the builder's own name says which model it is
-    loaded = inference.load_model(inference.InferenceConfig("in", "out", model=str(tmp_path / "model.keras")))
+    loaded = checkpoints.load_model(model=str(tmp_path / "model.keras"))
     assert loaded.name == "segnet"

@@ -91,7 +91,7 @@ def test_summary_names_done_and_failed_images_with_the_logged_reason(tmp_path):
 def test_a_killed_process_leaves_no_partial_mask_under_its_final_name(tmp_path):
     model = save_tiny_unet(tmp_path / "model")
     (tmp_path / "images").mkdir()
-    side = 2112  # above inference.STREAM_PIXELS: the mask is streamed into its file tile by tile
+    side = 2112  # above writers.STREAM_PIXELS: the mask is streamed into its file tile by tile
     tifffile.imwrite(tmp_path / "images" / "big.tif", random_image((side, side), 0))
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model), "--image_folder",
