@@ -23,11 +23,11 @@ import math
 import os
 import pathlib
 import shutil
-import tempfile
 import zipfile
 
 import numpy as np
 
+import image_io
 import models
 from errors import ConfigError, InferenceError, TrainingError
 
@@ -53,11 +53,8 @@ class TrainState:
 
 def write_json(path, value):
     """``value`` as indented JSON, written beside ``path`` and renamed over it."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(temporary, path)
+    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
+    image_io.atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,28 +87,26 @@ def optimizer_arrays(optimizer):
 
 
 def save_checkpoint(directory, model, optimizer, state, config_dict):
-    """Write a checkpoint folder atomically: build it beside ``directory``, then swap it in.
+    """Write a checkpoint folder atomically: build it beside ``directory``, then swap it in
+    (image_io.atomic_folder).
 
-    The previous checkpoint is renamed to ``.<name>.old`` only once the new one is complete and
+    The previous checkpoint is moved aside (scratch ".old") only once the new one is complete and
     removed after the swap, so a kill at any moment leaves a complete checkpoint (``find_checkpoint``
-    falls back to ``.old`` if the kill came between the two renames).
+    falls back to the ``.old`` if the kill came between the two renames). Scratch of this checkpoint
+    left by a killed save is removed first.
     """
     parent, name = os.path.split(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
-    np.savez(os.path.join(temporary, "optimizer.npz"), **optimizer_arrays(optimizer))
-    state_dict = dataclasses.asdict(state)
-    if not math.isfinite(state.best_loss):  # no test pass yet; keep state.json strict JSON
-        state_dict["best_loss"] = None
-    write_json(os.path.join(temporary, "state.json"), state_dict)
-    write_json(os.path.join(temporary, "config.json"), config_dict)
-    old = os.path.join(parent, f".{name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(directory):
-        os.rename(directory, old)
-    os.rename(temporary, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with image_io.atomic_folder(directory) as temporary:
+        os.makedirs(temporary)
+        model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
+        np.savez(os.path.join(temporary, "optimizer.npz"), **optimizer_arrays(optimizer))
+        state_dict = dataclasses.asdict(state)
+        if not math.isfinite(state.best_loss):  # no test pass yet; keep state.json strict JSON
+            state_dict["best_loss"] = None
+        write_json(os.path.join(temporary, "state.json"), state_dict)
+        write_json(os.path.join(temporary, "config.json"), config_dict)
+    shutil.rmtree(os.path.join(parent, f".{name}.old"), ignore_errors=True)  # left by older versions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,17 +118,17 @@ def find_checkpoint(path, prefer="latest", required=CHECKPOINT_FILES):
 
     ``path`` is a checkpoint folder itself or an output folder; in an output folder
     ``checkpoints/<prefer>`` comes first, then the other one, each followed by its ``.old`` copy
-    (left by a kill between the two renames of ``save_checkpoint``). The trainer resumes from
-    ``latest``; inference and the export use ``best``.
+    (left by a kill between the two renames of ``save_checkpoint``, image_io.moved_aside). The
+    trainer resumes from ``latest``; inference and the export use ``best``.
 
     Args:
       required: the files a folder must hold to count.
     """
     other = {"latest": "best", "best": "latest"}[prefer]
-    parent, name = os.path.split(os.path.abspath(path))
-    candidates = [path, os.path.join(parent, f".{name}.old")]
+    candidates = [path] + [str(old) for old in image_io.moved_aside(os.path.abspath(path))]
     for which in (prefer, other):
-        candidates += [os.path.join(path, "checkpoints", which), os.path.join(path, "checkpoints", f".{which}.old")]
+        folder = os.path.join(path, "checkpoints", which)
+        candidates += [folder] + [str(old) for old in image_io.moved_aside(folder)]
     for candidate in candidates:
         if all(os.path.isfile(os.path.join(candidate, f)) for f in required):
             return candidate
@@ -521,9 +516,8 @@ def export_model(output_dir, config_dict):
     model = models.build_from_config(config_dict)
     model.load_weights(os.path.join(checkpoint, WEIGHTS_FILE))
     path = os.path.join(output_dir, "model.keras")
-    temporary = os.path.join(output_dir, ".model.tmp.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+    image_io.remove_stale_scratch(output_dir, target="model.keras")
+    image_io.atomic_write(path, model.save, mode=None)
     return path
 
 
@@ -539,11 +533,9 @@ def copy_previous_run(source_dir, output_dir):
     target = os.path.join(output_dir, "checkpoints", "best")
     if best is not None and find_checkpoint(target) is None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        # Copied beside the target and renamed into place, like save_checkpoint.
-        temporary = tempfile.mkdtemp(prefix=".best.tmp-", dir=os.path.dirname(target))
-        shutil.copytree(best, temporary, dirs_exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(temporary, target)
+        # Copied beside the target and swapped into place, like save_checkpoint.
+        with image_io.atomic_folder(target) as temporary:
+            shutil.copytree(best, temporary)
 
 
 def database_fingerprint(metadata):

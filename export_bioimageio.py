@@ -43,7 +43,6 @@ import dataclasses
 import datetime
 import getpass
 import json
-import os
 import pathlib
 import string
 import sys
@@ -595,17 +594,16 @@ def describe_errors(summary, limit=300):
 
 def write_zip_atomically(output, folder, names):
     """Zip ``names`` of ``folder`` into a temporary file beside ``output``, then rename it over
-    ``output``: the rename is atomic within one folder, so ``output`` is the old file or the new one."""
-    output = pathlib.Path(output)
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+    ``output`` (image_io.atomic_write): ``output`` is the old file or the new one. Scratch of this
+    output left by a killed export is removed first."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
             for name in names:
                 archive.write(pathlib.Path(folder) / name, name)
-        os.replace(temporary, output)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    output = pathlib.Path(output)
+    image_io.remove_stale_scratch(output.parent, target=output.name)
+    image_io.atomic_write(output, write)
 
 
 def _check_flags(config):

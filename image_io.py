@@ -9,7 +9,10 @@ the one extension syntax, and the one "write to a temporary file beside the targ
     atomic_write(path, write)                write(file) to a temporary file, then os.replace
     atomic_folder(path)                      with-block filling a scratch folder that then replaces path
     scratch_path(path, "tmp"|"old")          .<name>.<host>-<pid>.<kind> beside path (this process's)
-    remove_stale_scratch(folder)             scratch of processes of this host no longer running
+    remove_stale_scratch(folder[, target])   scratch of processes of this host no longer running
+    moved_aside(path)                        previous versions of path a killed swap left as ".old"
+Every file or folder the project writes for keeps goes through atomic_write or atomic_folder, so all
+scratch has the one name style and the one cleanup.
 """
 import contextlib
 import hashlib
@@ -30,10 +33,12 @@ TIFF_EXTENSIONS = ("tif", "tiff")
 # The statistics pass reads blocks of at most this many values (float64 copies are made of them).
 STATS_BLOCK_VALUES = 1024 ** 2
 # Scratch beside a target: ".<name>.<host>-<pid>.tmp" (being written) or ".old" (the previous
-# output, moved aside for the instant of a folder swap). Host and pid say whose it is, so a later
-# run can tell scratch of a killed process from that of one still running (maybe on another host
-# sharing the folder).
-_SCRATCH_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.(?P<kind>tmp|old)$")
+# output, moved aside for the instant of a folder swap), optionally followed by the target's own
+# extension (".tmp.keras": Keras chooses the format by the file name). Host and pid say whose it is,
+# so a later run can tell scratch of a killed process from that of one still running (maybe on
+# another host sharing the folder).
+_SCRATCH_NAME = re.compile(
+    r"^\.(?P<target>.+)\.(?P<host>[^.]+)-(?P<pid>\d+)\.(?P<kind>tmp|old)(?P<suffix>\.[A-Za-z0-9]+)?$")
 
 
 class ImageFileError(Exception):
@@ -387,13 +392,18 @@ def atomic_write(path, write, mode="wb"):
     """Call ``write(file)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     The rename is atomic within a folder, so ``path`` is always either the old file or the complete
-    new one; the temporary file is removed when writing fails or is interrupted.
+    new one; the temporary file is removed when writing fails or is interrupted. ``mode`` None:
+    ``write(temporary_path)`` instead, for writers that open the file themselves; the temporary name
+    then ends in ``path``'s extension (Keras picks the format by it).
     """
     path = pathlib.Path(path)
-    temporary = scratch_path(path, "tmp")
+    temporary = scratch_path(path, "tmp", suffix=path.suffix if mode is None else "")
     try:
-        with open(temporary, mode) as f:
-            write(f)
+        if mode is None:
+            write(temporary)
+        else:
+            with open(temporary, mode) as f:
+                write(f)
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -410,9 +420,12 @@ def atomic_folder(path, replace=True):
     complete, and removed after the swap, so ``path`` is always the old folder or the complete new
     one. Without it the first process to finish wins: the rename onto an existing folder fails, and
     this process's folder is dropped. On failure the scratch is removed and a previous folder moved
-    aside is put back; remove_stale_scratch does both for a process killed outright.
+    aside is put back; for a process killed outright, the next atomic_folder of ``path`` does both
+    (remove_stale_scratch). atomic_write leaves that to its callers: it may be called for every file
+    of a large folder, which would then be listed as often.
     """
     path = pathlib.Path(path)
+    remove_stale_scratch(path.parent, target=path.name)
     temporary, old = scratch_path(path, "tmp"), scratch_path(path, "old")
     shutil.rmtree(temporary, ignore_errors=True)
     try:
@@ -442,10 +455,26 @@ def _host():
     return socket.gethostname().replace("-", "_").replace(".", "_") or "host"
 
 
-def scratch_path(path, kind="tmp"):
-    """This process's scratch name beside ``path``: ``.<name>.<host>-<pid>.<kind>``."""
+def scratch_path(path, kind="tmp", suffix=""):
+    """This process's scratch name beside ``path``: ``.<name>.<host>-<pid>.<kind><suffix>``."""
     path = pathlib.Path(path)
-    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{kind}")
+    return path.with_name(f".{path.name}.{_host()}-{os.getpid()}.{kind}{suffix}")
+
+
+def moved_aside(path):
+    """The previous versions of ``path`` that a swap moved aside and a kill between its two renames
+    left behind (scratch ".old" of any process, and the ``.<name>.old`` of older versions of
+    checkpoints.save_checkpoint), sorted by name."""
+    path = pathlib.Path(path)
+    if not path.parent.is_dir():
+        return []
+    found = []
+    for entry in sorted(path.parent.iterdir()):
+        match = _SCRATCH_NAME.match(entry.name)
+        if entry.name == f".{path.name}.old" or (match and match["kind"] == "old"
+                                                 and match["target"] == path.name):
+            found.append(entry)
+    return found
 
 
 def process_running(pid):
@@ -459,9 +488,10 @@ def process_running(pid):
     return True
 
 
-def remove_stale_scratch(folder):
+def remove_stale_scratch(folder, target=None):
     """Remove the scratch files and folders (see scratch_path) of processes of this host that are
-    no longer running, as build_lmdb.remove_stale_scratch does for its scratch folders.
+    no longer running, as build_lmdb.remove_stale_scratch does for its scratch folders; with
+    ``target`` (a name in ``folder``), only that target's scratch.
 
     A run killed with SIGKILL (or by a crash, or a node failure) cannot clean up after itself. An
     ``.old`` previous output whose target is missing (killed between the two renames of a swap) is
@@ -474,12 +504,13 @@ def remove_stale_scratch(folder):
         return actions
     for entry in sorted(folder.iterdir()):
         match = _SCRATCH_NAME.match(entry.name)
-        if not match or match["host"] != _host() or process_running(int(match["pid"])):
+        if (not match or match["host"] != _host() or process_running(int(match["pid"]))
+                or target not in (None, match["target"])):
             continue
-        target = folder / match["target"]
-        if match["kind"] == "old" and not os.path.lexists(target):
-            os.rename(entry, target)
-            actions.append(f"restored {target} from {entry.name}, left by process {match['pid']} "
+        owner = folder / match["target"]
+        if match["kind"] == "old" and not os.path.lexists(owner):
+            os.rename(entry, owner)
+            actions.append(f"restored {owner} from {entry.name}, left by process {match['pid']} "
                            f"that is no longer running")
             continue
         if entry.is_dir() and not entry.is_symlink():

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import checkpoints
+import image_io
 import models
 from checkpoints import TrainState
 from errors import InferenceError, TrainingError
@@ -88,10 +89,14 @@ def test_find_checkpoint_prefers_latest_or_best_and_falls_back_to_old_copies(tmp
     assert checkpoints.find_checkpoint(str(out)) == latest
     assert checkpoints.find_checkpoint(str(out), prefer="best") == best
     assert checkpoints.find_checkpoint(latest) == latest            # a checkpoint folder itself
-    # A kill between save_checkpoint's two renames leaves only .latest.old.
+    # A kill between save_checkpoint's two renames leaves only the ".old" scratch of latest
+    # (.latest.<host>-<pid>.old; .latest.old from versions before the scratch names).
+    for old in (image_io.scratch_path(latest, "old"), out / "checkpoints" / ".latest.old"):
+        (out / "checkpoints" / "latest").rename(old)
+        assert checkpoints.find_checkpoint(str(out)) == str(old)
+        assert checkpoints.find_checkpoint(latest) == str(old)
+        old.rename(out / "checkpoints" / "latest")
     (out / "checkpoints" / "latest").rename(out / "checkpoints" / ".latest.old")
-    assert checkpoints.find_checkpoint(str(out)) == str(out / "checkpoints" / ".latest.old")
-    assert checkpoints.find_checkpoint(latest) == str(out / "checkpoints" / ".latest.old")
     # Inference needs the weights only.
     (out / "checkpoints" / "best" / "state.json").unlink()
     assert checkpoints.find_checkpoint(str(out), prefer="best", required=("model.weights.h5",)) == best
