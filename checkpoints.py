@@ -393,7 +393,8 @@ class LoadedModel:
     input_channels: int
     training_tile_size: int | None
     source: str
-    options: dict = dataclasses.field(default_factory=dict)  # shape options (e.g. unet_depth)
+    options: dict  # shape options (e.g. unet_depth)
+    geometry: models.Geometry  # size divisor, halo, smallest tile: from name and options, once
 
 
 def _resolve_checkpoint_dir(path):
@@ -438,7 +439,7 @@ def load_model(model=None, checkpoint_filepath=None):
     options = ({key: training_config[key] for key in models.OPTION_KEYS if key in training_config}
                if training_config else models.options_of(network))
     try:
-        models.check_options(name, **options)
+        geometry = models.geometry(name, **options)
     except ValueError as exc:
         if training_config is None:
             # The options were read from the model's layers, not given by anyone: a message naming
@@ -451,7 +452,8 @@ def load_model(model=None, checkpoint_filepath=None):
         raise InferenceError(f"{source}: {exc}") from exc
     return LoadedModel(model=network, name=name, number_classes=int(network.output_shape[-1]),
                        input_channels=int(network.input_shape[-1]),
-                       training_tile_size=int(tile) if tile else None, source=source, options=options)
+                       training_tile_size=int(tile) if tile else None, source=source, options=options,
+                       geometry=geometry)
 
 def _recorded_normalization(source):
     """The "normalization" entry of the training config.json beside a loaded model; a model without

@@ -30,7 +30,7 @@ its output is per-class probabilities, and the class mask is their argmax over t
 same as inference.py's masks). Input normalisation is not part of the weights; rdf.yaml declares it as
 the bioimage.io preprocessing ``zero_mean_unit_variance`` over y and x (per sample, per channel), which
 is what this project's per-image z-score does. The halo (context to crop from each side of a tile) is
-predictor.halo_for(model) and the tile sizes are multiples of the model's size divisor (16 UNet,
+models.geometry(model).halo and the tile sizes are multiples of the model's size divisor (16 UNet,
 32 SegNet), at least 2 halos + one divisor.
 
 When bioimageio.spec is installed the package is validated before it is written (an invalid package
@@ -41,6 +41,7 @@ or the complete new package.
 import argparse
 import dataclasses
 import datetime
+import functools
 import getpass
 import json
 import pathlib
@@ -133,6 +134,11 @@ class TrainedRun:
         divisor and halo."""
         return {key: self.config[key] for key in models.OPTION_KEYS if key in self.config}
 
+    @functools.cached_property
+    def geometry(self):
+        """The network's models.Geometry (size divisor, receptive field, halo, smallest tile)."""
+        return models.geometry(self.name, **self.options)
+
 
 # ----------------------------------------------------------------------------------------------
 # The run folder
@@ -176,11 +182,11 @@ def load_run(folder):
                weights_source=pathlib.Path(trained.source))
 
 
-def size_rule(name, options=None):
-    """(minimum, step) of the tile side the package declares for model ``name``: multiples of its size
-    divisor that leave at least one divisor of output after cropping a halo on both sides."""
-    divisor = predictor.size_divisor(name, options)
-    return 2 * predictor.halo_for(name, options) + divisor, divisor
+def size_rule(geometry):
+    """(minimum, step) of the tile side the package declares for a network of this models.Geometry:
+    multiples of its size divisor that leave at least one divisor of output after cropping a halo on
+    both sides."""
+    return geometry.smallest_tile, geometry.size_divisor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,10 +256,9 @@ def predict_probabilities(run, image):
     segments images: z-score with the whole image's statistics (what rdf.yaml declares as
     zero_mean_unit_variance per sample and channel), then the shared tiled predictor."""
     stats = normalization.channel_statistics(image)
-    tile = max(predictor.smallest_tile(run.name, run.options), *image.shape[:2])
-    tile += -tile % predictor.size_divisor(run.name, run.options)
-    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.name, tile,
-                                     options=run.options)
+    tile = max(run.geometry.smallest_tile, *image.shape[:2])
+    tile += -tile % run.geometry.size_divisor
+    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.geometry, tile)
     return np.asarray(keras.ops.softmax(logits, axis=-1), dtype=np.float32)
 
 
@@ -401,8 +406,8 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
       onnx_opset: the opset of model.onnx.
     """
-    minimum, step = size_rule(run.name, run.options)
-    halo = predictor.halo_for(run.name, run.options)
+    minimum, step = size_rule(run.geometry)
+    halo = run.geometry.halo
     authors = [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
                for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
     citations = config.cite or [models.citation(run.name)]
@@ -479,7 +484,7 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
             "input_channels": run.input_channels, "base_filters": int(run.config["base_filters"]),
             "batch_norm": bool(run.config["batch_norm"]),
             "training_tile_size": run.config.get("tile_size"), "halo": halo,
-            "receptive_field": models.receptive_field(run.name, **run.options),
+            "receptive_field": run.geometry.receptive_field,
             "test_tensor_shape": [1, run.input_channels, *test_shape]}},
     }
 
@@ -487,8 +492,8 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
 def build_readme(run, config, keras_weights, sample_source, test_shape):
     """README.md of the package: what goes in and out, how to run it elsewhere, how it was validated."""
     package = pathlib.Path(config.output).name
-    minimum, step = size_rule(run.name, run.options)
-    halo = predictor.halo_for(run.name, run.options)
+    minimum, step = size_rule(run.geometry)
+    halo = run.geometry.halo
     test_shape = [1, run.input_channels, *test_shape]
     title = config.name or default_name(run)
     description = config.description or default_description(run)
@@ -504,7 +509,7 @@ def build_readme(run, config, keras_weights, sample_source, test_shape):
 ## Model
 - Architecture: {models.display_name(run.name)}, {run.config['base_filters']} base filters, batch norm \
 {batch_norm}; {run.input_channels} input channel(s), {run.number_classes} classes; receptive field \
-{models.receptive_field(run.name, **run.options)} px.
+{run.geometry.receptive_field} px.
 - Trained with segtool (training tile size {run.config.get('tile_size')}); exported by \
 `export_bioimageio.py` from `{source}`.
 
@@ -647,7 +652,7 @@ def export_package(config):
         raise ExportError(f"--keras_v3: the {run.name} of {run.folder} uses layers of segtool's own, "
                           f"which a plain Keras installation cannot load; export it without "
                           f"--keras_v3 (the SavedModel weights need no custom code)")
-    minimum, step = size_rule(run.name, run.options)
+    minimum, step = size_rule(run.geometry)
     if config.sample_image:
         raw = read_sample(config.sample_image, run.input_channels)
         sample_source = f"a crop of `{pathlib.Path(config.sample_image).name}`"
@@ -713,8 +718,9 @@ def _pairs(values, flag, optional_second):
 
 
 def build_parser():
-    halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
-    rules = {name: size_rule(name) for name in models.MODEL_NAMES}
+    geometries = {name: models.geometry(name) for name in models.MODEL_NAMES}
+    halos = {name: geometry.halo for name, geometry in geometries.items()}
+    rules = {name: size_rule(geometry) for name, geometry in geometries.items()}
     parser = argparse.ArgumentParser(
         description="Write a trained model as a bioimage.io model package (zip, model spec "
                     "0.5) that deepImageJ (Fiji), napari and bioimage.io's tools can "

@@ -231,15 +231,15 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
         outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
         if tally is not None:  # last, so the writers' results[0] / results[1] stay as they are
             outputs.append(uncertainty.normalized_entropy)
-        tiles = predictor.count_tiles(height, width, first.name, tile_size, options=first.options)
+        tiles = predictor.count_tiles(height, width, first.geometry, tile_size)
         progress = Progress(path.name, height * width)
 
         def bands():
             with tf.device(device):
                 for band in predictor.iter_bands(_interruptible(forward, device), source, stats,
-                                                 first.name, tile_size,
+                                                 first.geometry, tile_size,
                                                  config.batch_size, config.tta, outputs=outputs,
-                                                 progress=progress, options=first.options):
+                                                 progress=progress):
                     if tally is not None:
                         tally.add(band[2][-1])
                     yield band
@@ -313,9 +313,8 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
             blocks = [writers.RowBlocks(writers.ZARR_CHUNK, start=lo) for _ in arrays]
             with tf.device(device):
                 for _, _, results in predictor.iter_bands(
-                        forward, source, stats, first.name, tile_size, config.batch_size, config.tta,
-                        outputs=outputs, progress=Progress(path.name, width * (hi - lo)),
-                        options=first.options, rows=(lo, hi)):
+                        forward, source, stats, first.geometry, tile_size, config.batch_size, config.tta,
+                        outputs=outputs, progress=Progress(path.name, width * (hi - lo)), rows=(lo, hi)):
                     for array, rows, result in zip(arrays, blocks, results):
                         for start, block in rows.add(result):
                             array[start:start + len(block)] = block
@@ -351,17 +350,15 @@ def list_images(folder, extensions):
 def resolve_tile_size(requested, loaded, batch_size, device):
     """Tile side to use: the requested one (validated), else predictor.default_tile_size for the
     free memory of ``device`` (its memory is asked for by the physical index, e.g. "/GPU:1")."""
-    name, options = loaded[0].name, loaded[0].options
+    geometry = loaded[0].geometry
     if requested is None:
-        return predictor.default_tile_size([m.model for m in loaded], name, batch_size, device=device,
-                                           options=options)
-    divisor, halo = predictor.size_divisor(name, options), predictor.halo_for(name, options)
-    smallest = predictor.smallest_tile(name, options)
-    if requested < smallest or requested % divisor:
+        return predictor.default_tile_size([m.model for m in loaded], geometry, batch_size, device=device)
+    halo = geometry.halo
+    if requested < geometry.smallest_tile or requested % geometry.size_divisor:
         raise InferenceError(
-            f"--tile_size {requested}: must be a multiple of {divisor} and at least {smallest} for "
-            f"{name} (a halo of {halo} px on each side covers its receptive field of "
-            f"{models.receptive_field(name, **options)} px); larger tiles are faster, e.g. {8 * halo}")
+            f"--tile_size {requested}: must be a multiple of {geometry.size_divisor} and at least "
+            f"{geometry.smallest_tile} for {geometry.name} (a halo of {halo} px on each side covers its "
+            f"receptive field of {geometry.receptive_field} px); larger tiles are faster, e.g. {8 * halo}")
     return requested
 
 
@@ -417,7 +414,7 @@ def run_inference(config):
         raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
     for action in image_io.remove_stale_scratch(output_folder):
         print(action)
-    halo = predictor.halo_for(first.name, first.options)
+    halo = first.geometry.halo
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
               f"{member.number_classes} classes out)")
@@ -498,7 +495,7 @@ def _side(pixels):
 
 
 def build_parser():
-    halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
+    halos = {name: models.geometry(name).halo for name in models.MODEL_NAMES}
     parser = argparse.ArgumentParser(
         description="Segment every image of a folder (any size, also larger than memory) with a "
                     "trained model or an ensemble; writes <stem>.tif class masks (uint8, uint16 above "

@@ -23,7 +23,9 @@ the options existed rebuild the network they describe).
 Importing this package registers the custom SegNet layers with Keras, so a saved ``.keras`` model
 loads with ``keras.saving.load_model`` after ``import models``.
 """
+import dataclasses
 import importlib
+import math
 
 from models.layers import MaxPoolingWithArgmax2D, MaxUnpooling2D, check_divisible
 
@@ -38,9 +40,8 @@ OPTION_KEYS = tuple(sorted({key for module in _MODULES.values() for key in getat
 
 __all__ = ["CONFIG_KEYS", "MODEL_NAMES", "OPTION_KEYS", "SIZE_DIVISOR", "MaxPoolingWithArgmax2D",
            "MaxUnpooling2D", "build_from_config", "build_model", "check_input_size", "check_name",
-           "check_options", "citation", "display_name", "model_options", "options_of", "receptive_field",
-           "shape_options",
-           "size_divisor", "xla_problem"]
+           "check_options", "citation", "display_name", "Geometry", "geometry", "model_options", "options_of",
+           "receptive_field", "shape_options", "size_divisor", "xla_problem"]
 
 
 def check_name(name):
@@ -133,6 +134,38 @@ def receptive_field(name, **config):
     (107 and 211 suffice at the defaults). See ``models.unet.receptive_field`` for the method."""
     check_options(name, **config)
     return _MODULES[name].receptive_field(**model_options(name, **config))
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """What tiling needs to know of one network with its shape options (``geometry`` computes it once).
+
+    name: registry name ("unet"), for messages.
+    size_divisor: H and W of the network input must be multiples of it.
+    receptive_field: side in input pixels of what one output pixel sees.
+    halo: context dropped on each inner side of a tile, in pixels (see ``geometry``).
+    smallest_tile: the smallest tile side that keeps a centre: two halos plus one pooling period.
+    """
+    name: str
+    size_divisor: int
+    receptive_field: int
+    halo: int
+    smallest_tile: int
+
+
+def geometry(name, **config):
+    """The Geometry of model ``name`` with these shape options (config keys, as ``size_divisor``);
+    ValueError naming the flag when the options cannot be built.
+
+    The halo: an output pixel depends on a receptive-field-wide input range that can sit off-centre
+    by up to one pooling period (``receptive_field``), so half of it plus the size divisor is enough;
+    rounding up to the divisor keeps tile origins on the network's pooling grid, without which tiles
+    would not reproduce the whole-image result.
+    """
+    divisor, field = size_divisor(name, **config), receptive_field(name, **config)
+    halo = math.ceil((field // 2 + divisor) / divisor) * divisor
+    return Geometry(name=name, size_divisor=divisor, receptive_field=field, halo=halo,
+                    smallest_tile=2 * halo + divisor)
 
 
 def options_of(model):

@@ -164,7 +164,8 @@ def _in_memory_labels(model, image, tile_size, tta=False):
     """The mask of an in-memory image: whole array, in-memory statistics, the shared predictor."""
     image = image.reshape(image.shape[:2] + (-1,))
     logits = predictor.predict_image(predictor.make_predictor(model), image,
-                                     normalization.channel_statistics(image), "unet", tile_size, tta=tta)
+                                     normalization.channel_statistics(image), models.geometry("unet"),
+                                     tile_size, tta=tta)
     return np.argmax(logits, axis=-1), logits
 
 

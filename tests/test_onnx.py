@@ -28,7 +28,7 @@ def members(tmp_path_factory):
 def softmax_of(forward, image, members, tta):
     stats = normalization.channel_statistics(image)
     first = members[0]
-    logits = predictor.predict_image(forward, image, stats, first.name, 72, tta=tta, options=first.options)
+    logits = predictor.predict_image(forward, image, stats, first.geometry, 72, tta=tta)
     return inference.softmax(logits)
 
 
