@@ -353,6 +353,7 @@ def load_trained(path):
                                  f"Keras model (a .keras file is a zip archive; this one is not): it may "
                                  f"be damaged or incompletely copied; copy it again, or export it again "
                                  f"from its training output folder")
+        models.register_layers()  # a SegNet's custom layers are found by their registered names
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # Keras raises many types for corrupt or foreign files.

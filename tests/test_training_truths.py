@@ -151,7 +151,7 @@ def test_float16_test_pass_predicts_what_the_float32_export_predicts(float16_run
     import keras
 
     import evaluation
-    import models  # noqa: F401  (registers the layers model.keras needs)
+    import models
     import predictor
 
     summary, _, out_dir, predicted = float16_run
