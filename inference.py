@@ -59,6 +59,7 @@ import engines
 import image_io
 import models
 import predictor
+import progress
 import sharding
 import uncertainty
 import writers
@@ -154,28 +155,21 @@ def softmax(logits):
     return predictor._softmax(logits).astype(np.float32)
 
 
-class Progress:
-    """A plain progress line with rate and ETA, at most every PROGRESS_SECONDS (none for short
-    images): readable in logs, where a redrawn bar would be noise."""
+def _tile_progress(name, pixels):
+    """A progress callback for predictor.iter_bands: a line at most every PROGRESS_SECONDS with the
+    tiles done, the rate in tiles and megapixels per second and the time remaining, none for short
+    images and none at the end (the image's own line follows)."""
+    line = None
 
-    def __init__(self, name, pixels, interval=PROGRESS_SECONDS):
-        self.name, self.pixels, self.interval = name, pixels, interval
-        self.start = self.last = time.perf_counter()
+    def report(done, total):
+        nonlocal line
+        if line is None:
+            # The clock starts after the first network call, so tracing does not skew the rate.
+            line = progress.ProgressLine(total, unit="tile", interval=PROGRESS_SECONDS, label=f"    {name}: ",
+                                         per_unit={"Mpx": pixels / total / 1e6}, final=False)
+        line.update(done)
 
-    def __call__(self, done, total):
-        now = time.perf_counter()
-        if now - self.last < self.interval or done == total:
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = self.pixels * done / total / elapsed / 1e6
-        print(f"    {self.name}: {done}/{total} tiles ({100 * done / total:.0f} %), {rate:.2f} Mpx/s, "
-              f"ETA {_duration(elapsed * (total - done) / done)}", flush=True)
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return report
 
 
 def _interruptible(forward, device):
@@ -232,14 +226,14 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
         if tally is not None:  # last, so the writers' results[0] / results[1] stay as they are
             outputs.append(uncertainty.normalized_entropy)
         tiles = predictor.count_tiles(height, width, first.geometry, tile_size)
-        progress = Progress(path.name, height * width)
+        report = _tile_progress(path.name, height * width)
 
         def bands():
             with tf.device(device):
                 for band in predictor.iter_bands(_interruptible(forward, device), source, stats,
                                                  first.geometry, tile_size,
                                                  config.batch_size, config.tta, outputs=outputs,
-                                                 progress=progress):
+                                                 progress=report):
                     if tally is not None:
                         tally.add(band[2][-1])
                     yield band
@@ -314,7 +308,7 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
             with tf.device(device):
                 for _, _, results in predictor.iter_bands(
                         forward, source, stats, first.geometry, tile_size, config.batch_size, config.tta,
-                        outputs=outputs, progress=Progress(path.name, width * (hi - lo)), rows=(lo, hi)):
+                        outputs=outputs, progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi)):
                     for array, rows, result in zip(arrays, blocks, results):
                         for start, block in rows.add(result):
                             array[start:start + len(block)] = block
@@ -468,7 +462,7 @@ def run_inference(config):
         if tally is not None:
             ranking.append(tally.row(path.name))
         elapsed = time.perf_counter() - start_time
-        eta = (f", folder ETA {_duration(elapsed / index * (len(images) - index))}"
+        eta = (f", folder ETA {progress.format_clock(elapsed / index * (len(images) - index))}"
                if len(images) - index > 1 else "")
         print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
