@@ -42,6 +42,7 @@ This file is the CLI and the folder loop; images are opened by image_io.open_ima
 by writers.py, models loaded by checkpoints.load_models and predicted by predictor.py.
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -155,6 +156,26 @@ def softmax(logits):
     return predictor._softmax(logits).astype(np.float32)
 
 
+def _outputs(number_classes, save_probabilities):
+    """What iter_bands keeps of each tile's logits: class ids, and the probabilities if saved."""
+    def labels_of(logits):
+        return np.argmax(logits, axis=-1).astype(writers.label_dtype(number_classes))
+
+    return [labels_of] + ([softmax] if save_probabilities else [])
+
+
+@contextlib.contextmanager
+def _image_errors(path, tile_size, config):
+    """Out of memory and unwritable outputs as ImageError naming the image: the run goes on."""
+    try:
+        yield
+    except tf.errors.ResourceExhaustedError as exc:
+        raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
+                         f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
+    except OSError as exc:
+        raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
+
+
 def _tile_progress(name, pixels):
     """A progress callback for predictor.iter_bands: a line at most every PROGRESS_SECONDS with the
     tiles done, the rate in tiles and megapixels per second and the time remaining, none for short
@@ -218,11 +239,7 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
         stem = writers.output_stem(path)
         zarr_out = image_io.is_zarr_folder(path)
         streamed = writers.is_streamed(path, height, width)
-
-        def labels_of(logits):
-            return np.argmax(logits, axis=-1).astype(writers.label_dtype(first.number_classes))
-
-        outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
+        outputs = _outputs(first.number_classes, config.save_probabilities)
         if tally is not None:  # last, so the writers' results[0] / results[1] stay as they are
             outputs.append(uncertainty.normalized_entropy)
         tiles = predictor.count_tiles(height, width, first.geometry, tile_size)
@@ -238,28 +255,13 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
                         tally.add(band[2][-1])
                     yield band
 
-        try:
-            if not streamed:
-                labels = np.empty((height, width), writers.label_dtype(first.number_classes))
-                probabilities = (np.empty((height, width, first.number_classes), np.float32)
-                                 if config.save_probabilities else None)
-                for lo, hi, results in bands():
-                    labels[lo:hi] = results[0]
-                    if probabilities is not None:
-                        probabilities[lo:hi] = results[1]
-                targets = [output_folder / (stem + ".tif")]
-                writers.write_mask(targets[0], labels)
-                if probabilities is not None:
-                    targets.append(output_folder / (stem + writers.PROBABILITIES_SUFFIX))
-                    writers.write_probabilities(targets[1], probabilities)
-            else:
+        with _image_errors(path, tile_size, config):
+            if streamed:
                 targets = writers.write_streamed(bands(), output_folder, stem, zarr_out, (height, width),
-                                          first.number_classes, config.save_probabilities)
-        except tf.errors.ResourceExhaustedError as exc:
-            raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
-                             f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
-        except OSError as exc:
-            raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
+                                                 first.number_classes, config.save_probabilities)
+            else:
+                targets = writers.write_whole(bands(), output_folder, stem, (height, width),
+                                              first.number_classes, config.save_probabilities)
     finally:
         source.close()
     layout = "tiled BigTIFF" if streamed and not zarr_out else "Zarr" if zarr_out else "TIFF"
@@ -293,40 +295,18 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
             return targets, f"{band}: empty band", False
         # Every part computes the whole image's statistics: normalisation must not depend on the band.
         stats = image_io.image_statistics(source, path.name)
-
-        def labels_of(logits):
-            return np.argmax(logits, axis=-1).astype(writers.label_dtype(first.number_classes))
-
-        outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
-        try:
-            arrays = [writers.open_shared_zarr(targets[0], (height, width),
-                                               writers.label_dtype(first.number_classes))]
-            if config.save_probabilities:
-                arrays.append(writers.open_shared_zarr(targets[1], (height, width, first.number_classes),
-                                                       np.float32))
-            blocks = [writers.RowBlocks(writers.ZARR_CHUNK, start=lo) for _ in arrays]
-            with tf.device(device):
-                for _, _, results in predictor.iter_bands(
-                        forward, source, stats, first.geometry, tile_size, config.batch_size, config.tta,
-                        outputs=outputs, progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi)):
-                    for array, rows, result in zip(arrays, blocks, results):
-                        for start, block in rows.add(result):
-                            array[start:start + len(block)] = block
-            for array, rows in zip(arrays, blocks):
-                for start, block in rows.flush():
-                    array[start:start + len(block)] = block
+        with _image_errors(path, tile_size, config), tf.device(device):
+            bands = predictor.iter_bands(
+                forward, source, stats, first.geometry, tile_size, config.batch_size, config.tta,
+                outputs=_outputs(first.number_classes, config.save_probabilities),
+                progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi))
+            writers.write_shared_band(bands, targets, (height, width), first.number_classes, start=lo)
             sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
-        except tf.errors.ResourceExhaustedError as exc:
-            raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
-                             f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
-        except OSError as exc:
-            raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
     finally:
         source.close()
     done = sharding.bands_done(output_folder, stem, count)
     state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
     return targets, f"{band} -> shared Zarr ({state})", False
-
 
 
 def list_images(folder, extensions):

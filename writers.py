@@ -4,9 +4,11 @@ atomic_folder).
 
     write_mask(path, labels)                        H x W class ids -> TIFF
     write_probabilities(path, probabilities)        H x W x K float32 -> .npy
+    write_whole(bands, output_folder, stem, ...)    the bands of one image collected, then written
     write_streamed(bands, output_folder, stem, ...) the bands of one image as they come: tiled
                                                     BigTIFF (or Zarr) mask, Zarr probabilities
-    open_shared_zarr(target, shape, dtype)          the Zarr array the parts of a banded image share
+    write_shared_band(bands, targets, ...)          one row band into the Zarr arrays the parts of a
+                                                    banded image share (open_shared_zarr)
     expected_outputs / outputs_complete             what a finished image leaves in the output folder
 
 Imports no TensorFlow: the band iterators come from the caller.
@@ -53,6 +55,24 @@ def write_mask(path, labels):
 def write_probabilities(path, probabilities):
     """Write H x W x classes float32 probabilities as .npy, atomically."""
     image_io.atomic_write(path, lambda f: np.save(f, probabilities))
+
+
+def write_whole(bands, output_folder, stem, shape, number_classes, save_probabilities):
+    """Collect the bands of one image (predictor.iter_bands: class ids, then probabilities if saved)
+    in memory, then write ``<stem>.tif`` (and ``<stem>_probabilities.npy``). Returns the targets."""
+    height, width = shape
+    labels = np.empty((height, width), label_dtype(number_classes))
+    probabilities = np.empty((height, width, number_classes), np.float32) if save_probabilities else None
+    for lo, hi, results in bands:
+        labels[lo:hi] = results[0]
+        if probabilities is not None:
+            probabilities[lo:hi] = results[1]
+    targets = [output_folder / (stem + ".tif")]
+    write_mask(targets[0], labels)
+    if probabilities is not None:
+        targets.append(output_folder / (stem + PROBABILITIES_SUFFIX))
+        write_probabilities(targets[1], probabilities)
+    return targets
 
 
 def _create_zarr(folder, shape, dtype):
@@ -133,6 +153,24 @@ def write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes, 
                 f, _tiff_tiles(mask_blocks(TIFF_TILE), width), shape=(height, width), dtype=dtype,
                 tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True, maxworkers=1))
     return [mask_target] + ([probability_target] if save_probabilities else [])
+
+
+def write_shared_band(bands, targets, shape, number_classes, start):
+    """Write the bands of one row band of an image (predictor.iter_bands with ``rows``, starting at
+    image row ``start``) into the shared Zarr arrays at ``targets``: the mask, and the probabilities
+    when a second target is given (open_shared_zarr creates them if no part has yet)."""
+    height, width = shape
+    arrays = [open_shared_zarr(targets[0], (height, width), label_dtype(number_classes))]
+    if len(targets) > 1:
+        arrays.append(open_shared_zarr(targets[1], (height, width, number_classes), np.float32))
+    blocks = [RowBlocks(ZARR_CHUNK, start=start) for _ in arrays]
+    for _, _, results in bands:
+        for array, rows, result in zip(arrays, blocks, results):
+            for top, block in rows.add(result):
+                array[top:top + len(block)] = block
+    for array, rows in zip(arrays, blocks):
+        for top, block in rows.flush():
+            array[top:top + len(block)] = block
 
 
 def expected_outputs(path, output_folder, shape, number_classes, save_probabilities):
