@@ -406,17 +406,84 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
       onnx_opset: the opset of model.onnx.
     """
-    minimum, step = size_rule(run.geometry)
-    halo = run.geometry.halo
-    authors = [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
-               for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
+    return {
+        "format_version": KERAS_V3_FORMAT_VERSION if keras_weights else FORMAT_VERSION,
+        "type": "model",
+        "name": config.name or default_name(run),
+        "description": config.description or default_description(run),
+        "authors": _rdf_authors(config),
+        "cite": _rdf_cite(run, config),
+        "license": config.license,
+        "tags": list(dict.fromkeys(["segmentation", "semantic-segmentation", "2d", run.name,
+                                    "tensorflow", "keras", *config.tags])),
+        "documentation": "README.md",
+        "covers": ["cover.png"],
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "inputs": [_rdf_input(run, files)],
+        "outputs": [_rdf_output(run, files)],
+        "weights": _rdf_weights(files, keras_weights, onnx_opset),
+        "config": {"segtool": _rdf_segtool(run, test_shape)},
+    }
+
+
+def _rdf_authors(config):
+    """--author NAME[:AFFILIATION] entries, else the user running the export."""
+    return [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
+            for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
+
+
+def _rdf_cite(run, config):
+    """--cite entries, else the architecture's paper; a reference is a URL or a DOI."""
     citations = config.cite or [models.citation(run.name)]
-    cite = [{"text": text, ("url" if reference.startswith(("http://", "https://")) else "doi"): reference}
+    return [{"text": text, ("url" if reference.startswith(("http://", "https://")) else "doi"): reference}
             for text, reference in citations]
 
-    def space(axis, size, **extra):
-        return {"type": "space", "id": axis, "size": size, **extra}
 
+def _space(axis, size, **extra):
+    return {"type": "space", "id": axis, "size": size, **extra}
+
+
+def _rdf_input(run, files):
+    """The input tensor: raw image (B, C, H, W), tile sides on the size rule, z-score preprocessing."""
+    minimum, step = size_rule(run.geometry)
+    return {
+        "id": INPUT_ID,
+        "description": "raw image (any intensity range); normalised by the preprocessing",
+        "axes": [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": [f"channel{c}" for c in range(run.input_channels)]},
+            _space("y", {"min": minimum, "step": step}),
+            _space("x", {"min": minimum, "step": step}),
+        ],
+        "test_tensor": {"source": "test_input.npy", "sha256": files["test_input.npy"]},
+        "sample_tensor": {"source": "sample_input.tif", "sha256": files["sample_input.tif"]},
+        "data": {"type": "float32"},
+        "preprocessing": [{"id": "zero_mean_unit_variance",
+                           "kwargs": {"axes": ["y", "x"], "eps": ZMUV_EPS}}],
+    }
+
+
+def _rdf_output(run, files):
+    """The output tensor: softmax probabilities (B, K, H, W), the input's size, a halo to crop."""
+    halo = run.geometry.halo
+    return {
+        "id": OUTPUT_ID,
+        "description": "per-class softmax probabilities; the class mask is the argmax over the "
+                       "channel axis",
+        "axes": [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": [f"class{k}" for k in range(run.number_classes)]},
+            _space("y", {"tensor_id": INPUT_ID, "axis_id": "y"}, halo=halo),
+            _space("x", {"tensor_id": INPUT_ID, "axis_id": "x"}, halo=halo),
+        ],
+        "test_tensor": {"source": "test_output.npy", "sha256": files["test_output.npy"]},
+        "sample_tensor": {"source": "sample_output.tif", "sha256": files["sample_output.tif"]},
+        "data": {"type": "float32", "range": [0.0, 1.0]},
+    }
+
+
+def _rdf_weights(files, keras_weights, onnx_opset):
+    """The weights formats: Keras 3 (optional, then the parent), SavedModel, ONNX."""
     weights = {}
     if keras_weights:
         weights["keras_v3"] = {
@@ -436,104 +503,85 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
         "parent": "keras_v3" if keras_weights else "tensorflow_saved_model_bundle",
         "comment": f"ONNX exported by Keras {keras.__version__} (tf2onnx): input '{INPUT_ID}' float32 "
                    f"(B, C, H, W) -> float32 (B, K, H, W) probabilities; free batch, height, width."}
+    return weights
+
+
+def _rdf_segtool(run, test_shape):
+    """segtool's own record of the network, in the rdf's free "config" section."""
     return {
-        "format_version": KERAS_V3_FORMAT_VERSION if keras_weights else FORMAT_VERSION,
-        "type": "model",
-        "name": config.name or default_name(run),
-        "description": config.description or default_description(run),
-        "authors": authors,
-        "cite": cite,
-        "license": config.license,
-        "tags": list(dict.fromkeys(["segmentation", "semantic-segmentation", "2d", run.name,
-                                    "tensorflow", "keras", *config.tags])),
-        "documentation": "README.md",
-        "covers": ["cover.png"],
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-        "inputs": [{
-            "id": INPUT_ID,
-            "description": "raw image (any intensity range); normalised by the preprocessing",
-            "axes": [
-                {"type": "batch"},
-                {"type": "channel", "channel_names": [f"channel{c}" for c in range(run.input_channels)]},
-                space("y", {"min": minimum, "step": step}),
-                space("x", {"min": minimum, "step": step}),
-            ],
-            "test_tensor": {"source": "test_input.npy", "sha256": files["test_input.npy"]},
-            "sample_tensor": {"source": "sample_input.tif", "sha256": files["sample_input.tif"]},
-            "data": {"type": "float32"},
-            "preprocessing": [{"id": "zero_mean_unit_variance",
-                               "kwargs": {"axes": ["y", "x"], "eps": ZMUV_EPS}}],
-        }],
-        "outputs": [{
-            "id": OUTPUT_ID,
-            "description": "per-class softmax probabilities; the class mask is the argmax over the "
-                           "channel axis",
-            "axes": [
-                {"type": "batch"},
-                {"type": "channel", "channel_names": [f"class{k}" for k in range(run.number_classes)]},
-                space("y", {"tensor_id": INPUT_ID, "axis_id": "y"}, halo=halo),
-                space("x", {"tensor_id": INPUT_ID, "axis_id": "x"}, halo=halo),
-            ],
-            "test_tensor": {"source": "test_output.npy", "sha256": files["test_output.npy"]},
-            "sample_tensor": {"source": "sample_output.tif", "sha256": files["sample_output.tif"]},
-            "data": {"type": "float32", "range": [0.0, 1.0]},
-        }],
-        "weights": weights,
-        "config": {"segtool": {
-            "model": run.name, "number_classes": run.number_classes,
-            "input_channels": run.input_channels, "base_filters": int(run.config["base_filters"]),
-            "batch_norm": bool(run.config["batch_norm"]),
-            "training_tile_size": run.config.get("tile_size"), "halo": halo,
-            "receptive_field": run.geometry.receptive_field,
-            "test_tensor_shape": [1, run.input_channels, *test_shape]}},
-    }
+        "model": run.name, "number_classes": run.number_classes,
+        "input_channels": run.input_channels, "base_filters": int(run.config["base_filters"]),
+        "batch_norm": bool(run.config["batch_norm"]),
+        "training_tile_size": run.config.get("tile_size"), "halo": run.geometry.halo,
+        "receptive_field": run.geometry.receptive_field,
+        "test_tensor_shape": [1, run.input_channels, *test_shape]}
 
 
 def build_readme(run, config, keras_weights, sample_source, test_shape):
     """README.md of the package: what goes in and out, how to run it elsewhere, how it was validated."""
     package = pathlib.Path(config.output).name
-    minimum, step = size_rule(run.geometry)
-    halo = run.geometry.halo
-    test_shape = [1, run.input_channels, *test_shape]
     title = config.name or default_name(run)
     description = config.description or default_description(run)
-    formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
-        f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})",
-        "`onnx` (model.onnx; bioimageio.core and ilastik run it with ONNX Runtime)"]
+    return "\n".join([f"# {title}\n\n{description}\n", _readme_model(run), _readme_input(run),
+                      _readme_output(run), _readme_weights(keras_weights), _readme_use(run, package),
+                      _readme_validation(run, package, sample_source, test_shape)])
+
+
+def _readme_model(run):
+    """README section: the architecture and where the weights come from."""
     batch_norm = "on" if run.config["batch_norm"] else "off"
     source = run.weights_source.relative_to(run.folder).as_posix()
-    return f"""# {title}
-
-{description}
-
-## Model
+    return f"""## Model
 - Architecture: {models.display_name(run.name)}, {run.config['base_filters']} base filters, batch norm \
 {batch_norm}; {run.input_channels} input channel(s), {run.number_classes} classes; receptive field \
 {run.geometry.receptive_field} px.
 - Trained with segtool (training tile size {run.config.get('tile_size')}); exported by \
 `export_bioimageio.py` from `{source}`.
+"""
 
-## Input `{INPUT_ID}`
+
+def _readme_input(run):
+    """README section: the input tensor, its preprocessing and tile sizes."""
+    minimum, step = size_rule(run.geometry)
+    halo = run.geometry.halo
+    return f"""## Input `{INPUT_ID}`
 - float32 tensor with axes batch, channel, y, x: (B, {run.input_channels}, H, W), raw intensities.
 - Preprocessing `zero_mean_unit_variance` over y and x (each sample and channel separately, eps \
 {ZMUV_EPS}); segtool normalises every whole image the same way before tiling it.
 - Tile sides H and W: {minimum} + n * {step} px (n = 0, 1, ...), the rule bioimage.io tools tile \
 images by, with a halo of {halo} px; the network itself accepts any multiple of {step}.
+"""
 
-## Output `{OUTPUT_ID}`
+
+def _readme_output(run):
+    """README section: the output tensor, the class mask and the halo."""
+    halo = run.geometry.halo
+    return f"""## Output `{OUTPUT_ID}`
 - float32 tensor (B, {run.number_classes}, H, W): per-class softmax probabilities, summing to 1 along \
 the channel axis (the softmax is part of the weights; no post-processing step is needed).
 - Class mask: the argmax over the channel axis (class ids 0..{run.number_classes - 1}), which is \
 exactly what segtool's `inference.py` writes.
 - Halo: {halo} px on each side of a tile are to be cropped (they lack context); a tile of side S \
 keeps its central S - {2 * halo} px.
+"""
 
-## Weights
+
+def _readme_weights(keras_weights):
+    """README section: the weights formats in the package."""
+    formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
+        f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})",
+        "`onnx` (model.onnx; bioimageio.core and ilastik run it with ONNX Runtime)"]
+    return f"""## Weights
 {chr(10).join(f"- {line}" for line in formats)}
 - SavedModel endpoint `{SERVING_ENDPOINT}` (also signature `serving_default`): input `{INPUT_ID}` \
 (B, C, H, W) float32, output dict key `{OUTPUT_ID}` (B, K, H, W).
+"""
 
-## Use it
+
+def _readme_use(run, package):
+    """README section: running the package in deepImageJ, napari, bioimageio.core, TensorFlow."""
+    minimum, step = size_rule(run.geometry)
+    return f"""## Use it
 - **deepImageJ (Fiji)**: Plugins > DeepImageJ > DeepImageJ Install Model, install a private model
   from this local zip, then DeepImageJ Run. deepImageJ runs the TensorFlow SavedModel weights with
   one of its own TensorFlow 2 engines (this package was exported with TensorFlow {tf.__version__})
@@ -556,8 +604,14 @@ keeps its central S - {2 * halo} px.
 - **Plain TensorFlow**: unzip tf_saved_model.zip, then
   `tf.saved_model.load(folder).serve(x)["{OUTPUT_ID}"]`, `x` float32 (B, C, H, W) already normalised
   (zero mean, unit variance per image and channel), H and W multiples of {step}.
+"""
 
-## Validation
+
+def _readme_validation(run, package, sample_source, test_shape):
+    """README section: the test tensors and how bioimageio.core's tiling compares with segtool's."""
+    step = run.geometry.size_divisor
+    test_shape = [1, run.input_channels, *test_shape]
+    return f"""## Validation
 - The test input (`test_input.npy`, shape {test_shape}) is {sample_source}; `test_output.npy` holds
   the probabilities segtool's own tiled predictor computes for it (per-image z-score, then the
   trained network, then softmax). `bioimageio test {package}` (bioimageio.core) checks that
