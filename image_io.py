@@ -2,6 +2,7 @@
 the one extension syntax, and the one "write to a temporary file beside the target, then rename" helper.
 
     read_array(path, kind="image"|"mask")   numpy array as stored (TIFF: tifffile; masks: Pillow)
+    list_images(folder)                      the images inference segments: files and *.zarr folders
     open_image(path, channels)               ImageSource H x W x C, read lazily by row bands (inference)
     image_statistics(image, name)            per-channel statistics of a whole image, streamed
     parse_extensions("tif,png" | "tif png" | [...])   ("tif", "png")
@@ -30,6 +31,8 @@ import normalization
 from errors import ImageError
 
 TIFF_EXTENSIONS = ("tif", "tiff")
+# What inference segments by default ("zarr": *.zarr folders).
+IMAGE_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 # The statistics pass reads blocks of at most this many values (float64 copies are made of them).
 STATS_BLOCK_VALUES = 1024 ** 2
 # Scratch beside a target: ".<name>.<host>-<pid>.tmp" (being written) or ".old" (the previous
@@ -106,6 +109,25 @@ def read_array(path, kind="image"):
 def is_zarr_folder(path):
     path = pathlib.Path(path)
     return path.is_dir() and path.suffix.lower() == ".zarr"
+
+
+def image_stem(path):
+    """An image's name without its extension (a ``.zarr`` folder's without ``.zarr``): the name its
+    outputs start with."""
+    path = pathlib.Path(path)
+    return path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
+
+
+def list_images(folder, extensions=IMAGE_EXTENSIONS):
+    """Images of ``folder``: files with these extensions and (with "zarr") ``*.zarr`` folders, sorted,
+    hidden ones skipped; a ``.zarr`` folder given itself is one image."""
+    folder = pathlib.Path(folder)
+    if is_zarr_folder(folder):
+        return [folder]
+    found = list_files(folder, [e for e in extensions if e != "zarr"])
+    if "zarr" in extensions:
+        found += [p for p in folder.iterdir() if not p.name.startswith(".") and is_zarr_folder(p)]
+    return sorted(found)
 
 
 class ImageSource:

@@ -66,7 +66,6 @@ import uncertainty
 import writers
 from errors import ImageError, InferenceError
 
-DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 # A progress line at most this often (seconds) while an image is predicted.
 PROGRESS_SECONDS = 15.0
 EXIT_IMAGE_FAILED, EXIT_CANNOT_START = 1, 2
@@ -102,7 +101,7 @@ class InferenceConfig:
     gpu: int | None = None
     save_probabilities: bool = False
     tta: bool = False
-    image_extensions: tuple = DEFAULT_EXTENSIONS
+    image_extensions: tuple = image_io.IMAGE_EXTENSIONS
     # (I, N): this process segments part I of N (sharding.py); a single image is split into row bands.
     part: tuple | None = None
     skip_existing: bool = False
@@ -236,7 +235,7 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
         # Statistics of the whole image, exactly as training normalises each source image, so that
         # every tile sees the same values and tiling cannot change the result.
         stats = image_io.image_statistics(source, path.name)
-        stem = writers.output_stem(path)
+        stem = image_io.image_stem(path)
         zarr_out = image_io.is_zarr_folder(path)
         streamed = writers.is_streamed(path, height, width)
         outputs = _outputs(first.number_classes, config.save_probabilities)
@@ -282,7 +281,7 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
     source = image_io.open_image(path, first.input_channels)
     try:
         height, width, channels = source.shape
-        stem = writers.output_stem(path)
+        stem = image_io.image_stem(path)
         lo, hi = sharding.band_rows(height, index, count, writers.ZARR_CHUNK)
         targets = [output_folder / (stem + ".zarr")]
         if config.save_probabilities:
@@ -307,18 +306,6 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
     done = sharding.bands_done(output_folder, stem, count)
     state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
     return targets, f"{band} -> shared Zarr ({state})", False
-
-
-def list_images(folder, extensions):
-    """Images of ``folder``: files with these extensions and (with "zarr") ``*.zarr`` folders, sorted,
-    hidden ones skipped; a ``.zarr`` folder given itself is one image."""
-    folder = pathlib.Path(folder)
-    if image_io.is_zarr_folder(folder):
-        return [folder]
-    found = image_io.list_files(folder, [e for e in extensions if e != "zarr"])
-    if "zarr" in extensions:
-        found += [p for p in folder.iterdir() if not p.name.startswith(".") and image_io.is_zarr_folder(p)]
-    return sorted(found)
 
 
 def resolve_tile_size(requested, loaded, batch_size, device):
@@ -347,7 +334,7 @@ def _check_folders(config):
     if output_folder.resolve() == image_folder.resolve():
         raise InferenceError(f"--output_folder {output_folder} is the image folder: masks named "
                              f"<stem>.tif would overwrite the input TIFFs")
-    images = list_images(image_folder, config.image_extensions)
+    images = image_io.list_images(image_folder, config.image_extensions)
     if not images:
         raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
                              f"in {image_folder}")
@@ -405,7 +392,7 @@ def run_inference(config):
     written, failed, owners, skipped, ranking = [], {}, {}, [], []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
-        stem = writers.output_stem(path)
+        stem = image_io.image_stem(path)
         tally = None  # the uncertainty of a whole-image run (a band of a shared image has none)
         try:
             if stem in owners:
@@ -523,9 +510,9 @@ def build_parser():
                         help="skip images whose outputs exist complete (open, right shape, all data); "
                         "a missing or truncated output is redone, so a failed or preempted run "
                         "just reruns")
-    parser.add_argument("--image_extensions", default=",".join(DEFAULT_EXTENSIONS),
+    parser.add_argument("--image_extensions", default=",".join(image_io.IMAGE_EXTENSIONS),
                         help="file extensions to process, separated by commas or spaces, "
-                        f"case-insensitive (default {','.join(DEFAULT_EXTENSIONS)}; zarr: *.zarr "
+                        f"case-insensitive (default {','.join(image_io.IMAGE_EXTENSIONS)}; zarr: *.zarr "
                         "folders)")
     parser.add_argument("--uncertainty_csv", default=None, metavar="PATH",
                         help="also write PATH: one row per image, most uncertain first (mean softmax "

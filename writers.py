@@ -31,11 +31,6 @@ TIFF_TILE = 256
 ZARR_CHUNK = 512
 
 
-def output_stem(path):
-    """The name an input image's outputs start with: its stem, or a ``.zarr`` folder's name without it."""
-    return path.name[:-len(".zarr")] if image_io.is_zarr_folder(path) else path.stem
-
-
 def is_streamed(path, height, width):
     """Whether the outputs of the H x W image at ``path`` are streamed (Zarr input, or above
     STREAM_PIXELS) rather than written whole."""
@@ -176,7 +171,7 @@ def write_shared_band(bands, targets, shape, number_classes, start):
 def expected_outputs(path, output_folder, shape, number_classes, save_probabilities):
     """{target path: shape} of the complete outputs of the image at ``path`` (H x W x C ``shape``),
     named and laid out as inference writes them."""
-    stem = output_stem(path)
+    stem = image_io.image_stem(path)
     height, width = shape[:2]
     mask_suffix = ".zarr" if image_io.is_zarr_folder(path) else ".tif"
     targets = {output_folder / (stem + mask_suffix): (height, width)}

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import image_io
 import inference
 import sharding
 from test_sharding import random_image, run, save_tiny_unet
@@ -68,7 +69,8 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, settings, messag
 
 
 def test_summary_names_done_and_failed_images_with_the_logged_reason(tmp_path):
-    assert sharding.DEFAULT_EXTENSIONS == inference.DEFAULT_EXTENSIONS
+    # The summary lists the images inference segments by default.
+    assert inference.InferenceConfig("in", "out").image_extensions == image_io.IMAGE_EXTENSIONS
     images, out = tmp_path / "images", tmp_path / "out"
     (out / "logs").mkdir(parents=True)
     images.mkdir()
