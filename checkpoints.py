@@ -12,19 +12,24 @@ A checkpoint is a folder (``<output_dir>/checkpoints/latest`` or ``.../best``) h
     export_model(output_dir, config_dict)                               model.keras from the best checkpoint
     load_trained(path)                                                  a .keras file or checkpoint, ready
                                                                         to predict (inference, export)
+    load_models(model=paths | checkpoint_filepath=paths)                LoadedModel list of an inference
+                                                                        run (one, or an ensemble)
 """
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import pathlib
 import shutil
-import tempfile
 import zipfile
 
 import numpy as np
 
-from errors import ConfigError, TrainingError
+import image_io
+import models
+from errors import ConfigError, InferenceError, TrainingError
 
 CHECKPOINT_FILES = ("model.weights.h5", "optimizer.npz", "state.json", "config.json")
 WEIGHTS_FILE = "model.weights.h5"
@@ -48,11 +53,8 @@ class TrainState:
 
 def write_json(path, value):
     """``value`` as indented JSON, written beside ``path`` and renamed over it."""
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True, default=str)
-        f.write("\n")
-    os.replace(temporary, path)
+    text = json.dumps(value, indent=2, sort_keys=True, default=str) + "\n"
+    image_io.atomic_write(path, lambda f: f.write(text), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -85,28 +87,26 @@ def optimizer_arrays(optimizer):
 
 
 def save_checkpoint(directory, model, optimizer, state, config_dict):
-    """Write a checkpoint folder atomically: build it beside ``directory``, then swap it in.
+    """Write a checkpoint folder atomically: build it beside ``directory``, then swap it in
+    (image_io.atomic_folder).
 
-    The previous checkpoint is renamed to ``.<name>.old`` only once the new one is complete and
+    The previous checkpoint is moved aside (scratch ".old") only once the new one is complete and
     removed after the swap, so a kill at any moment leaves a complete checkpoint (``find_checkpoint``
-    falls back to ``.old`` if the kill came between the two renames).
+    falls back to the ``.old`` if the kill came between the two renames). Scratch of this checkpoint
+    left by a killed save is removed first.
     """
     parent, name = os.path.split(os.path.abspath(directory))
     os.makedirs(parent, exist_ok=True)
-    temporary = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-    model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
-    np.savez(os.path.join(temporary, "optimizer.npz"), **optimizer_arrays(optimizer))
-    state_dict = dataclasses.asdict(state)
-    if not math.isfinite(state.best_loss):  # no test pass yet; keep state.json strict JSON
-        state_dict["best_loss"] = None
-    write_json(os.path.join(temporary, "state.json"), state_dict)
-    write_json(os.path.join(temporary, "config.json"), config_dict)
-    old = os.path.join(parent, f".{name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.exists(directory):
-        os.rename(directory, old)
-    os.rename(temporary, directory)
-    shutil.rmtree(old, ignore_errors=True)
+    with image_io.atomic_folder(directory) as temporary:
+        os.makedirs(temporary)
+        model.save_weights(os.path.join(temporary, WEIGHTS_FILE))
+        np.savez(os.path.join(temporary, "optimizer.npz"), **optimizer_arrays(optimizer))
+        state_dict = dataclasses.asdict(state)
+        if not math.isfinite(state.best_loss):  # no test pass yet; keep state.json strict JSON
+            state_dict["best_loss"] = None
+        write_json(os.path.join(temporary, "state.json"), state_dict)
+        write_json(os.path.join(temporary, "config.json"), config_dict)
+    shutil.rmtree(os.path.join(parent, f".{name}.old"), ignore_errors=True)  # left by older versions
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,17 +118,17 @@ def find_checkpoint(path, prefer="latest", required=CHECKPOINT_FILES):
 
     ``path`` is a checkpoint folder itself or an output folder; in an output folder
     ``checkpoints/<prefer>`` comes first, then the other one, each followed by its ``.old`` copy
-    (left by a kill between the two renames of ``save_checkpoint``). The trainer resumes from
-    ``latest``; inference and the export use ``best``.
+    (left by a kill between the two renames of ``save_checkpoint``, image_io.moved_aside). The
+    trainer resumes from ``latest``; inference and the export use ``best``.
 
     Args:
       required: the files a folder must hold to count.
     """
     other = {"latest": "best", "best": "latest"}[prefer]
-    parent, name = os.path.split(os.path.abspath(path))
-    candidates = [path, os.path.join(parent, f".{name}.old")]
+    candidates = [path] + [str(old) for old in image_io.moved_aside(os.path.abspath(path))]
     for which in (prefer, other):
-        candidates += [os.path.join(path, "checkpoints", which), os.path.join(path, "checkpoints", f".{which}.old")]
+        folder = os.path.join(path, "checkpoints", which)
+        candidates += [folder] + [str(old) for old in image_io.moved_aside(folder)]
     for candidate in candidates:
         if all(os.path.isfile(os.path.join(candidate, f)) for f in required):
             return candidate
@@ -164,8 +164,6 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels, fine
     Returns:
       (TrainState, resumed: bool)
     """
-    import models
-
     saved = read_config(directory)
     check_compatible(directory, saved, config, input_channels)
     weights = os.path.join(directory, WEIGHTS_FILE)
@@ -250,8 +248,6 @@ def initialise_from(directory, model, input_channels):
     """--init_from: copy every layer of the checkpoint in ``directory`` but the output head 'logits' into
     ``model`` (check_compatible has accepted it) and print which layers were and were not restored.
     Returns (restored names, skipped names)."""
-    import models
-
     saved = read_config(directory)
     source = models.build_from_config(dict(saved, input_channels=input_channels))
     source.load_weights(os.path.join(directory, WEIGHTS_FILE))
@@ -327,8 +323,6 @@ def read_training_config(folders):
 def _registry_name(config, config_path, model, source):
     """The model's registry name: config.json's "model", else the name its builder gave the saved
     model (every registered builder names its keras.Model after itself); never guessed from layers."""
-    import models
-
     if config is not None and "model" in config:
         if config["model"] not in models.MODEL_NAMES:
             raise ModelLoadError(f"{config_path}: model {config['model']!r} is not one of "
@@ -348,8 +342,6 @@ def load_trained(path):
     two folders above it: <output>/checkpoints/<which>/). Raises ModelLoadError naming the file."""
     import keras
 
-    import models
-
     path = os.fspath(path)
     if os.path.isfile(path):
         config, config_path = read_training_config([os.path.dirname(os.path.abspath(path))])
@@ -361,6 +353,7 @@ def load_trained(path):
                                  f"Keras model (a .keras file is a zip archive; this one is not): it may "
                                  f"be damaged or incompletely copied; copy it again, or export it again "
                                  f"from its training output folder")
+        models.register_layers()  # a SegNet's custom layers are found by their registered names
         try:
             model = keras.saving.load_model(path, compile=False)
         except Exception as exc:  # Keras raises many types for corrupt or foreign files.
@@ -389,6 +382,127 @@ def load_trained(path):
 
 
 # ----------------------------------------------------------------------------------------------
+# Load the models of an inference run (inference.py, export_bioimageio.py)
+# ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A ready model plus what inference needs to know about it."""
+    model: object  # keras.Model
+    name: str
+    number_classes: int
+    input_channels: int
+    training_tile_size: int | None
+    source: str
+    options: dict  # shape options (e.g. unet_depth)
+    geometry: models.Geometry  # size divisor, halo, smallest tile: from name and options, once
+
+
+def _resolve_checkpoint_dir(path):
+    """A directory holding model.weights.h5: ``path`` itself or, for an output folder, its best
+    checkpoint (the one model.keras is exported from), else its latest."""
+    found = find_checkpoint(str(path), prefer="best", required=(WEIGHTS_FILE,))
+    if found is None:
+        raise InferenceError(
+            f"checkpoint not found: {path} holds neither model.weights.h5 nor "
+            f"checkpoints/best|latest/model.weights.h5 (expected a checkpoint directory or a training "
+            f"output folder)")
+    return pathlib.Path(found)
+
+
+def load_model(model=None, checkpoint_filepath=None):
+    """Load the one model at ``model`` (a .keras file or a training output folder holding model.keras)
+    or ``checkpoint_filepath`` (a checkpoint folder or a training output folder); load_models checks
+    that exactly one is given, and gives each member of an ensemble in turn.
+
+    Returns:
+      LoadedModel. Raises InferenceError naming the path when anything is missing or unreadable.
+    """
+    if model is not None:
+        path = pathlib.Path(model)
+        keras_path = path / "model.keras" if path.is_dir() else path
+        if not keras_path.is_file():
+            hint = (" (this folder has checkpoints/: use --checkpoint_filepath)"
+                    if (path / "checkpoints").is_dir() else "")
+            raise InferenceError(f"model not found: {keras_path} (expected a .keras file or a training "
+                                 f"output folder holding model.keras){hint}")
+        source = keras_path
+    else:
+        source = _resolve_checkpoint_dir(checkpoint_filepath)
+    try:
+        trained = load_trained(source)
+    except ModelLoadError as exc:
+        raise InferenceError(str(exc)) from exc
+    network, name, training_config, source = trained.model, trained.name, trained.config, trained.source
+
+    tile = training_config.get("tile_size") if training_config else None
+    # Depth changes the size divisor and the halo: from config.json, else from the model itself.
+    options = ({key: training_config[key] for key in models.OPTION_KEYS if key in training_config}
+               if training_config else models.options_of(network))
+    try:
+        geometry = models.geometry(name, **options)
+    except ValueError as exc:
+        if training_config is None:
+            # The options were read from the model's layers, not given by anyone: a message naming
+            # a flag (e.g. "--unet_depth 0") would blame a flag the user never gave.
+            raise InferenceError(
+                f"{source} is not a model trained by this tool: it is named {name!r}, but its layers "
+                f"are not those of this tool's {models.display_name(name)}. Inference needs the "
+                f"model.keras that train_unet.py / train_segnet.py export into their output folder "
+                f"(with its config.json), or such a folder's checkpoint (--checkpoint_filepath)") from exc
+        raise InferenceError(f"{source}: {exc}") from exc
+    return LoadedModel(model=network, name=name, number_classes=int(network.output_shape[-1]),
+                       input_channels=int(network.input_shape[-1]),
+                       training_tile_size=int(tile) if tile else None, source=source, options=options,
+                       geometry=geometry)
+
+def _recorded_normalization(source):
+    """The "normalization" entry of the training config.json beside a loaded model; a model without
+    one (trained before it was recorded, or a bare .keras file) used NORMALIZATION."""
+    folder = pathlib.Path(source).parent
+    for candidate in (folder, folder.parent, folder.parent.parent):
+        path = candidate / "config.json"
+        if path.is_file():
+            with contextlib.suppress(OSError, ValueError, AttributeError):
+                return json.loads(path.read_text()).get("normalization", NORMALIZATION)
+            return None
+    return NORMALIZATION
+
+
+def load_models(model=None, checkpoint_filepath=None):
+    """Every model of an inference run: ``model`` or ``checkpoint_filepath`` (exactly one), each a path
+    or a list of paths (the members of an ensemble), checked to be compatible.
+
+    Returns:
+      list of LoadedModel. Raises InferenceError when a member cannot be loaded, or when members
+      differ in classes, input channels, architecture (halo and size divisor) or normalisation.
+    """
+    if (model is None) == (checkpoint_filepath is None):
+        raise InferenceError("give exactly one of --model and --checkpoint_filepath")
+    flag, paths = (("--model", model) if model is not None
+                   else ("--checkpoint_filepath", checkpoint_filepath))
+    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not paths:
+        raise InferenceError(f"{flag}: no path given")
+    loaded = []
+    for path in paths:
+        loaded.append(load_model(model=str(path)) if flag == "--model"
+                      else load_model(checkpoint_filepath=str(path)))
+    first = loaded[0]
+    for other in loaded[1:]:
+        for what, value in [("classes", lambda m: m.number_classes),
+                            ("input channels", lambda m: m.input_channels),
+                            ("architecture", lambda m: (m.name, models.model_options(m.name, **m.options))),
+                            ("normalisation", lambda m: _recorded_normalization(m.source))]:
+            if value(other) != value(first):
+                raise InferenceError(
+                    f"{flag}: ensemble members differ in {what}: {first.source} has {value(first)!r}, "
+                    f"{other.source} has {value(other)!r}; an ensemble averages the softmax of models "
+                    f"trained for the same task (same classes, channels and architecture)")
+    return loaded
+
+
+# ----------------------------------------------------------------------------------------------
 # Export
 # ----------------------------------------------------------------------------------------------
 
@@ -398,8 +512,6 @@ def export_model(output_dir, config_dict):
     name, and ``config.json`` beside it, say which model it is). Returns its path."""
     import keras
 
-    import models
-
     checkpoint = find_checkpoint(output_dir, prefer="best", required=(WEIGHTS_FILE,))
     # Build outside the strategy and in float32 so the file holds plain variables that load
     # anywhere, whatever --mixed_precision and towers were used for training.
@@ -407,9 +519,8 @@ def export_model(output_dir, config_dict):
     model = models.build_from_config(config_dict)
     model.load_weights(os.path.join(checkpoint, WEIGHTS_FILE))
     path = os.path.join(output_dir, "model.keras")
-    temporary = os.path.join(output_dir, ".model.tmp.keras")
-    model.save(temporary)
-    os.replace(temporary, path)
+    image_io.remove_stale_scratch(output_dir, target="model.keras")
+    image_io.atomic_write(path, model.save, mode=None)
     return path
 
 
@@ -425,11 +536,9 @@ def copy_previous_run(source_dir, output_dir):
     target = os.path.join(output_dir, "checkpoints", "best")
     if best is not None and find_checkpoint(target) is None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        # Copied beside the target and renamed into place, like save_checkpoint.
-        temporary = tempfile.mkdtemp(prefix=".best.tmp-", dir=os.path.dirname(target))
-        shutil.copytree(best, temporary, dirs_exist_ok=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(temporary, target)
+        # Copied beside the target and swapped into place, like save_checkpoint.
+        with image_io.atomic_folder(target) as temporary:
+            shutil.copytree(best, temporary)
 
 
 def database_fingerprint(metadata):

@@ -25,13 +25,13 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
 import build_lmdb
 import demo_data
+import image_io
 import metrics
 import plots
 import records
@@ -135,13 +135,9 @@ def generate_data(config):
         print(f"[1] demo data already present in {config.data_dir}")
         return image_folder, mask_folder
     os.makedirs(config.output_dir, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".data-", dir=config.output_dir)
-    try:
+    with image_io.atomic_folder(config.data_dir) as scratch:
         demo_data.generate_demo_dataset(scratch, num_images=config.num_images, size=config.image_size,
                                         seed=config.seed)
-        os.rename(scratch, config.data_dir)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     classes = ", ".join(f"{k} {name}" for k, name in demo_data.CLASS_NAMES.items())
     print(f"[1] wrote {config.num_images} synthetic {config.image_size}x{config.image_size} images to "
           f"{image_folder} and masks ({classes}) to {mask_folder}")

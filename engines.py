@@ -1,6 +1,6 @@
 """The engines that run the network for inference: TensorFlow, or ONNX Runtime on an ONNX export.
 
-    forward = engines.make_forward("onnxruntime", loaded)    # loaded: inference.LoadedModel list
+    forward = engines.make_forward("onnxruntime", loaded)    # loaded: checkpoints.LoadedModel list
     logits = forward(batch)                                  # float32 [B, H, W, C] -> [B, H, W, K]
 
 Both give the same callable as predictor.make_predictor, so tiling, halos, --tta and ensembles are
@@ -85,7 +85,7 @@ def export_onnx(model, path, source_hash="", shape=None):
 
 
 def cached_onnx(loaded):
-    """Path of an up-to-date ONNX export of ``loaded`` (an inference.LoadedModel), exporting it when
+    """Path of an up-to-date ONNX export of ``loaded`` (a checkpoints.LoadedModel), exporting it when
     the cache beside the model is missing or was made from another file. Returns (path, note)."""
     ort = _import_onnxruntime()
     source_hash = file_sha256(loaded.source)
@@ -125,7 +125,7 @@ def session_call(session):
 
 
 def make_forward(engine, loaded, announce=print):
-    """The forward function of ``engine`` for the models ``loaded`` (inference.LoadedModel list):
+    """The forward function of ``engine`` for the models ``loaded`` (checkpoints.LoadedModel list):
     one model, or an ensemble whose softmax is averaged (predictor.combine_members)."""
     if engine not in ENGINES:
         raise EngineError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")

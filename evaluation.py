@@ -28,6 +28,7 @@ import time
 import numpy as np
 
 import metrics
+import models
 import predictor
 import records
 import steps
@@ -45,7 +46,8 @@ class Evaluator:
       shard_index, shard_count: this worker's share of the test images.
       batch_size: tiles per network call.
       tile_size: tile side; None = inference.py's default rule for this model and ``device``.
-      options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
+      options: the network's shape options (config keys, e.g. unet_depth); None = defaults. The
+        trainer gives name and options; their models.Geometry is computed here, once.
       device: the device whose free memory sizes the default tile (predictor.available_memory_bytes:
         "/GPU:<index as nvidia-smi numbers it>" or "/CPU:0"); None = the one the pass runs on
         (predictor.default_memory_device: the training GPU, else the CPU).
@@ -53,14 +55,15 @@ class Evaluator:
 
     def __init__(self, model, model_name, test_database, number_classes, loss_name, shard_index=0,
                  shard_count=1, batch_size=1, tile_size=None, options=None, device=None):
-        self.model_name, self.options, self.test_database = model_name, options, test_database
+        self.geometry = models.geometry(model_name, **(options or {}))
+        self.test_database = test_database
         self.number_classes, self.loss_name = number_classes, loss_name
         self.shard_index, self.shard_count, self.batch_size = shard_index, shard_count, batch_size
         self.model, self.device = model, device or predictor.default_memory_device()
         self.twin = float32_twin(model)
         predicting = self.twin if self.twin is not None else model
-        self.tile_size = tile_size or predictor.default_tile_size(predicting, model_name, batch_size,
-                                                                  device=self.device, options=options)
+        self.tile_size = tile_size or predictor.default_tile_size(predicting, self.geometry, batch_size,
+                                                                  device=self.device)
         self.forward = predictor.make_predictor(predicting)
 
     def run(self, combine=lambda totals: totals, should_stop=lambda: False):
@@ -119,16 +122,16 @@ class Evaluator:
 
         while True:
             try:
-                return predictor.predict_image(self.forward, image, stats, self.model_name, self.tile_size,
-                                               self.batch_size, options=self.options)
+                return predictor.predict_image(self.forward, image, stats, self.geometry, self.tile_size,
+                                               self.batch_size)
             except tf.errors.ResourceExhaustedError:
-                smallest = predictor.smallest_tile(self.model_name, self.options)
+                smallest = self.geometry.smallest_tile
                 if self.tile_size <= smallest:
                     raise TrainingError(
-                        f"the test pass ran out of memory on {self.device} even with {self.model_name}'s "
+                        f"the test pass ran out of memory on {self.device} even with {self.geometry.name}'s "
                         f"smallest tile ({smallest} px, batch {self.batch_size}): free that device's memory "
                         "(other processes on it?) or train a smaller network (--base_filters)") from None
-                divisor = predictor.size_divisor(self.model_name, self.options)
+                divisor = self.geometry.size_divisor
                 smaller = max(smallest, self.tile_size // 2 - (self.tile_size // 2) % divisor)
                 print(f"warning: the test pass ran out of memory on {self.device} with {self.tile_size} px "
                       f"tiles; predicting with {smaller} px tiles from now on (same results, slower)",

@@ -30,7 +30,7 @@ its output is per-class probabilities, and the class mask is their argmax over t
 same as inference.py's masks). Input normalisation is not part of the weights; rdf.yaml declares it as
 the bioimage.io preprocessing ``zero_mean_unit_variance`` over y and x (per sample, per channel), which
 is what this project's per-image z-score does. The halo (context to crop from each side of a tile) is
-predictor.halo_for(model) and the tile sizes are multiples of the model's size divisor (16 UNet,
+models.geometry(model).halo and the tile sizes are multiples of the model's size divisor (16 UNet,
 32 SegNet), at least 2 halos + one divisor.
 
 When bioimageio.spec is installed the package is validated before it is written (an invalid package
@@ -41,9 +41,9 @@ or the complete new package.
 import argparse
 import dataclasses
 import datetime
+import functools
 import getpass
 import json
-import os
 import pathlib
 import string
 import sys
@@ -134,6 +134,11 @@ class TrainedRun:
         divisor and halo."""
         return {key: self.config[key] for key in models.OPTION_KEYS if key in self.config}
 
+    @functools.cached_property
+    def geometry(self):
+        """The network's models.Geometry (size divisor, receptive field, halo, smallest tile)."""
+        return models.geometry(self.name, **self.options)
+
 
 # ----------------------------------------------------------------------------------------------
 # The run folder
@@ -177,11 +182,11 @@ def load_run(folder):
                weights_source=pathlib.Path(trained.source))
 
 
-def size_rule(name, options=None):
-    """(minimum, step) of the tile side the package declares for model ``name``: multiples of its size
-    divisor that leave at least one divisor of output after cropping a halo on both sides."""
-    divisor = predictor.size_divisor(name, options)
-    return 2 * predictor.halo_for(name, options) + divisor, divisor
+def size_rule(geometry):
+    """(minimum, step) of the tile side the package declares for a network of this models.Geometry:
+    multiples of its size divisor that leave at least one divisor of output after cropping a halo on
+    both sides."""
+    return geometry.smallest_tile, geometry.size_divisor
 
 
 # ----------------------------------------------------------------------------------------------
@@ -251,10 +256,9 @@ def predict_probabilities(run, image):
     segments images: z-score with the whole image's statistics (what rdf.yaml declares as
     zero_mean_unit_variance per sample and channel), then the shared tiled predictor."""
     stats = normalization.channel_statistics(image)
-    tile = max(predictor.smallest_tile(run.name, run.options), *image.shape[:2])
-    tile += -tile % predictor.size_divisor(run.name, run.options)
-    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.name, tile,
-                                     options=run.options)
+    tile = max(run.geometry.smallest_tile, *image.shape[:2])
+    tile += -tile % run.geometry.size_divisor
+    logits = predictor.predict_image(predictor.make_predictor(run.model), image, stats, run.geometry, tile)
     return np.asarray(keras.ops.softmax(logits, axis=-1), dtype=np.float32)
 
 
@@ -402,17 +406,84 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
       keras_weights: whether model.keras (weights format keras_v3) is in the package.
       onnx_opset: the opset of model.onnx.
     """
-    minimum, step = size_rule(run.name, run.options)
-    halo = predictor.halo_for(run.name, run.options)
-    authors = [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
-               for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
+    return {
+        "format_version": KERAS_V3_FORMAT_VERSION if keras_weights else FORMAT_VERSION,
+        "type": "model",
+        "name": config.name or default_name(run),
+        "description": config.description or default_description(run),
+        "authors": _rdf_authors(config),
+        "cite": _rdf_cite(run, config),
+        "license": config.license,
+        "tags": list(dict.fromkeys(["segmentation", "semantic-segmentation", "2d", run.name,
+                                    "tensorflow", "keras", *config.tags])),
+        "documentation": "README.md",
+        "covers": ["cover.png"],
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
+        "inputs": [_rdf_input(run, files)],
+        "outputs": [_rdf_output(run, files)],
+        "weights": _rdf_weights(files, keras_weights, onnx_opset),
+        "config": {"segtool": _rdf_segtool(run, test_shape)},
+    }
+
+
+def _rdf_authors(config):
+    """--author NAME[:AFFILIATION] entries, else the user running the export."""
+    return [{"name": name, **({"affiliation": affiliation} if affiliation else {})}
+            for name, affiliation in (config.authors or [(getpass.getuser(), None)])]
+
+
+def _rdf_cite(run, config):
+    """--cite entries, else the architecture's paper; a reference is a URL or a DOI."""
     citations = config.cite or [models.citation(run.name)]
-    cite = [{"text": text, ("url" if reference.startswith(("http://", "https://")) else "doi"): reference}
+    return [{"text": text, ("url" if reference.startswith(("http://", "https://")) else "doi"): reference}
             for text, reference in citations]
 
-    def space(axis, size, **extra):
-        return {"type": "space", "id": axis, "size": size, **extra}
 
+def _space(axis, size, **extra):
+    return {"type": "space", "id": axis, "size": size, **extra}
+
+
+def _rdf_input(run, files):
+    """The input tensor: raw image (B, C, H, W), tile sides on the size rule, z-score preprocessing."""
+    minimum, step = size_rule(run.geometry)
+    return {
+        "id": INPUT_ID,
+        "description": "raw image (any intensity range); normalised by the preprocessing",
+        "axes": [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": [f"channel{c}" for c in range(run.input_channels)]},
+            _space("y", {"min": minimum, "step": step}),
+            _space("x", {"min": minimum, "step": step}),
+        ],
+        "test_tensor": {"source": "test_input.npy", "sha256": files["test_input.npy"]},
+        "sample_tensor": {"source": "sample_input.tif", "sha256": files["sample_input.tif"]},
+        "data": {"type": "float32"},
+        "preprocessing": [{"id": "zero_mean_unit_variance",
+                           "kwargs": {"axes": ["y", "x"], "eps": ZMUV_EPS}}],
+    }
+
+
+def _rdf_output(run, files):
+    """The output tensor: softmax probabilities (B, K, H, W), the input's size, a halo to crop."""
+    halo = run.geometry.halo
+    return {
+        "id": OUTPUT_ID,
+        "description": "per-class softmax probabilities; the class mask is the argmax over the "
+                       "channel axis",
+        "axes": [
+            {"type": "batch"},
+            {"type": "channel", "channel_names": [f"class{k}" for k in range(run.number_classes)]},
+            _space("y", {"tensor_id": INPUT_ID, "axis_id": "y"}, halo=halo),
+            _space("x", {"tensor_id": INPUT_ID, "axis_id": "x"}, halo=halo),
+        ],
+        "test_tensor": {"source": "test_output.npy", "sha256": files["test_output.npy"]},
+        "sample_tensor": {"source": "sample_output.tif", "sha256": files["sample_output.tif"]},
+        "data": {"type": "float32", "range": [0.0, 1.0]},
+    }
+
+
+def _rdf_weights(files, keras_weights, onnx_opset):
+    """The weights formats: Keras 3 (optional, then the parent), SavedModel, ONNX."""
     weights = {}
     if keras_weights:
         weights["keras_v3"] = {
@@ -432,104 +503,85 @@ def build_rdf(run, config, files, test_shape, keras_weights, onnx_opset):
         "parent": "keras_v3" if keras_weights else "tensorflow_saved_model_bundle",
         "comment": f"ONNX exported by Keras {keras.__version__} (tf2onnx): input '{INPUT_ID}' float32 "
                    f"(B, C, H, W) -> float32 (B, K, H, W) probabilities; free batch, height, width."}
+    return weights
+
+
+def _rdf_segtool(run, test_shape):
+    """segtool's own record of the network, in the rdf's free "config" section."""
     return {
-        "format_version": KERAS_V3_FORMAT_VERSION if keras_weights else FORMAT_VERSION,
-        "type": "model",
-        "name": config.name or default_name(run),
-        "description": config.description or default_description(run),
-        "authors": authors,
-        "cite": cite,
-        "license": config.license,
-        "tags": list(dict.fromkeys(["segmentation", "semantic-segmentation", "2d", run.name,
-                                    "tensorflow", "keras", *config.tags])),
-        "documentation": "README.md",
-        "covers": ["cover.png"],
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat(),
-        "inputs": [{
-            "id": INPUT_ID,
-            "description": "raw image (any intensity range); normalised by the preprocessing",
-            "axes": [
-                {"type": "batch"},
-                {"type": "channel", "channel_names": [f"channel{c}" for c in range(run.input_channels)]},
-                space("y", {"min": minimum, "step": step}),
-                space("x", {"min": minimum, "step": step}),
-            ],
-            "test_tensor": {"source": "test_input.npy", "sha256": files["test_input.npy"]},
-            "sample_tensor": {"source": "sample_input.tif", "sha256": files["sample_input.tif"]},
-            "data": {"type": "float32"},
-            "preprocessing": [{"id": "zero_mean_unit_variance",
-                               "kwargs": {"axes": ["y", "x"], "eps": ZMUV_EPS}}],
-        }],
-        "outputs": [{
-            "id": OUTPUT_ID,
-            "description": "per-class softmax probabilities; the class mask is the argmax over the "
-                           "channel axis",
-            "axes": [
-                {"type": "batch"},
-                {"type": "channel", "channel_names": [f"class{k}" for k in range(run.number_classes)]},
-                space("y", {"tensor_id": INPUT_ID, "axis_id": "y"}, halo=halo),
-                space("x", {"tensor_id": INPUT_ID, "axis_id": "x"}, halo=halo),
-            ],
-            "test_tensor": {"source": "test_output.npy", "sha256": files["test_output.npy"]},
-            "sample_tensor": {"source": "sample_output.tif", "sha256": files["sample_output.tif"]},
-            "data": {"type": "float32", "range": [0.0, 1.0]},
-        }],
-        "weights": weights,
-        "config": {"segtool": {
-            "model": run.name, "number_classes": run.number_classes,
-            "input_channels": run.input_channels, "base_filters": int(run.config["base_filters"]),
-            "batch_norm": bool(run.config["batch_norm"]),
-            "training_tile_size": run.config.get("tile_size"), "halo": halo,
-            "receptive_field": models.receptive_field(run.name, **run.options),
-            "test_tensor_shape": [1, run.input_channels, *test_shape]}},
-    }
+        "model": run.name, "number_classes": run.number_classes,
+        "input_channels": run.input_channels, "base_filters": int(run.config["base_filters"]),
+        "batch_norm": bool(run.config["batch_norm"]),
+        "training_tile_size": run.config.get("tile_size"), "halo": run.geometry.halo,
+        "receptive_field": run.geometry.receptive_field,
+        "test_tensor_shape": [1, run.input_channels, *test_shape]}
 
 
 def build_readme(run, config, keras_weights, sample_source, test_shape):
     """README.md of the package: what goes in and out, how to run it elsewhere, how it was validated."""
     package = pathlib.Path(config.output).name
-    minimum, step = size_rule(run.name, run.options)
-    halo = predictor.halo_for(run.name, run.options)
-    test_shape = [1, run.input_channels, *test_shape]
     title = config.name or default_name(run)
     description = config.description or default_description(run)
-    formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
-        f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})",
-        "`onnx` (model.onnx; bioimageio.core and ilastik run it with ONNX Runtime)"]
+    return "\n".join([f"# {title}\n\n{description}\n", _readme_model(run), _readme_input(run),
+                      _readme_output(run), _readme_weights(keras_weights), _readme_use(run, package),
+                      _readme_validation(run, package, sample_source, test_shape)])
+
+
+def _readme_model(run):
+    """README section: the architecture and where the weights come from."""
     batch_norm = "on" if run.config["batch_norm"] else "off"
     source = run.weights_source.relative_to(run.folder).as_posix()
-    return f"""# {title}
-
-{description}
-
-## Model
+    return f"""## Model
 - Architecture: {models.display_name(run.name)}, {run.config['base_filters']} base filters, batch norm \
 {batch_norm}; {run.input_channels} input channel(s), {run.number_classes} classes; receptive field \
-{models.receptive_field(run.name, **run.options)} px.
+{run.geometry.receptive_field} px.
 - Trained with segtool (training tile size {run.config.get('tile_size')}); exported by \
 `export_bioimageio.py` from `{source}`.
+"""
 
-## Input `{INPUT_ID}`
+
+def _readme_input(run):
+    """README section: the input tensor, its preprocessing and tile sizes."""
+    minimum, step = size_rule(run.geometry)
+    halo = run.geometry.halo
+    return f"""## Input `{INPUT_ID}`
 - float32 tensor with axes batch, channel, y, x: (B, {run.input_channels}, H, W), raw intensities.
 - Preprocessing `zero_mean_unit_variance` over y and x (each sample and channel separately, eps \
 {ZMUV_EPS}); segtool normalises every whole image the same way before tiling it.
 - Tile sides H and W: {minimum} + n * {step} px (n = 0, 1, ...), the rule bioimage.io tools tile \
 images by, with a halo of {halo} px; the network itself accepts any multiple of {step}.
+"""
 
-## Output `{OUTPUT_ID}`
+
+def _readme_output(run):
+    """README section: the output tensor, the class mask and the halo."""
+    halo = run.geometry.halo
+    return f"""## Output `{OUTPUT_ID}`
 - float32 tensor (B, {run.number_classes}, H, W): per-class softmax probabilities, summing to 1 along \
 the channel axis (the softmax is part of the weights; no post-processing step is needed).
 - Class mask: the argmax over the channel axis (class ids 0..{run.number_classes - 1}), which is \
 exactly what segtool's `inference.py` writes.
 - Halo: {halo} px on each side of a tile are to be cropped (they lack context); a tile of side S \
 keeps its central S - {2 * halo} px.
+"""
 
-## Weights
+
+def _readme_weights(keras_weights):
+    """README section: the weights formats in the package."""
+    formats = (["`keras_v3` (model.keras, Keras 3)"] if keras_weights else []) + [
+        f"`tensorflow_saved_model_bundle` (tf_saved_model.zip, TensorFlow {tf.__version__})",
+        "`onnx` (model.onnx; bioimageio.core and ilastik run it with ONNX Runtime)"]
+    return f"""## Weights
 {chr(10).join(f"- {line}" for line in formats)}
 - SavedModel endpoint `{SERVING_ENDPOINT}` (also signature `serving_default`): input `{INPUT_ID}` \
 (B, C, H, W) float32, output dict key `{OUTPUT_ID}` (B, K, H, W).
+"""
 
-## Use it
+
+def _readme_use(run, package):
+    """README section: running the package in deepImageJ, napari, bioimageio.core, TensorFlow."""
+    minimum, step = size_rule(run.geometry)
+    return f"""## Use it
 - **deepImageJ (Fiji)**: Plugins > DeepImageJ > DeepImageJ Install Model, install a private model
   from this local zip, then DeepImageJ Run. deepImageJ runs the TensorFlow SavedModel weights with
   one of its own TensorFlow 2 engines (this package was exported with TensorFlow {tf.__version__})
@@ -552,8 +604,14 @@ keeps its central S - {2 * halo} px.
 - **Plain TensorFlow**: unzip tf_saved_model.zip, then
   `tf.saved_model.load(folder).serve(x)["{OUTPUT_ID}"]`, `x` float32 (B, C, H, W) already normalised
   (zero mean, unit variance per image and channel), H and W multiples of {step}.
+"""
 
-## Validation
+
+def _readme_validation(run, package, sample_source, test_shape):
+    """README section: the test tensors and how bioimageio.core's tiling compares with segtool's."""
+    step = run.geometry.size_divisor
+    test_shape = [1, run.input_channels, *test_shape]
+    return f"""## Validation
 - The test input (`test_input.npy`, shape {test_shape}) is {sample_source}; `test_output.npy` holds
   the probabilities segtool's own tiled predictor computes for it (per-image z-score, then the
   trained network, then softmax). `bioimageio test {package}` (bioimageio.core) checks that
@@ -595,17 +653,16 @@ def describe_errors(summary, limit=300):
 
 def write_zip_atomically(output, folder, names):
     """Zip ``names`` of ``folder`` into a temporary file beside ``output``, then rename it over
-    ``output``: the rename is atomic within one folder, so ``output`` is the old file or the new one."""
-    output = pathlib.Path(output)
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
-        with zipfile.ZipFile(temporary, "w", zipfile.ZIP_DEFLATED) as archive:
+    ``output`` (image_io.atomic_write): ``output`` is the old file or the new one. Scratch of this
+    output left by a killed export is removed first."""
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_DEFLATED) as archive:
             for name in names:
                 archive.write(pathlib.Path(folder) / name, name)
-        os.replace(temporary, output)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+
+    output = pathlib.Path(output)
+    image_io.remove_stale_scratch(output.parent, target=output.name)
+    image_io.atomic_write(output, write)
 
 
 def _check_flags(config):
@@ -649,7 +706,7 @@ def export_package(config):
         raise ExportError(f"--keras_v3: the {run.name} of {run.folder} uses layers of segtool's own, "
                           f"which a plain Keras installation cannot load; export it without "
                           f"--keras_v3 (the SavedModel weights need no custom code)")
-    minimum, step = size_rule(run.name, run.options)
+    minimum, step = size_rule(run.geometry)
     if config.sample_image:
         raw = read_sample(config.sample_image, run.input_channels)
         sample_source = f"a crop of `{pathlib.Path(config.sample_image).name}`"
@@ -715,8 +772,9 @@ def _pairs(values, flag, optional_second):
 
 
 def build_parser():
-    halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
-    rules = {name: size_rule(name) for name in models.MODEL_NAMES}
+    geometries = {name: models.geometry(name) for name in models.MODEL_NAMES}
+    halos = {name: geometry.halo for name, geometry in geometries.items()}
+    rules = {name: size_rule(geometry) for name, geometry in geometries.items()}
     parser = argparse.ArgumentParser(
         description="Write a trained model as a bioimage.io model package (zip, model spec "
                     "0.5) that deepImageJ (Fiji), napari and bioimage.io's tools can "

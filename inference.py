@@ -18,11 +18,11 @@ RAM; predictor.default_tile_size), shrunk per image to the smallest size needing
 
 Output, in --output_folder, per image ``<stem>``:
   - ``<stem>.tif``: class ids (uint8, uint16 above 256 classes), H x W. Images with more than
-    STREAM_PIXELS pixels (2048 x 2048) are written progressively as a tiled (256 px), zlib-compressed
-    BigTIFF, so memory holds a few bands of tiles, never the whole mask.
+    writers.STREAM_PIXELS pixels (2048 x 2048) are written progressively as a tiled (256 px),
+    zlib-compressed BigTIFF, so memory holds a few bands of tiles, never the whole mask.
   - ``<stem>.zarr`` instead when the input was Zarr: a Zarr array H x W, chunks 512 x 512.
   - with --save_probabilities, the softmax maps H x W x classes float32: ``<stem>_probabilities.npy``
-    for images up to STREAM_PIXELS read from files (numpy.load), else (and for Zarr input)
+    for images up to writers.STREAM_PIXELS read from files (numpy.load), else (and for Zarr input)
     ``<stem>_probabilities.zarr`` (a Zarr array, chunks 512 x 512 x classes), written band by band.
 Every output is written to a temporary file or folder beside the target and renamed over it when
 complete, so an existing output is only ever replaced by a complete new one.
@@ -37,55 +37,38 @@ folders) exits with code 2. SIGTERM (scancel, a Slurm time limit, preemption) or
 stops the run within a tile batch: the interrupted image's partial output is removed, the masks
 already written stay, and the exit code is 143 / 130. Scratch left in --output_folder by a run that
 was killed outright (SIGKILL) is removed by the next run.
+
+This file is the CLI and the folder loop; images are opened by image_io.open_image, outputs written
+by writers.py, models loaded by checkpoints.load_models and predicted by predictor.py.
 """
 import argparse
 import contextlib
 import dataclasses
 import json
-import mmap
 import os
 import pathlib
-import shutil
 import signal
 import sys
 import threading
 import time
 
-import keras
 import numpy as np
 import tensorflow as tf
-import tifffile
 
 import checkpoints
 import engines
 import image_io
 import models
-import normalization
 import predictor
+import progress
 import sharding
 import uncertainty
+import writers
+from errors import ImageError, InferenceError
 
-DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
-PROBABILITIES_SUFFIX = "_probabilities.npy"
-PROBABILITIES_ZARR_SUFFIX = "_probabilities.zarr"
-# Above this many pixels an image's outputs are streamed (tiled BigTIFF / Zarr), below it written
-# whole as a plain TIFF (and .npy), which every tool opens.
-STREAM_PIXELS = 2048 * 2048
-TIFF_TILE = 256
-ZARR_CHUNK = 512
-# The statistics pass reads blocks of at most this many values (float64 copies are made of them).
-STATS_BLOCK_VALUES = 1024 ** 2
 # A progress line at most this often (seconds) while an image is predicted.
 PROGRESS_SECONDS = 15.0
 EXIT_IMAGE_FAILED, EXIT_CANNOT_START = 1, 2
-
-
-class InferenceError(Exception):
-    """The run cannot start: missing or unreadable model, bad configuration or flags."""
-
-
-class ImageError(Exception):
-    """One image cannot be segmented (unreadable, wrong shape or channel count); others go on."""
 
 
 class Interrupted(BaseException):
@@ -118,7 +101,7 @@ class InferenceConfig:
     gpu: int | None = None
     save_probabilities: bool = False
     tta: bool = False
-    image_extensions: tuple = DEFAULT_EXTENSIONS
+    image_extensions: tuple = image_io.IMAGE_EXTENSIONS
     # (I, N): this process segments part I of N (sharding.py); a single image is split into row bands.
     part: tuple | None = None
     skip_existing: bool = False
@@ -143,78 +126,9 @@ class InferenceSummary:
         return len(self.failed)
 
 
-@dataclasses.dataclass
-class LoadedModel:
-    """A ready model plus what inference needs to know about it."""
-    model: keras.Model
-    name: str
-    number_classes: int
-    input_channels: int
-    training_tile_size: int | None
-    source: str
-    options: dict = dataclasses.field(default_factory=dict)  # shape options (e.g. unet_depth)
-
-
 # ----------------------------------------------------------------------------------------------
-# Model loading
+# One image: read, predict, write
 # ----------------------------------------------------------------------------------------------
-
-def _resolve_checkpoint_dir(path):
-    """A directory holding model.weights.h5: ``path`` itself or, for an output folder, its best
-    checkpoint (the one model.keras is exported from), else its latest."""
-    found = checkpoints.find_checkpoint(str(path), prefer="best", required=(checkpoints.WEIGHTS_FILE,))
-    if found is None:
-        raise InferenceError(
-            f"checkpoint not found: {path} holds neither model.weights.h5 nor "
-            f"checkpoints/best|latest/model.weights.h5 (expected a checkpoint directory or a training "
-            f"output folder)")
-    return pathlib.Path(found)
-
-
-def load_model(config):
-    """Load the one model named by ``config.model`` or ``config.checkpoint_filepath`` (load_models
-    checks that exactly one is given, and gives each member of an ensemble in turn).
-
-    Returns:
-      LoadedModel. Raises InferenceError naming the path when anything is missing or unreadable.
-    """
-    if config.model is not None:
-        path = pathlib.Path(config.model)
-        keras_path = path / "model.keras" if path.is_dir() else path
-        if not keras_path.is_file():
-            hint = (" (this folder has checkpoints/: use --checkpoint_filepath)"
-                    if (path / "checkpoints").is_dir() else "")
-            raise InferenceError(f"model not found: {keras_path} (expected a .keras file or a training "
-                                 f"output folder holding model.keras){hint}")
-        source = keras_path
-    else:
-        source = _resolve_checkpoint_dir(config.checkpoint_filepath)
-    try:
-        trained = checkpoints.load_trained(source)
-    except checkpoints.ModelLoadError as exc:
-        raise InferenceError(str(exc)) from exc
-    model, name, training_config, source = trained.model, trained.name, trained.config, trained.source
-
-    tile = training_config.get("tile_size") if training_config else None
-    # Depth changes the size divisor and the halo: from config.json, else from the model itself.
-    options = ({key: training_config[key] for key in models.OPTION_KEYS if key in training_config}
-               if training_config else models.options_of(model))
-    try:
-        models.check_options(name, **options)
-    except ValueError as exc:
-        if training_config is None:
-            # The options were read from the model's layers, not given by anyone: a message naming
-            # a flag (e.g. "--unet_depth 0") would blame a flag the user never gave.
-            raise InferenceError(
-                f"{source} is not a model trained by this tool: it is named {name!r}, but its layers "
-                f"are not those of this tool's {models.display_name(name)}. Inference needs the "
-                f"model.keras that train_unet.py / train_segnet.py export into their output folder "
-                f"(with its config.json), or such a folder's checkpoint (--checkpoint_filepath)") from exc
-        raise InferenceError(f"{source}: {exc}") from exc
-    return LoadedModel(model=model, name=name, number_classes=int(model.output_shape[-1]),
-                       input_channels=int(model.input_shape[-1]),
-                       training_tile_size=int(tile) if tile else None, source=source, options=options)
-
 
 def resolve_device(gpu):
     """TensorFlow device string for --gpu (None -> first GPU if any, else CPU; -1 -> CPU)."""
@@ -236,447 +150,46 @@ def resolve_device(gpu):
     return "/GPU:0" if chosen else "/CPU:0"
 
 
-def _recorded_normalization(source):
-    """The "normalization" entry of the training config.json beside a loaded model; a model without
-    one (trained before it was recorded, or a bare .keras file) used checkpoints.NORMALIZATION."""
-    folder = pathlib.Path(source).parent
-    for candidate in (folder, folder.parent, folder.parent.parent):
-        path = candidate / "config.json"
-        if path.is_file():
-            with contextlib.suppress(OSError, ValueError, AttributeError):
-                return json.loads(path.read_text()).get("normalization", checkpoints.NORMALIZATION)
-            return None
-    return checkpoints.NORMALIZATION
-
-
-def load_models(config):
-    """Every model of the run (one, or the members of an ensemble), checked to be compatible.
-
-    Returns:
-      list of LoadedModel. Raises InferenceError when a member cannot be loaded, or when members
-      differ in classes, input channels, architecture (halo and size divisor) or normalisation.
-    """
-    if (config.model is None) == (config.checkpoint_filepath is None):
-        raise InferenceError("give exactly one of --model and --checkpoint_filepath")
-    flag, paths = (("--model", config.model) if config.model is not None
-                   else ("--checkpoint_filepath", config.checkpoint_filepath))
-    paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
-    if not paths:
-        raise InferenceError(f"{flag}: no path given")
-    loaded = []
-    for path in paths:
-        member = dataclasses.replace(config, model=str(path) if flag == "--model" else None,
-                                     checkpoint_filepath=str(path) if flag != "--model" else None)
-        loaded.append(load_model(member))
-    first = loaded[0]
-    for other in loaded[1:]:
-        for what, value in [("classes", lambda m: m.number_classes),
-                            ("input channels", lambda m: m.input_channels),
-                            ("architecture", lambda m: (m.name, models.model_options(m.name, **m.options))),
-                            ("normalisation", lambda m: _recorded_normalization(m.source))]:
-            if value(other) != value(first):
-                raise InferenceError(
-                    f"{flag}: ensemble members differ in {what}: {first.source} has {value(first)!r}, "
-                    f"{other.source} has {value(other)!r}; an ensemble averages the softmax of models "
-                    f"trained for the same task (same classes, channels and architecture)")
-    return loaded
-
-
-# ----------------------------------------------------------------------------------------------
-# Images in: lazily read row bands
-# ----------------------------------------------------------------------------------------------
-
-def is_zarr_folder(path):
-    path = pathlib.Path(path)
-    return path.is_dir() and path.suffix.lower() == ".zarr"
-
-
-class ImageSource:
-    """One image as H x W x C, read lazily: ``source[r0:r1]`` reads rows r0..r1 only.
-
-    ``array`` is anything sliceable numpy-style (ndarray, memory map, zarr array); ``axes`` names
-    each of its axes: "y", "x", "c" or "-" (a length-1 axis that is dropped).
-    """
-
-    def __init__(self, name, array, axes, kind, on_close=None, mapping=None):
-        self.name, self.array, self.axes, self.kind = name, array, axes, kind
-        self._on_close, self._mapping = on_close or [], mapping
-        self.dtype = np.dtype(array.dtype)
-        channels = array.shape[axes.index("c")] if "c" in axes else 1
-        self.shape = (int(array.shape[axes.index("y")]), int(array.shape[axes.index("x")]), int(channels))
-        # Rows per stored chunk (1 when any row range is read directly): reads aligned to it decode
-        # each chunk once.
-        chunks = getattr(array, "chunks", None)
-        self.chunk_rows = int(chunks[axes.index("y")]) if chunks else 1
-
-    def __getitem__(self, rows):
-        index = tuple(rows if a == "y" else 0 if a == "-" else slice(None) for a in self.axes)
-        try:
-            block = self.array[index]
-            # A copy detaches the rows from a memory map (zarr already returns a new array).
-            block = np.array(block) if self._mapping is not None else np.asarray(block)
-        except Exception as exc:  # decoders raise many types, e.g. tifffile's "corrupted tile"
-            # Damage past the header shows only when its chunks are decoded, at any point of the
-            # statistics pass or the prediction: this image fails by name, the others go on.
-            raise ImageError(f"{self.name}: cannot read rows {rows.start}-{rows.stop} "
-                             f"({type(exc).__name__}: {exc}); the file is damaged or truncated") from exc
-        kept = [a for a in self.axes if a != "-"]
-        block = np.transpose(block, [kept.index(a) for a in "yxc" if a in kept])
-        if "c" not in kept:
-            block = block[:, :, np.newaxis]
-        if self._mapping is not None:
-            # Pages of a memory-mapped file count as this process's memory while mapped: drop them
-            # once read, so scanning a huge TIFF does not look (and get killed) like a memory leak.
-            self._mapping.madvise(mmap.MADV_DONTNEED)
-        return block.astype(np.uint8) if block.dtype == bool else block
-
-    def close(self):
-        for close in reversed(self._on_close):
-            with contextlib.suppress(Exception):
-                close()
-        self._on_close = []
-
-
-# Axis letters meaning "not declared": tifffile names an axis of a file without axis metadata 'Q'
-# (shaped, unknown) or 'I' (a plain sequence of pages).
-UNDECLARED_AXES = ("Q", "I")
-STACK_AXES = {"Z": "a Z stack of {n} planes", "T": "a time series of {n} frames"}
-
-
-def _declared_axes(path, names, shape):
-    """ImageSource axes from the axis names a file declares (tifffile's series axes such as "ZYX",
-    "YXS", "CYX"; OME-Zarr / Zarr dimension names), or None when it declares none.
-
-    C and S (samples, e.g. RGB) are channels, Y and X the image plane, length-1 axes are dropped; any
-    other axis longer than 1 (Z, T, ...) is refused by name: its planes are not channels.
-    """
-    names = [str(name).upper() for name in names]
-    if len(names) != len(shape) or any(n in UNDECLARED_AXES and size > 1 for n, size in zip(names, shape)):
-        return None
-    axes = ""
-    for name, size in zip(names, shape):
-        if name in ("Y", "X"):
-            axes += name.lower()
-        elif size == 1:
-            axes += "-"
-        elif name in ("C", "S") and "c" not in axes:
-            axes += "c"
-        else:
-            what = STACK_AXES.get(name, f"{{n}} planes along axis {name!r}").format(n=size)
-            raise ImageError(
-                f"{path.name}: {what} (axes {' '.join(names)}, shape {tuple(shape)}); only 2-D images "
-                f"(Y, X and channels) are segmented: save one image per plane (or a projection) and "
-                f"segment those")
-    return axes if "y" in axes and "x" in axes else None
-
-
-def _guessed_axes(path, shape, channels):
-    """Axes of an array whose file declares none (_axes_from_shape), said in one printed line when
-    there was a choice. A 3-D array whose ends both differ from the model's channel count and whose
-    first axis is the shorter is refused as a stack: reading its 256 rows as channels blames the
-    wrong axis."""
-    kept = [size for size in shape if size != 1] if len(shape) > 3 else list(shape)
-    if len(kept) == 3 and channels not in (kept[0], kept[-1]) and kept[0] < kept[-1]:
-        raise ImageError(
-            f"{path.name}: shape {tuple(shape)} without axis names: a stack of {kept[0]} planes along "
-            f"its first axis, which may be channels, Z or time; the model expects {channels} "
-            f"channel(s). Only 2-D images are segmented: save one image per plane (or a projection), "
-            f"or write the file with its axes (e.g. tifffile's metadata={{'axes': 'CYX'}})")
-    axes = _axes_from_shape(shape, channels)
-    if axes is not None and len(kept) == 3:
-        layout = "C x H x W" if axes.replace("-", "") == "cyx" else "H x W x C"
-        print(f"    {path.name}: the file does not declare its axes; shape {tuple(shape)} read as "
-              f"{layout}", flush=True)
-    return axes
-
-
-def _axes_from_shape(shape, channels):
-    """Axes of an array without axis names: H x W, H x W x C, or C x H x W when C is the model's
-    channel count and the last axis is not; length-1 leading axes of higher ranks are dropped."""
-    axes = ["?"] * len(shape)
-    leading = 0
-    while len(shape) - leading > 3 and shape[leading] == 1:
-        axes[leading] = "-"
-        leading += 1
-    rest = shape[leading:]
-    if len(rest) == 2:
-        axes[leading:] = ["y", "x"]
-    elif len(rest) == 3 and rest[-1] != channels and rest[0] == channels:
-        axes[leading:] = ["c", "y", "x"]
-    elif len(rest) == 3:
-        axes[leading:] = ["y", "x", "c"]
-    else:
-        return None
-    return "".join(axes)
-
-
-def _check_source(source, path, channels):
-    if not (np.issubdtype(source.dtype, np.integer) or np.issubdtype(source.dtype, np.floating)
-            or source.dtype == bool):
-        raise ImageError(f"{path.name}: pixel type {source.dtype} is not an integer or real type")
-    if source.shape[-1] != channels:
-        raise ImageError(f"{path.name}: has {source.shape[-1]} channel(s) (shape "
-                         f"{tuple(source.array.shape)}), the model expects {channels}")
-    if source.shape[0] == 0 or source.shape[1] == 0:
-        raise ImageError(f"{path.name}: cannot read image (no pixel data found)")
-    return source
-
-
-def _make_source(path, array, channels, kind, on_close=(), mapping=None, axes=None, names=None):
-    """ImageSource of ``array``: with ``axes`` as given, else from the axis ``names`` the file
-    declares, else guessed from the shape."""
-    try:
-        axes = axes or (_declared_axes(path, names, tuple(array.shape)) if names else None)
-        axes = axes or _guessed_axes(path, tuple(array.shape), channels)
-        if axes is None:
-            raise ImageError(f"{path.name}: shape {tuple(array.shape)} is not H x W or H x W x C")
-    except ImageError:
-        for close in on_close:
-            close()
-        raise
-    return ImageSource(path.name, array, axes, kind, list(on_close), mapping)
-
-
-def _open_tiff(path, channels):
-    try:
-        tif = tifffile.TiffFile(path)
-    except Exception as exc:  # tifffile raises TiffFileError, ValueError, OSError, ...
-        raise ImageError(f"{path.name}: cannot read image ({type(exc).__name__}: {exc})") from exc
-    try:
-        if not tif.series or not tif.series[0].shape or 0 in tif.series[0].shape:
-            raise ImageError(f"{path.name}: cannot read image (no pixel data found)")
-        series = tif.series[0]
-        level = series.levels[0]  # full resolution of a pyramid
-        if len(tif.series) > 1:
-            print(f"    {path.name}: holds {len(tif.series)} image series; segmenting the first, "
-                  f"series 0 (axes {series.axes}, shape {tuple(series.shape)})", flush=True)
-        if level.dataoffset is not None and level.dtype is not None:
-            # Uncompressed and contiguous in the file: memory-map it.
-            mapping = mmap.mmap(tif.filehandle.fileno(), 0, access=mmap.ACCESS_READ)
-            array = np.ndarray(level.shape, level.dtype.newbyteorder(tif.byteorder), buffer=mapping,
-                               offset=level.dataoffset)
-            return _make_source(path, array, channels, "memory-mapped TIFF",
-                                [mapping.close, tif.close], mapping, names=level.axes)
-        try:
-            import zarr
-        except ImportError:  # without zarr a compressed TIFF can only be read whole
-            return _make_source(path, level.asarray(), channels, "TIFF", [tif.close], names=level.axes)
-        store = tif.aszarr(series=0, level=0)
-        array = zarr.open(store, mode="r")
-        return _make_source(path, array, channels, "chunked TIFF", [store.close, tif.close],
-                            names=level.axes)
-    except ImageError:
-        tif.close()
-        raise
-    except Exception as exc:
-        tif.close()
-        raise ImageError(f"{path.name}: cannot read image ({type(exc).__name__}: {exc})") from exc
-
-
-def _ome_zarr_level0(group, path):
-    """(array, axes) of an OME-Zarr image group's full-resolution level, or (None, None)."""
-    attributes = group.attrs.asdict()
-    multiscales = attributes.get("multiscales") or attributes.get("ome", {}).get("multiscales")
-    if not multiscales:
-        return None, None
-    first = multiscales[0]
-    array = group[first["datasets"][0]["path"]]
-    # NGFF 0.4 axes are {"name", "type"} (a type "channel" / "time" axis may have any name), 0.3's
-    # plain names ("tczyx").
-    names = [({"channel": "C", "time": "T"}.get(axis.get("type"), axis.get("name", "?"))
-              if isinstance(axis, dict) else axis) for axis in first.get("axes", [])]
-    return array, _declared_axes(path, names, tuple(array.shape))
-
-
-def _open_zarr(path, channels):
-    try:
-        import zarr
-    except ImportError as exc:
-        raise ImageError(f"{path.name}: reading Zarr needs the zarr package (pip install zarr)") from exc
-    try:
-        node = zarr.open(str(path), mode="r")
-        axes = None
-        if isinstance(node, zarr.Group):
-            array, axes = _ome_zarr_level0(node, path)
-            if array is None:
-                arrays = list(node.array_keys())
-                if len(arrays) != 1:
-                    raise ImageError(f"{path.name}: a Zarr group without OME-Zarr multiscales "
-                                     f"metadata and with {len(arrays)} arrays; expected one image")
-                array = node[arrays[0]]
-        else:
-            array = node
-        # A plain array's axis names: Zarr v3 dimension_names, or xarray's attribute in Zarr v2.
-        names = (getattr(array.metadata, "dimension_names", None)
-                 or array.attrs.asdict().get("_ARRAY_DIMENSIONS"))
-    except ImageError:
-        raise
-    except Exception as exc:  # zarr raises many types for damaged or foreign folders
-        raise ImageError(f"{path.name}: cannot read Zarr image ({type(exc).__name__}: {exc})") from exc
-    if names is not None and any(name is None for name in names):
-        names = None
-    return _make_source(path, array, channels, "Zarr", axes=axes, names=names)
-
-
-def open_image(path, channels):
-    """The image at ``path`` as an ImageSource (H x W x C), checked against ``channels``.
-
-    TIFF: memory-mapped when uncompressed and contiguous, else read by chunks (tiled, compressed,
-    pyramidal at level 0, OME-TIFF); Zarr / OME-Zarr folders by chunks; other formats whole.
-    Raises ImageError naming the file.
-    """
-    path = pathlib.Path(path)
-    if is_zarr_folder(path):
-        source = _open_zarr(path, channels)
-    elif image_io.extension_of(path) in image_io.TIFF_EXTENSIONS:
-        source = _open_tiff(path, channels)
-    else:
-        try:
-            array = image_io.read_array(path, kind="image")
-        except image_io.ImageFileError as exc:
-            raise ImageError(str(exc)) from exc
-        # PNG and JPEG store H x W or H x W x C by definition: nothing to guess.
-        source = _make_source(path, array, channels, "in memory",
-                              axes={2: "yx", 3: "yxc"}.get(array.ndim))
-    try:
-        return _check_source(source, path, channels)
-    except ImageError:
-        source.close()
-        raise
-
-
-def image_statistics(image, name):
-    """Per-channel statistics of a whole image (ndarray or ImageSource) in one streaming pass.
-
-    Raises ImageError naming the image when it holds NaN or Inf values: a mask computed from them
-    would be silently wrong.
-    """
-    height, width, channels = image.shape
-    chunk_rows = getattr(image, "chunk_rows", 1)
-    rows = max(1, STATS_BLOCK_VALUES // (width * channels))
-    rows = max(chunk_rows, rows // chunk_rows * chunk_rows)
-    running = normalization.StreamingStatistics(channels)
-    non_finite = 0
-    for top in range(0, height, rows):
-        block = np.asarray(image[top:top + rows])
-        if np.issubdtype(block.dtype, np.floating):
-            bad = ~np.isfinite(block).all(axis=-1)
-            non_finite += int(bad.sum())
-            if non_finite:
-                continue
-        running.update(block)
-    if non_finite:
-        raise ImageError(f"{name}: {non_finite} pixel(s) with NaN or Inf values (of {height * width}); "
-                         f"replace them (e.g. by the image's median) before segmenting")
-    return running.result()
-
-
-# ----------------------------------------------------------------------------------------------
-# Masks out: whole, or streamed as tiled BigTIFF / Zarr
-# ----------------------------------------------------------------------------------------------
-
-def label_dtype(number_classes):
-    """Smallest unsigned type holding class ids 0 .. number_classes - 1."""
-    return np.uint8 if number_classes <= 256 else np.uint16
-
-
 def softmax(logits):
     """Per-pixel class probabilities of H x W x classes logits (float32)."""
     return predictor._softmax(logits).astype(np.float32)
 
 
-def write_mask(path, labels):
-    """Write an H x W class-id mask as a TIFF, atomically."""
-    image_io.atomic_write(path, lambda f: tifffile.imwrite(f, labels))
+def _outputs(number_classes, save_probabilities):
+    """What iter_bands keeps of each tile's logits: class ids, and the probabilities if saved."""
+    def labels_of(logits):
+        return np.argmax(logits, axis=-1).astype(writers.label_dtype(number_classes))
 
-
-def write_probabilities(path, probabilities):
-    """Write H x W x classes float32 probabilities as .npy, atomically."""
-    image_io.atomic_write(path, lambda f: np.save(f, probabilities))
+    return [labels_of] + ([softmax] if save_probabilities else [])
 
 
 @contextlib.contextmanager
-def atomic_folder(path):
-    """Yield a temporary folder beside ``path`` to fill; when the block completes, it replaces
-    ``path`` (the old one is removed only after the new one is in place). Removed on failure."""
-    path = pathlib.Path(path)
-    temporary, old = image_io.scratch_path(path, "tmp"), image_io.scratch_path(path, "old")
-    shutil.rmtree(temporary, ignore_errors=True)
+def _image_errors(path, tile_size, config):
+    """Out of memory and unwritable outputs as ImageError naming the image: the run goes on."""
     try:
-        yield temporary
-        if path.exists() or path.is_symlink():
-            os.replace(path, old)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        if os.path.lexists(old) and not os.path.lexists(path):  # stopped between the two renames
-            os.replace(old, path)
-        raise
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    elif old.exists():
-        old.unlink()
+        yield
+    except tf.errors.ResourceExhaustedError as exc:
+        raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
+                         f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
+    except OSError as exc:
+        raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
 
 
-def _create_zarr(folder, shape, dtype):
-    import zarr
-    chunks = (ZARR_CHUNK, ZARR_CHUNK) + tuple(shape[2:])
-    return zarr.create_array(store=str(folder), shape=shape, chunks=chunks, dtype=dtype)
+def _tile_progress(name, pixels):
+    """A progress callback for predictor.iter_bands: a line at most every PROGRESS_SECONDS with the
+    tiles done, the rate in tiles and megapixels per second and the time remaining, none for short
+    images and none at the end (the image's own line follows)."""
+    line = None
 
+    def report(done, total):
+        nonlocal line
+        if line is None:
+            # The clock starts after the first network call, so tracing does not skew the rate.
+            line = progress.ProgressLine(total, unit="tile", interval=PROGRESS_SECONDS, label=f"    {name}: ",
+                                         per_unit={"Mpx": pixels / total / 1e6}, final=False)
+        line.update(done)
 
-class RowBlocks:
-    """Collects bands of rows in order and hands them on in blocks of ``rows`` rows (the last one
-    may be shorter), so writers get chunk-aligned blocks whatever the tile bands' heights."""
-
-    def __init__(self, rows):
-        self.rows, self.start, self.pending = rows, 0, None
-
-    def add(self, band):
-        if self.pending is not None:
-            band = np.concatenate([self.pending, band])
-        stop = len(band) // self.rows * self.rows
-        for top in range(0, stop, self.rows):
-            yield self.start, band[top:top + self.rows]
-            self.start += self.rows
-        self.pending = band[stop:].copy()  # a copy: the band itself can be freed
-
-    def flush(self):
-        if self.pending is not None and len(self.pending):
-            yield self.start, self.pending
-        self.pending = None
-
-
-def _tiff_tiles(blocks, width):
-    """TIFF tiles (TIFF_TILE square, row-major, zero-padded at the edges) of row blocks."""
-    for _, block in blocks:
-        padded = np.zeros((TIFF_TILE, -(-width // TIFF_TILE) * TIFF_TILE) + block.shape[2:], block.dtype)
-        padded[:len(block), :width] = block
-        for left in range(0, width, TIFF_TILE):
-            yield padded[:, left:left + TIFF_TILE]
-
-
-class Progress:
-    """A plain progress line with rate and ETA, at most every PROGRESS_SECONDS (none for short
-    images): readable in logs, where a redrawn bar would be noise."""
-
-    def __init__(self, name, pixels, interval=PROGRESS_SECONDS):
-        self.name, self.pixels, self.interval = name, pixels, interval
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done, total):
-        now = time.perf_counter()
-        if now - self.last < self.interval or done == total:
-            return
-        self.last = now
-        elapsed = now - self.start
-        rate = self.pixels * done / total / elapsed / 1e6
-        print(f"    {self.name}: {done}/{total} tiles ({100 * done / total:.0f} %), {rate:.2f} Mpx/s, "
-              f"ETA {_duration(elapsed * (total - done) / done)}", flush=True)
-
-
-def _duration(seconds):
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    return report
 
 
 def _interruptible(forward, device):
@@ -716,158 +229,43 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
     raised as ImageError naming the file, so the caller can go on with the next image.
     """
     first = loaded[0]
-    source = open_image(path, first.input_channels)
+    source = image_io.open_image(path, first.input_channels)
     try:
         height, width, channels = source.shape
         # Statistics of the whole image, exactly as training normalises each source image, so that
         # every tile sees the same values and tiling cannot change the result.
-        stats = image_statistics(source, path.name)
-        stem = path.stem if not is_zarr_folder(path) else path.name[:-len(".zarr")]
-        zarr_out = is_zarr_folder(path)
-        streamed = zarr_out or height * width > STREAM_PIXELS
-
-        def labels_of(logits):
-            return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
-
-        outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
+        stats = image_io.image_statistics(source, path.name)
+        stem = image_io.image_stem(path)
+        zarr_out = image_io.is_zarr_folder(path)
+        streamed = writers.is_streamed(path, height, width)
+        outputs = _outputs(first.number_classes, config.save_probabilities)
         if tally is not None:  # last, so the writers' results[0] / results[1] stay as they are
             outputs.append(uncertainty.normalized_entropy)
-        tiles = predictor.count_tiles(height, width, first.name, tile_size, options=first.options)
-        progress = Progress(path.name, height * width)
+        tiles = predictor.count_tiles(height, width, first.geometry, tile_size)
+        report = _tile_progress(path.name, height * width)
 
         def bands():
             with tf.device(device):
                 for band in predictor.iter_bands(_interruptible(forward, device), source, stats,
-                                                 first.name, tile_size,
+                                                 first.geometry, tile_size,
                                                  config.batch_size, config.tta, outputs=outputs,
-                                                 progress=progress, options=first.options):
+                                                 progress=report):
                     if tally is not None:
                         tally.add(band[2][-1])
                     yield band
 
-        try:
-            if not streamed:
-                labels = np.empty((height, width), label_dtype(first.number_classes))
-                probabilities = (np.empty((height, width, first.number_classes), np.float32)
-                                 if config.save_probabilities else None)
-                for lo, hi, results in bands():
-                    labels[lo:hi] = results[0]
-                    if probabilities is not None:
-                        probabilities[lo:hi] = results[1]
-                targets = [output_folder / (stem + ".tif")]
-                write_mask(targets[0], labels)
-                if probabilities is not None:
-                    targets.append(output_folder / (stem + PROBABILITIES_SUFFIX))
-                    write_probabilities(targets[1], probabilities)
+        with _image_errors(path, tile_size, config):
+            if streamed:
+                targets = writers.write_streamed(bands(), output_folder, stem, zarr_out, (height, width),
+                                                 first.number_classes, config.save_probabilities)
             else:
-                targets = _write_streamed(bands(), output_folder, stem, zarr_out, (height, width),
-                                          first.number_classes, config.save_probabilities)
-        except tf.errors.ResourceExhaustedError as exc:
-            raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
-                             f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
-        except OSError as exc:
-            raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
+                targets = writers.write_whole(bands(), output_folder, stem, (height, width),
+                                              first.number_classes, config.save_probabilities)
     finally:
         source.close()
     layout = "tiled BigTIFF" if streamed and not zarr_out else "Zarr" if zarr_out else "TIFF"
     return targets, (f"{height}x{width}x{channels} {source.dtype} {source.kind} ({tiles} tile(s)"
                      f"{', TTA' if config.tta else ''}) -> {layout}")
-
-
-def _write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes, save_probabilities):
-    """Write the bands of one image as they come: the mask as a tiled compressed BigTIFF (or a Zarr
-    array), the probabilities as a Zarr array. Returns the targets written."""
-    height, width = shape
-    dtype = label_dtype(number_classes)
-    mask_target = output_folder / (stem + (".zarr" if zarr_out else ".tif"))
-    probability_target = output_folder / (stem + PROBABILITIES_ZARR_SUFFIX)
-    with contextlib.ExitStack() as stack:
-        probabilities = None
-        if save_probabilities:
-            folder = stack.enter_context(atomic_folder(probability_target))
-            probabilities = _create_zarr(folder, (height, width, number_classes), np.float32)
-        probability_blocks = RowBlocks(ZARR_CHUNK)
-
-        def mask_blocks(rows):
-            blocks = RowBlocks(rows)
-            for _, _, results in bands:
-                yield from blocks.add(results[0])
-                if probabilities is not None:
-                    for start, block in probability_blocks.add(results[1]):
-                        probabilities[start:start + len(block)] = block
-            # Before the mask's last block: tifffile stops pulling once it has every tile.
-            if probabilities is not None:
-                for start, block in probability_blocks.flush():
-                    probabilities[start:start + len(block)] = block
-            yield from blocks.flush()
-
-        if zarr_out:
-            with atomic_folder(mask_target) as folder:
-                mask = _create_zarr(folder, (height, width), dtype)
-                for start, block in mask_blocks(ZARR_CHUNK):
-                    mask[start:start + len(block)] = block
-        else:
-            # maxworkers=1: with several, tifffile hands the tile iterator to ThreadPoolExecutor.map,
-            # which pulls every tile at once, i.e. the whole image before writing any of it.
-            image_io.atomic_write(mask_target, lambda f: tifffile.imwrite(
-                f, _tiff_tiles(mask_blocks(TIFF_TILE), width), shape=(height, width), dtype=dtype,
-                tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True, maxworkers=1))
-    return [mask_target] + ([probability_target] if save_probabilities else [])
-
-
-def expected_outputs(path, output_folder, shape, number_classes, save_probabilities):
-    """{target path: shape} of the complete outputs of the image at ``path`` (H x W x C ``shape``),
-    named and laid out as _segment_file writes them."""
-    zarr_out = is_zarr_folder(path)
-    stem = path.name[:-len(".zarr")] if zarr_out else path.stem
-    height, width = shape[:2]
-    targets = {output_folder / (stem + (".zarr" if zarr_out else ".tif")): (height, width)}
-    if save_probabilities:
-        streamed = zarr_out or height * width > STREAM_PIXELS
-        suffix = PROBABILITIES_ZARR_SUFFIX if streamed else PROBABILITIES_SUFFIX
-        targets[output_folder / (stem + suffix)] = (height, width, number_classes)
-    return targets
-
-
-def outputs_complete(path, output_folder, loaded, config):
-    """True when every output of ``path`` exists complete (sharding.output_is_complete): opens, has
-    the image's shape, holds all its data. An unreadable input is never complete (it is then tried
-    and reported by name)."""
-    try:
-        source = open_image(path, loaded.input_channels)
-    except ImageError:
-        return False
-    source.close()
-    targets = expected_outputs(path, output_folder, source.shape, loaded.number_classes,
-                               config.save_probabilities)
-    return all(sharding.output_is_complete(target, shape) for target, shape in targets.items())
-
-
-def _open_shared_zarr(target, shape, dtype):
-    """The Zarr array at ``target`` that the parts of a banded image write into: created by the first
-    part to get there (built aside, then renamed: a rename onto an existing folder fails, so exactly
-    one part's array wins), then opened by all. Raises ImageError when an existing one does not fit."""
-    import zarr
-
-    if not target.exists():
-        temporary = image_io.scratch_path(target, "tmp")
-        shutil.rmtree(temporary, ignore_errors=True)
-        _create_zarr(temporary, shape, dtype)
-        try:
-            os.rename(temporary, target)
-        except OSError:  # another part created it first: use theirs
-            shutil.rmtree(temporary, ignore_errors=True)
-    try:
-        array = zarr.open_array(str(target), mode="r+")
-    except Exception as exc:
-        raise ImageError(f"{target}: exists but is not a Zarr array ({type(exc).__name__}: {exc}); "
-                         f"remove it and rerun the parts") from exc
-    if (tuple(array.shape), np.dtype(array.dtype), array.chunks[0]) != (tuple(shape), np.dtype(dtype),
-                                                                        ZARR_CHUNK):
-        raise ImageError(f"{target}: holds a {array.dtype} array of shape {tuple(array.shape)} (chunks "
-                         f"{array.chunks}), this image needs {np.dtype(dtype)} {tuple(shape)} in "
-                         f"{ZARR_CHUNK}-row chunks: it is from another run; remove it and rerun the parts")
-    return array
 
 
 def _segment_band(path, output_folder, loaded, forward, tile_size, device, config):
@@ -880,14 +278,14 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
     """
     index, count = config.part
     first = loaded[0]
-    source = open_image(path, first.input_channels)
+    source = image_io.open_image(path, first.input_channels)
     try:
         height, width, channels = source.shape
-        stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
-        lo, hi = sharding.band_rows(height, index, count, ZARR_CHUNK)
+        stem = image_io.image_stem(path)
+        lo, hi = sharding.band_rows(height, index, count, writers.ZARR_CHUNK)
         targets = [output_folder / (stem + ".zarr")]
         if config.save_probabilities:
-            targets.append(output_folder / (stem + PROBABILITIES_ZARR_SUFFIX))
+            targets.append(output_folder / (stem + writers.PROBABILITIES_ZARR_SUFFIX))
         band = f"rows {lo}-{hi} of {height}x{width}x{channels} (band {index}/{count})"
         if config.skip_existing and sharding.band_marker(output_folder, stem, index, count).is_file():
             return targets, f"{band}: marked complete", True
@@ -895,35 +293,14 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
             sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
             return targets, f"{band}: empty band", False
         # Every part computes the whole image's statistics: normalisation must not depend on the band.
-        stats = image_statistics(source, path.name)
-
-        def labels_of(logits):
-            return np.argmax(logits, axis=-1).astype(label_dtype(first.number_classes))
-
-        outputs = [labels_of] + ([softmax] if config.save_probabilities else [])
-        try:
-            arrays = [_open_shared_zarr(targets[0], (height, width), label_dtype(first.number_classes))]
-            if config.save_probabilities:
-                arrays.append(_open_shared_zarr(targets[1], (height, width, first.number_classes),
-                                                np.float32))
-            blocks = [_blocks_from(lo) for _ in arrays]
-            with tf.device(device):
-                for _, _, results in predictor.iter_bands(
-                        forward, source, stats, first.name, tile_size, config.batch_size, config.tta,
-                        outputs=outputs, progress=Progress(path.name, width * (hi - lo)),
-                        options=first.options, rows=(lo, hi)):
-                    for array, rows, result in zip(arrays, blocks, results):
-                        for start, block in rows.add(result):
-                            array[start:start + len(block)] = block
-            for array, rows in zip(arrays, blocks):
-                for start, block in rows.flush():
-                    array[start:start + len(block)] = block
+        stats = image_io.image_statistics(source, path.name)
+        with _image_errors(path, tile_size, config), tf.device(device):
+            bands = predictor.iter_bands(
+                forward, source, stats, first.geometry, tile_size, config.batch_size, config.tta,
+                outputs=_outputs(first.number_classes, config.save_probabilities),
+                progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi))
+            writers.write_shared_band(bands, targets, (height, width), first.number_classes, start=lo)
             sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
-        except tf.errors.ResourceExhaustedError as exc:
-            raise ImageError(f"{path.name}: out of memory with {tile_size} px tiles in batches of "
-                             f"{config.batch_size}; use a smaller --tile_size or --batch_size") from exc
-        except OSError as exc:
-            raise ImageError(f"{path.name}: cannot write its output: {exc}") from exc
     finally:
         source.close()
     done = sharding.bands_done(output_folder, stem, count)
@@ -931,39 +308,18 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
     return targets, f"{band} -> shared Zarr ({state})", False
 
 
-def _blocks_from(start):
-    """RowBlocks of Zarr chunk height whose first block starts at image row ``start``."""
-    blocks = RowBlocks(ZARR_CHUNK)
-    blocks.start = start
-    return blocks
-
-
-def list_images(folder, extensions):
-    """Images of ``folder``: files with these extensions and (with "zarr") ``*.zarr`` folders, sorted,
-    hidden ones skipped; a ``.zarr`` folder given itself is one image."""
-    folder = pathlib.Path(folder)
-    if is_zarr_folder(folder):
-        return [folder]
-    found = image_io.list_files(folder, [e for e in extensions if e != "zarr"])
-    if "zarr" in extensions:
-        found += [p for p in folder.iterdir() if not p.name.startswith(".") and is_zarr_folder(p)]
-    return sorted(found)
-
-
 def resolve_tile_size(requested, loaded, batch_size, device):
     """Tile side to use: the requested one (validated), else predictor.default_tile_size for the
     free memory of ``device`` (its memory is asked for by the physical index, e.g. "/GPU:1")."""
-    name, options = loaded[0].name, loaded[0].options
+    geometry = loaded[0].geometry
     if requested is None:
-        return predictor.default_tile_size([m.model for m in loaded], name, batch_size, device=device,
-                                           options=options)
-    divisor, halo = predictor.size_divisor(name, options), predictor.halo_for(name, options)
-    smallest = predictor.smallest_tile(name, options)
-    if requested < smallest or requested % divisor:
+        return predictor.default_tile_size([m.model for m in loaded], geometry, batch_size, device=device)
+    halo = geometry.halo
+    if requested < geometry.smallest_tile or requested % geometry.size_divisor:
         raise InferenceError(
-            f"--tile_size {requested}: must be a multiple of {divisor} and at least {smallest} for "
-            f"{name} (a halo of {halo} px on each side covers its receptive field of "
-            f"{models.receptive_field(name, **options)} px); larger tiles are faster, e.g. {8 * halo}")
+            f"--tile_size {requested}: must be a multiple of {geometry.size_divisor} and at least "
+            f"{geometry.smallest_tile} for {geometry.name} (a halo of {halo} px on each side covers its "
+            f"receptive field of {geometry.receptive_field} px); larger tiles are faster, e.g. {8 * halo}")
     return requested
 
 
@@ -978,7 +334,7 @@ def _check_folders(config):
     if output_folder.resolve() == image_folder.resolve():
         raise InferenceError(f"--output_folder {output_folder} is the image folder: masks named "
                              f"<stem>.tif would overwrite the input TIFFs")
-    images = list_images(image_folder, config.image_extensions)
+    images = image_io.list_images(image_folder, config.image_extensions)
     if not images:
         raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
                              f"in {image_folder}")
@@ -1008,7 +364,7 @@ def run_inference(config):
 
     device = resolve_device(config.gpu)
     with tf.device(device):
-        loaded = load_models(config)
+        loaded = checkpoints.load_models(config.model, config.checkpoint_filepath)
     first = loaded[0]
     # resolve_device renumbers the chosen GPU as GPU:0; its free memory is that of --gpu.
     memory_device = f"/GPU:{config.gpu or 0}" if "GPU" in device else "/CPU:0"
@@ -1019,7 +375,7 @@ def run_inference(config):
         raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
     for action in image_io.remove_stale_scratch(output_folder):
         print(action)
-    halo = predictor.halo_for(first.name, first.options)
+    halo = first.geometry.halo
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
               f"{member.number_classes} classes out)")
@@ -1036,7 +392,7 @@ def run_inference(config):
     written, failed, owners, skipped, ranking = [], {}, {}, [], []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
-        stem = path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
+        stem = image_io.image_stem(path)
         tally = None  # the uncertainty of a whole-image run (a band of a shared image has none)
         try:
             if stem in owners:
@@ -1050,7 +406,9 @@ def run_inference(config):
                     skipped.append(path.name)
                     print(f"[{index}/{len(images)}] {path.name} {description}: skipped", flush=True)
                     continue
-            elif config.skip_existing and outputs_complete(path, output_folder, first, config):
+            elif config.skip_existing and writers.outputs_complete(
+                    path, output_folder, first.input_channels, first.number_classes,
+                    config.save_probabilities):
                 skipped.append(path.name)
                 print(f"[{index}/{len(images)}] {path.name}: complete outputs exist, skipped",
                       flush=True)
@@ -1071,7 +429,7 @@ def run_inference(config):
         if tally is not None:
             ranking.append(tally.row(path.name))
         elapsed = time.perf_counter() - start_time
-        eta = (f", folder ETA {_duration(elapsed / index * (len(images) - index))}"
+        eta = (f", folder ETA {progress.format_clock(elapsed / index * (len(images) - index))}"
                if len(images) - index > 1 else "")
         print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
@@ -1098,12 +456,12 @@ def _side(pixels):
 
 
 def build_parser():
-    halos = {name: predictor.halo_for(name) for name in models.MODEL_NAMES}
+    halos = {name: models.geometry(name).halo for name in models.MODEL_NAMES}
     parser = argparse.ArgumentParser(
         description="Segment every image of a folder (any size, also larger than memory) with a "
                     "trained model or an ensemble; writes <stem>.tif class masks (uint8, uint16 above "
                     "256 classes) of the same size into the output folder (tiled compressed BigTIFF "
-                    f"above {_side(STREAM_PIXELS)} px; <stem>.zarr for Zarr input). Exit "
+                    f"above {_side(writers.STREAM_PIXELS)} px; <stem>.zarr for Zarr input). Exit "
                     "code 1: some image failed; 2: the run could not start; 143 / 130: stopped by "
                     "SIGTERM / SIGINT (the interrupted image's partial output removed).")
     source = parser.add_mutually_exclusive_group(required=True)
@@ -1136,7 +494,7 @@ def build_parser():
     parser.add_argument("--save_probabilities", action="store_true",
                         help="also write the float32 H x W x classes softmax maps: "
                         "<stem>_probabilities.npy (numpy.load) for images up to "
-                        f"{_side(STREAM_PIXELS)} px, else and for Zarr input "
+                        f"{_side(writers.STREAM_PIXELS)} px, else and for Zarr input "
                         "<stem>_probabilities.zarr (zarr.open), written band by band")
     parser.add_argument("--part", default=None, metavar="I/N",
                         help="segment only part I of N (I from 0 to N-1) of the folder's images, "
@@ -1152,9 +510,9 @@ def build_parser():
                         help="skip images whose outputs exist complete (open, right shape, all data); "
                         "a missing or truncated output is redone, so a failed or preempted run "
                         "just reruns")
-    parser.add_argument("--image_extensions", default=",".join(DEFAULT_EXTENSIONS),
+    parser.add_argument("--image_extensions", default=",".join(image_io.IMAGE_EXTENSIONS),
                         help="file extensions to process, separated by commas or spaces, "
-                        f"case-insensitive (default {','.join(DEFAULT_EXTENSIONS)}; zarr: *.zarr "
+                        f"case-insensitive (default {','.join(image_io.IMAGE_EXTENSIONS)}; zarr: *.zarr "
                         "folders)")
     parser.add_argument("--uncertainty_csv", default=None, metavar="PATH",
                         help="also write PATH: one row per image, most uncertain first (mean softmax "

@@ -3,9 +3,10 @@
 Shared by ``inference.py`` (masks of new images) and the trainer's test pass (metrics of whole test
 images), so the test metrics are those of the masks inference writes.
 
+    geometry = models.geometry("unet", **options)       # size divisor, halo, smallest tile
     forward = make_predictor(model)                     # or make_predictor([model_a, model_b])
-    tile = default_tile_size(model, "unet")             # from the memory this process may use
-    logits = predict_image(forward, image, stats, "unet", tile)   # float32 H x W x K
+    tile = default_tile_size(model, geometry)           # from the memory this process may use
+    logits = predict_image(forward, image, stats, geometry, tile)   # float32 H x W x K
 
 How a whole image is predicted exactly by tiles:
   - the raw image (H x W x C, stored dtype) is normalised with its source image's statistics
@@ -29,7 +30,6 @@ import subprocess
 
 import numpy as np
 
-import models
 import normalization
 import tiling
 
@@ -50,31 +50,8 @@ FALLBACK_GPU_BYTES = 2 * 1024 ** 3
 # Geometry: halo, canvas, tiles
 # ----------------------------------------------------------------------------------------------
 
-# Every function below that takes a model name also takes ``options``: the network's shape options
-# as training-config keys (e.g. {"unet_depth": 3}; None = the registry defaults), because depth
-# changes the size divisor and the receptive field.
-
-def size_divisor(name, options=None):
-    """H and W of the network input must be multiples of this (models.size_divisor)."""
-    return models.size_divisor(name, **(options or {}))
-
-
-def halo_for(name, options=None):
-    """Context dropped on each inner side of a tile, in pixels.
-
-    An output pixel depends on a receptive_field(name) wide input range that can sit off-centre by up
-    to one pooling period (models.receptive_field), so half of it plus the size divisor is enough;
-    rounding up to the divisor keeps tile origins on the network's pooling grid, without which tiles
-    would not reproduce the whole-image result.
-    """
-    divisor = size_divisor(name, options)
-    return math.ceil((models.receptive_field(name, **(options or {})) // 2 + divisor) / divisor) * divisor
-
-
-def smallest_tile(name, options=None):
-    """Smallest tile side that keeps a centre: two halos plus one pooling period."""
-    return 2 * halo_for(name, options) + size_divisor(name, options)
-
+# Every function below that needs the network's size divisor or halo takes its models.Geometry,
+# computed once by the caller from the model name and shape options (models.geometry).
 
 def plan_tiles(length, tile, halo):
     """Tiles along one axis of a padded canvas.
@@ -217,10 +194,10 @@ def default_memory_device():
     return "/GPU:" + gpus[0].name.rsplit(":", 1)[-1] if gpus else "/CPU:0"
 
 
-def default_tile_size(model, model_name, batch_size=1, memory_bytes=None, device="/CPU:0", options=None):
+def default_tile_size(model, geometry, batch_size=1, memory_bytes=None, device="/CPU:0"):
     """The default (largest) tile side for ``model``: the biggest multiple of the size divisor whose
     batch of ``batch_size`` tiles needs at most MEMORY_FRACTION of ``memory_bytes`` (default: the
-    free memory of ``device``) for activations, between smallest_tile and MAX_DEFAULT_TILE.
+    free memory of ``device``) for activations, between geometry.smallest_tile and MAX_DEFAULT_TILE.
 
     ``model`` may be a list (an ensemble runs its members one after the other: the largest counts).
     Inference and the trainer's test pass both use this rule, and tiling never changes the result,
@@ -230,10 +207,9 @@ def default_tile_size(model, model_name, batch_size=1, memory_bytes=None, device
     per_pixel = max(activation_bytes_per_pixel(m) for m in members)
     if memory_bytes is None:
         memory_bytes = available_memory_bytes(device)
-    divisor = size_divisor(model_name, options)
     side = math.isqrt(int(MEMORY_FRACTION * memory_bytes / (batch_size * per_pixel)))
-    side -= side % divisor
-    return int(min(MAX_DEFAULT_TILE, max(smallest_tile(model_name, options), side)))
+    side -= side % geometry.size_divisor
+    return int(min(MAX_DEFAULT_TILE, max(geometry.smallest_tile, side)))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -310,14 +286,14 @@ def tta_forward(forward, batch):
 # Tiled prediction
 # ----------------------------------------------------------------------------------------------
 
-def tile_grid(height, width, model_name, tile_size, halo=None, options=None):
+def tile_grid(height, width, geometry, tile_size, halo=None):
     """The tiles of an H x W image: (rows, cols, tile_h, tile_w, top, left) where rows / cols are
     plan_tiles lists on the canvas and (top, left) is where the image sits in it."""
-    divisor = size_divisor(model_name, options)
-    halo = halo_for(model_name, options) if halo is None else halo
+    divisor = geometry.size_divisor
+    halo = geometry.halo if halo is None else halo
     if tile_size < 2 * halo + divisor or tile_size % divisor:
         raise ValueError(f"tile size {tile_size}: must be a multiple of {divisor} and at least "
-                         f"{2 * halo + divisor} for {model_name} (a halo of {halo} px per side)")
+                         f"{2 * halo + divisor} for {geometry.name} (a halo of {halo} px per side)")
     canvas_h, canvas_w, top, left = canvas_shape(height, width, divisor)
     tile_h = fit_tile(canvas_h, tile_size, halo, divisor)
     tile_w = fit_tile(canvas_w, tile_size, halo, divisor)
@@ -325,13 +301,13 @@ def tile_grid(height, width, model_name, tile_size, halo=None, options=None):
             min(tile_h, canvas_h), min(tile_w, canvas_w), top, left)
 
 
-def count_tiles(height, width, model_name, tile_size, halo=None, options=None):
-    rows, cols, *_ = tile_grid(height, width, model_name, tile_size, halo, options)
+def count_tiles(height, width, geometry, tile_size, halo=None):
+    rows, cols, *_ = tile_grid(height, width, geometry, tile_size, halo)
     return len(rows) * len(cols)
 
 
-def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=False, halo=None,
-               outputs=None, progress=None, options=None, rows=None):
+def iter_bands(forward, image, stats, geometry, tile_size, batch_size=1, tta=False, halo=None,
+               outputs=None, progress=None, rows=None):
     """Predict ``image`` one row of tiles at a time.
 
     Args:
@@ -340,15 +316,14 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
         ``shape`` (H, W, C) whose ``image[r0:r1]`` gives rows r0..r1 as an (r1-r0) x W x C array
         (a lazy reader); only the rows of one band of tiles are read at a time.
       stats: normalization.ChannelStatistics of the whole source image.
-      model_name: gives the size divisor and the halo.
-      tile_size: largest tile side (a multiple of the divisor, at least smallest_tile).
+      geometry: the network's models.Geometry (size divisor, halo).
+      tile_size: largest tile side (a multiple of the divisor, at least geometry.smallest_tile).
       batch_size: tiles per network call.
       tta: average the softmax over the 8 flips / quarter turns (then logits = log mean softmax).
-      halo: override of halo_for(model_name) (tests show that too small a halo leaves seams).
+      halo: override of geometry.halo (tests show that too small a halo leaves seams).
       outputs: functions mapping a tile's kept float32 logits (h x w x K) to the arrays to keep
         (e.g. argmax class ids); default: the logits themselves.
       progress: called as progress(tiles_done, tiles_total) after every network call.
-      options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
       rows: (lo, hi) to produce only image rows lo..hi (a row band of one huge image shared by
         several processes): the tile plan stays that of the whole image and only the tile rows
         whose kept rows meet [lo, hi) run, so the band equals those rows of the whole result.
@@ -358,9 +333,8 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
     """
     height, width = image.shape[:2]
     outputs = outputs or [lambda logits: logits]
-    halo = halo_for(model_name, options) if halo is None else halo
-    rows_plan, cols, tile_h, tile_w, top, left = tile_grid(height, width, model_name, tile_size, halo,
-                                                           options)
+    halo = geometry.halo if halo is None else halo
+    rows_plan, cols, tile_h, tile_w, top, left = tile_grid(height, width, geometry, tile_size, halo)
     wanted = (0, height) if rows is None else rows
     rows = [row for row in rows_plan
             if min(row[2], top + height) - top > wanted[0] and max(row[1], top) - top < wanted[1]]
@@ -403,28 +377,26 @@ def iter_bands(forward, image, stats, model_name, tile_size, batch_size=1, tta=F
             yield lo, hi, [band[lo - out_lo:hi - out_lo] for band in bands]
 
 
-def predict_image(forward, image, stats, model_name, tile_size, batch_size=1, tta=False, halo=None,
-                  progress=None, options=None):
+def predict_image(forward, image, stats, geometry, tile_size, batch_size=1, tta=False, halo=None,
+                  progress=None):
     """Logits of one whole image, exactly as inference.py computes them.
 
     Args:
       forward: make_predictor(model) (or of a list of models: an ensemble).
       image: raw H x W x C (or H x W) image in its stored dtype, numpy or a lazy row reader.
       stats: normalization.ChannelStatistics of the whole source image.
-      model_name: "unet" / "segnet" (size divisor and halo).
-      tile_size: largest tile side; default_tile_size(model, model_name) gives inference's default.
+      geometry: the network's models.Geometry (size divisor and halo).
+      tile_size: largest tile side; default_tile_size(model, geometry) gives inference's default.
       batch_size: tiles per network call.
       tta: average the softmax over the 8 flips / quarter turns.
-      options: the network's shape options (config keys, e.g. unet_depth); None = defaults.
     Returns:
       float32 H x W x K logits (with tta or an ensemble: the log of the averaged softmax).
     """
     if getattr(image, "ndim", 3) == 2:
         image = np.asarray(image)[:, :, np.newaxis]
     out = None
-    for row_lo, row_hi, (band,) in iter_bands(forward, image, stats, model_name, tile_size,
-                                              batch_size, tta, halo, progress=progress,
-                                              options=options):
+    for row_lo, row_hi, (band,) in iter_bands(forward, image, stats, geometry, tile_size,
+                                              batch_size, tta, halo, progress=progress):
         if out is None:
             out = np.empty((image.shape[0], image.shape[1], band.shape[-1]), np.float32)
         out[row_lo:row_hi] = band

@@ -4,6 +4,9 @@
     line.update(done, metric="test dice 0.812")   # prints when due (rate-limited)
     line.end_line()                                # before printing anything else on a terminal
 
+    # inference: "    a.tif: tile 40/96 (42%)  elapsed ...  1.2 tile/s  3.1 Mpx/s", nothing at the end
+    line = ProgressLine(96, unit="tile", label="    a.tif: ", per_unit={"Mpx": 2.6}, final=False)
+
 On a terminal the line is redrawn in place (carriage return, cleared to the end) at most twice a
 second; anywhere else (a Slurm log, a pipe, a file) each update is one plain line, at most one every
 ``interval`` seconds (30 by default), so a log gets a readable record instead of a carriage-return
@@ -35,10 +38,17 @@ class ProgressLine:
       stream: where to write (default sys.stdout); a terminal gets the in-place line.
       interval: minimum seconds between printed updates (default 0.5 on a terminal, 30 elsewhere).
       clock: a monotonic clock in seconds (tests pass a fake one).
+      label: text the line starts with (e.g. the name of the image being segmented).
+      per_unit: {name: amount per counted unit}: also print those rates, e.g. {"Mpx": 2.6} gives
+        "3.1 Mpx/s" for a tile of 2.6 megapixels.
+      final: print a line when ``total`` is reached; False: a short loop prints nothing, and the
+        end only closes an open terminal line (a caller that reports each item's end itself).
     """
 
-    def __init__(self, total, unit="step", stream=None, interval=None, clock=time.monotonic):
-        self.total, self.unit = total, unit
+    def __init__(self, total, unit="step", stream=None, interval=None, clock=time.monotonic, label="",
+                 per_unit=None, final=True):
+        self.total, self.unit, self.label, self.final = total, unit, label, final
+        self.per_unit = per_unit or {}
         self.stream = stream if stream is not None else sys.stdout
         isatty = getattr(self.stream, "isatty", None)
         self.tty = bool(isatty and isatty())
@@ -61,9 +71,10 @@ class ProgressLine:
             parts.append("remaining ?")
         if rate:
             parts.append(f"{rate:.3g} {self.unit}/s")
+            parts += [f"{rate * amount:.3g} {name}/s" for name, amount in self.per_unit.items()]
         if metric:
             parts.append(metric)
-        return "  ".join(parts)
+        return self.label + "  ".join(parts)
 
     def update(self, done, metric=None, force=False):
         """Record progress; print the line when ``interval`` has passed since the last one (or
@@ -75,6 +86,9 @@ class ProgressLine:
             self.start_time, self.start_done, self.last_print = now, done, now
             return False
         finished = self.total is not None and done >= self.total
+        if finished and not self.final and not force:
+            self.end_line()
+            return False
         if not (force or finished or now - self.last_print >= self.interval):
             return False
         self.last_print = now

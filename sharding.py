@@ -31,8 +31,6 @@ import image_io
 
 # Hidden per-band markers beside a banded output: ``.<stem>.band-<index>-of-<count>.done``.
 BAND_MARKER = ".{stem}.band-{index}-of-{count}.done"
-# inference.DEFAULT_EXTENSIONS (not imported: inference loads TensorFlow; a test keeps them equal).
-DEFAULT_EXTENSIONS = ("tif", "tiff", "png", "jpg", "jpeg", "zarr")
 # inference.py's line for an image that failed: "[3/10] FAILED name.tif: reason".
 FAILED_LINE = re.compile(r"^\[\d+/\d+\] FAILED (.+?): (.*)$")
 
@@ -207,24 +205,12 @@ def output_is_complete(path, shape):
 # The summary of a job array (launch_inference_sbatch.sh, written by the task that ends last)
 # ----------------------------------------------------------------------------------------------
 
-def list_inputs(image_folder, extensions=DEFAULT_EXTENSIONS):
-    """The images inference.py segments in ``image_folder`` (files and ``*.zarr`` folders, sorted)."""
-    folder = pathlib.Path(image_folder)
-    if folder.suffix.lower() == ".zarr":
-        return [folder]
-    found = image_io.list_files(folder, [e for e in extensions if e != "zarr"])
-    if "zarr" in extensions:
-        found += [p for p in folder.iterdir()
-                  if p.is_dir() and p.suffix.lower() == ".zarr" and not p.name.startswith(".")]
-    return sorted(found)
-
-
 def image_done(path, output_folder, parts, banded=False):
     """Whether the mask of ``path`` is complete in ``output_folder``: a final name appears only
     complete (written aside, then renamed); a ``banded`` image's shared ``<stem>.zarr`` when every
     one of the ``parts`` bands is marked complete."""
     output_folder = pathlib.Path(output_folder)
-    stem = path.name[:-len(".zarr")] if path.suffix.lower() == ".zarr" else path.stem
+    stem = image_io.image_stem(path)
     if banded:
         return len(bands_done(output_folder, stem, parts)) == parts
     return (output_folder / f"{stem}.tif").is_file() or (output_folder / f"{stem}.zarr").is_dir()
@@ -245,7 +231,7 @@ def summarize(image_folder, output_folder, run, parts):
     """The summary text of run ``run`` (N ``parts``) of launch_inference_sbatch.sh."""
     output_folder = pathlib.Path(output_folder)
     logs = output_folder / "logs"
-    images = list_inputs(image_folder)
+    images = image_io.list_images(image_folder)
     banded = len(images) == 1 and parts > 1  # as inference.py splits a single image into bands
     done = [p.name for p in images if image_done(p, output_folder, parts, banded)]
     missing = [p.name for p in images if p.name not in done]

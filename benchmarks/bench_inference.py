@@ -40,14 +40,17 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
+import inference  # noqa: E402
+import models  # noqa: E402
+import normalization  # noqa: E402
+import predictor  # noqa: E402
+
 BASE_FILTERS, CLASSES, LARGE_SIDE, LARGE_TILE, MEDIUM_SIDE, TTA_SIDE = 4, 2, 20000, 2048, 4096, 1024
 
 
 def save_model(folder, base_filters=BASE_FILTERS):
     """A random-weight UNet saved like a training output folder; returns the keras model."""
     import keras
-
-    import models
 
     keras.utils.set_random_seed(0)
     model = models.build_model("unet", CLASSES, input_channels=1, base_filters=base_filters)
@@ -122,8 +125,6 @@ def bench_large(work, model_folder):
 
 def run_folder(folder, output, model_folder, **flags):
     """run_inference on ``folder``; returns its log (stdout)."""
-    import inference
-
     buffer = io.StringIO()
     with contextlib.redirect_stdout(buffer):
         summary = inference.run_inference(inference.InferenceConfig(
@@ -137,9 +138,6 @@ def run_folder(folder, output, model_folder, **flags):
 def bench_medium(work, model_folder, model):
     """(b): inference Mpx/s, model.predict Mpx/s, their ratio, and the tile inference chose."""
     import tifffile
-
-    import normalization
-    import predictor
 
     folder = work / "medium"
     folder.mkdir()

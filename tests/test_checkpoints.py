@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import checkpoints
+import image_io
 import models
 from checkpoints import TrainState
-from errors import TrainingError
+from errors import InferenceError, TrainingError
 
 CONFIG = {"model": "unet", "number_classes": 2, "input_channels": 1, "base_filters": 2, "batch_norm": True}
 
@@ -88,10 +89,14 @@ def test_find_checkpoint_prefers_latest_or_best_and_falls_back_to_old_copies(tmp
     assert checkpoints.find_checkpoint(str(out)) == latest
     assert checkpoints.find_checkpoint(str(out), prefer="best") == best
     assert checkpoints.find_checkpoint(latest) == latest            # a checkpoint folder itself
-    # A kill between save_checkpoint's two renames leaves only .latest.old.
+    # A kill between save_checkpoint's two renames leaves only the ".old" scratch of latest
+    # (.latest.<host>-<pid>.old; .latest.old from versions before the scratch names).
+    for old in (image_io.scratch_path(latest, "old"), out / "checkpoints" / ".latest.old"):
+        (out / "checkpoints" / "latest").rename(old)
+        assert checkpoints.find_checkpoint(str(out)) == str(old)
+        assert checkpoints.find_checkpoint(latest) == str(old)
+        old.rename(out / "checkpoints" / "latest")
     (out / "checkpoints" / "latest").rename(out / "checkpoints" / ".latest.old")
-    assert checkpoints.find_checkpoint(str(out)) == str(out / "checkpoints" / ".latest.old")
-    assert checkpoints.find_checkpoint(latest) == str(out / "checkpoints" / ".latest.old")
     # Inference needs the weights only.
     (out / "checkpoints" / "best" / "state.json").unlink()
     assert checkpoints.find_checkpoint(str(out), prefer="best", required=("model.weights.h5",)) == best
@@ -116,14 +121,12 @@ def test_save_replaces_atomically_and_export_uses_best_and_names_the_model(tmp_p
 
 
 def test_inference_reads_the_model_name_not_the_layers(tmp_path):
-    import inference
-
     model = models.build_from_config(dict(CONFIG, model="segnet"))
     renamed = keras.Model(model.inputs, model.outputs, name="my_net")  # a SegNet under another name
     renamed.save(tmp_path / "model.keras")
-    with pytest.raises(inference.InferenceError, match=r"cannot tell which model .*model.keras is.*'my_net' is "
-                                                       r"not one of unet, segnet.*config.json"):
-        inference.load_model(inference.InferenceConfig("in", "out", model=str(tmp_path / "model.keras")))
+    with pytest.raises(InferenceError, match=r"cannot tell which model .*model.keras is.*'my_net' is "
+                                             r"not one of unet, segnet.*config.json"):
+        checkpoints.load_model(model=str(tmp_path / "model.keras"))
     model.save(tmp_path / "model.keras")  # the builder's own name says which model it is
-    loaded = inference.load_model(inference.InferenceConfig("in", "out", model=str(tmp_path / "model.keras")))
+    loaded = checkpoints.load_model(model=str(tmp_path / "model.keras"))
     assert loaded.name == "segnet"

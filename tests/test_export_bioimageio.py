@@ -13,7 +13,6 @@ import tensorflow as tf
 
 import export_bioimageio
 import models
-import predictor
 
 CLASSES = 2
 
@@ -81,7 +80,7 @@ def test_test_tensors_are_bcyx_and_equal_an_independent_recomputation(package):
     path, run, _ = package
     test_input = read_member(path, "test_input.npy")
     test_output = read_member(path, "test_output.npy")
-    minimum, step = export_bioimageio.size_rule("unet")
+    minimum, step = export_bioimageio.size_rule(models.geometry("unet"))
     assert test_input.dtype == np.float32 and test_output.dtype == np.float32
     assert test_input.shape == (1, 1, minimum, minimum) and minimum % step == 0
     assert test_output.shape == (1, CLASSES, minimum, minimum)
@@ -109,7 +108,7 @@ def test_rdf_declares_axes_halo_size_rule_preprocessing_and_weights(package):
     (image,), (output,) = rdf["inputs"], rdf["outputs"]
     assert [a["type"] for a in image["axes"]] == ["batch", "channel", "space", "space"]
     assert [a.get("id") for a in image["axes"][2:]] == ["y", "x"]
-    halo = predictor.halo_for("unet")
+    halo = models.geometry("unet").halo
     assert image["axes"][2]["size"] == {"min": 2 * halo + 16, "step": 16}
     assert all(a["halo"] == halo for a in output["axes"][2:])
     assert image["preprocessing"] == [{"id": "zero_mean_unit_variance",
@@ -196,8 +195,8 @@ def test_default_segnet_export_from_a_checkpoint_has_saved_model_weights_only(tm
         rdf = archive.read("rdf.yaml").decode()
     assert f'format_version: "{export_bioimageio.FORMAT_VERSION}"' in rdf
     assert "keras_v3" not in rdf and "tensorflow_saved_model_bundle:" in rdf
-    minimum, step = export_bioimageio.size_rule("segnet")
-    assert step == 32 and minimum == 2 * predictor.halo_for("segnet") + 32
+    minimum, step = export_bioimageio.size_rule(models.geometry("segnet"))
+    assert step == 32 and minimum == 2 * models.geometry("segnet").halo + 32
     assert read_member(output, "test_output.npy").shape == (1, CLASSES, minimum, minimum)
 
 
@@ -244,7 +243,7 @@ def test_bad_flags_exit_2_before_any_work(tmp_path, capsys):
 
 def test_sample_image_is_read_and_fitted_to_a_square_the_package_accepts(tmp_path):
     import tifffile
-    minimum, step = export_bioimageio.size_rule("unet")
+    minimum, step = export_bioimageio.size_rule(models.geometry("unet"))
     planar = np.arange(2 * 600 * 1000, dtype=np.uint16).reshape(2, 600, 1000)  # C x H x W TIFF
     tifffile.imwrite(tmp_path / "planar.tif", planar)
     image = export_bioimageio.read_sample(tmp_path / "planar.tif", channels=2)

@@ -45,3 +45,44 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         image_io.atomic_write(target, failing)
     assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["out.bin"]
+
+
+def _dead_pid():
+    """A pid of this host that no process has (the highest free one below the kernel's limit)."""
+    pid = 4_000_000
+    while image_io.process_running(pid):
+        pid -= 1
+    return pid
+
+
+def test_atomic_folder_swaps_only_a_complete_folder_and_cleans_a_killed_runs_scratch(tmp_path):
+    target = tmp_path / "out.zarr"
+    target.mkdir()
+    (target / "good").write_text("kept")
+    # A run killed between the two renames of a swap, and one killed while filling its scratch.
+    dead = image_io.scratch_path(target, "tmp").name.replace(f"-{os.getpid()}.", f"-{_dead_pid()}.")
+    (tmp_path / dead).mkdir()
+    with pytest.raises(OSError, match="disk full"):
+        with image_io.atomic_folder(target) as folder:
+            folder.mkdir()
+            (folder / "half").write_text("x")
+            raise OSError("disk full")
+    assert sorted(os.listdir(tmp_path)) == ["out.zarr"] and os.listdir(target) == ["good"]
+    with image_io.atomic_folder(target) as folder:
+        folder.mkdir()
+        (folder / "new").write_text("y")
+    assert sorted(os.listdir(tmp_path)) == ["out.zarr"] and os.listdir(target) == ["new"]
+    # replace=False: the first folder in place wins, the later one is dropped.
+    with image_io.atomic_folder(target, replace=False) as folder:
+        folder.mkdir()
+    assert os.listdir(target) == ["new"] and sorted(os.listdir(tmp_path)) == ["out.zarr"]
+
+
+def test_atomic_write_by_path_keeps_the_extension_and_moved_aside_finds_old_copies(tmp_path):
+    target = tmp_path / "model.keras"
+    seen = []
+    image_io.atomic_write(target, lambda path: (seen.append(path.name), path.write_text("m")), mode=None)
+    assert seen[0].endswith(".tmp.keras") and target.read_text() == "m"
+    old = image_io.scratch_path(target, "old")
+    old.write_text("previous")
+    assert image_io.moved_aside(target) == [old]

@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import tifffile
 
+import image_io
 import inference
 import models
 import normalization
 import predictor
+import writers
 from conftest import whole_image_logits
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -132,7 +134,7 @@ def test_more_than_256_classes_give_uint16_masks(tmp_path):
 
     labels = tifffile.imread(tmp_path / "out" / "a.tif")
     assert labels.dtype == np.uint16 and labels.shape == (32, 48)
-    assert inference.label_dtype(256) == np.uint8 and inference.label_dtype(257) == np.uint16
+    assert writers.label_dtype(256) == np.uint8 and writers.label_dtype(257) == np.uint16
 
 
 def test_checkpoint_filepath_rebuilds_the_model_from_config(tmp_path, unet_1ch):
@@ -162,7 +164,8 @@ def _in_memory_labels(model, image, tile_size, tta=False):
     """The mask of an in-memory image: whole array, in-memory statistics, the shared predictor."""
     image = image.reshape(image.shape[:2] + (-1,))
     logits = predictor.predict_image(predictor.make_predictor(model), image,
-                                     normalization.channel_statistics(image), "unet", tile_size, tta=tta)
+                                     normalization.channel_statistics(image), models.geometry("unet"),
+                                     tile_size, tta=tta)
     return np.argmax(logits, axis=-1), logits
 
 
@@ -183,16 +186,16 @@ def _write_zarr(path, image, ome):
 def test_image_statistics_stream_the_same_values_as_the_in_memory_function(tmp_path):
     image = np.random.default_rng(3).gamma(2.0, 300.0, (700, 650, 2)).astype(np.float32)
     tifffile.imwrite(tmp_path / "tiled.tif", image, tile=(128, 128), compression="zlib")
-    source = inference.open_image(tmp_path / "tiled.tif", 2)
+    source = image_io.open_image(tmp_path / "tiled.tif", 2)
     try:
         assert source.kind == "chunked TIFF" and source.shape == (700, 650, 2)
-        streamed = inference.image_statistics(source, "tiled.tif")
+        streamed = image_io.image_statistics(source, "tiled.tif")
     finally:
         source.close()
     expected = normalization.channel_statistics(image)
     np.testing.assert_allclose(streamed.mean, expected.mean, rtol=1e-12)
     np.testing.assert_allclose(streamed.std, expected.std, rtol=1e-12)
-    assert inference.image_statistics(image, "x") == streamed  # in memory: the same pass
+    assert image_io.image_statistics(image, "x") == streamed  # in memory: the same pass
 
 
 def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, unet_1ch, monkeypatch):
@@ -210,7 +213,7 @@ def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, une
     _write_zarr(images / "ome.zarr", image, ome=True)
     kinds = {}
     for name in ["contiguous.tif", "tiled.tif", "pyramid.ome.tif", "plain.zarr", "ome.zarr"]:
-        source = inference.open_image(images / name, 1)
+        source = image_io.open_image(images / name, 1)
         kinds[name] = source.kind
         np.testing.assert_array_equal(source[100:357][..., 0], image[100:357])
         source.close()
@@ -218,7 +221,7 @@ def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, une
     assert kinds["pyramid.ome.tif"] == "chunked TIFF" and kinds["ome.zarr"] == "Zarr"
 
     # Streamed writing for every image here (normally above 4096 x 4096 px).
-    monkeypatch.setattr(inference, "STREAM_PIXELS", 1000)
+    monkeypatch.setattr(writers, "STREAM_PIXELS", 1000)
     summary = inference.run_inference(inference.InferenceConfig(
         image_folder=str(images), output_folder=str(tmp_path / "out"), model=str(folder),
         tile_size=384, batch_size=4, save_probabilities=True))
@@ -306,7 +309,7 @@ def test_peak_memory_of_a_large_image_stays_bounded(tmp_path):
     print(f"peak RSS: 512 px image {small:.0f} MB, {side} px image {large:.0f} MB "
           f"(whole-image float logits alone: {whole_logits_mb:.0f} MB)")
     assert large - small < 300 < whole_logits_mb, (small, large)
-    assert side * side > inference.STREAM_PIXELS, "the large image must take the streamed path"
+    assert side * side > writers.STREAM_PIXELS, "the large image must take the streamed path"
     with tifffile.TiffFile(tmp_path / "out_large" / "big.tif") as tif:
         assert tif.pages[0].shape == (side, side) and tif.pages[0].is_tiled
         assert tif.pages[0].asarray().max() < classes
@@ -428,7 +431,7 @@ def test_existing_output_is_only_replaced_by_a_complete_file(tmp_path, unet_1ch,
         file.write(b"II*\x00 half a tiff")
         raise OSError("disk full")
 
-    monkeypatch.setattr(inference.tifffile, "imwrite", broken_imwrite)
+    monkeypatch.setattr(writers.tifffile, "imwrite", broken_imwrite)
     summary = inference.run_inference(config)
     assert summary.failed_count == 1 and "disk full" in summary.failed["a.tif"]
     assert (out / "a.tif").read_bytes() == b"previous result"

@@ -17,9 +17,11 @@ import pytest
 import tifffile
 
 import checkpoints
+import image_io
 import inference
 import models
 import trainer
+import writers
 from conftest import make_synthetic_db
 from test_inference import save_model_folder
 
@@ -106,7 +108,7 @@ def test_sigint_removes_zarr_scratch_folders_and_exits_130(tmp_path, unet_1ch, m
     def interrupted_bands(*args, **kwargs):
         # Ctrl-C arrives after the first band of b.zarr is written into the scratch folders.
         for count, band in enumerate(bands(*args, **kwargs)):
-            if count == 1 and kwargs["progress"].name == "b.zarr":
+            if count == 1 and args[1].name == "b.zarr":  # args[1]: the image source
                 os.kill(os.getpid(), signal.SIGINT)
             yield band
 
@@ -190,7 +192,7 @@ def test_a_read_error_during_the_streamed_write_leaves_no_output(tmp_path, unet_
     rng = np.random.default_rng(3)
     images = _images(tmp_path / "images", **{"a.tif": rng.integers(0, 900, (300, 200), dtype=np.uint16),
                                               "b.tif": rng.integers(0, 900, (60, 70), dtype=np.uint16)})
-    opened = inference.open_image
+    opened = image_io.open_image
 
     def damaged_open(path, channels):
         source = opened(path, channels)
@@ -198,8 +200,8 @@ def test_a_read_error_during_the_streamed_write_leaves_no_output(tmp_path, unet_
             source.array = _FailsAfter(source.array, reads=1)  # the statistics pass reads it once
         return source
 
-    monkeypatch.setattr(inference, "open_image", damaged_open)
-    monkeypatch.setattr(inference, "STREAM_PIXELS", 1000)
+    monkeypatch.setattr(image_io, "open_image", damaged_open)
+    monkeypatch.setattr(writers, "STREAM_PIXELS", 1000)
     summary = inference.run_inference(inference.InferenceConfig(
         image_folder=str(images), output_folder=str(tmp_path / "out"), model=str(folder), tile_size=288,
         save_probabilities=True))

@@ -4,6 +4,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
@@ -51,9 +53,27 @@ def test_cycle_finder_sees_a_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == [["a", "b", "c", "a"]]
 
 
+def _last_line_of_python(code):
+    """The last line a fresh interpreter prints running ``code`` in the repository root."""
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
 def test_importing_inference_does_not_load_the_trainer():
     code = ("import sys, inference, export_bioimageio; "
             "print(sorted(m for m in ('train_config', 'trainer', 'steps', 'imagereader') if m in sys.modules))")
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert _last_line_of_python(code) == "[]"
+
+
+@pytest.mark.parametrize("modules", ["models", "image_io, writers"])
+def test_the_registry_and_the_image_modules_import_without_tensorflow(modules):
+    # The registry imports a model's module (and TensorFlow) only when that model is asked for.
+    code = f"import sys, {modules}; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
+    assert _last_line_of_python(code) == "False False"
+
+
+def test_the_registry_imports_a_model_when_it_is_asked_for():
+    code = ("import sys, models; before = 'models.unet' in sys.modules; "
+            "print(before, models.geometry('unet').size_divisor, 'models.unet' in sys.modules)")
+    assert _last_line_of_python(code) == "False 16 True"

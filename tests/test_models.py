@@ -122,14 +122,15 @@ def test_save_and_load_keras_file_gives_identical_predictions(name, tmp_path):
     np.testing.assert_array_equal(loaded.predict(images, verbose=0), expected)
 
 
-def test_saved_segnet_loads_in_a_fresh_process_after_import_models(tmp_path):
-    # What inference.py relies on: the custom layers are found by their registered names, with no
-    # custom_objects and no training code.
+def test_saved_segnet_loads_in_a_fresh_process_after_register_layers(tmp_path):
+    # What inference.py relies on (checkpoints.load_trained): the custom layers are found by their
+    # registered names, with no custom_objects and no training code.
     model = models.build_model("segnet", 2, base_filters=2)
     images = _images((1, 32, 64, 1))
     model.save(tmp_path / "segnet.keras")
     np.save(tmp_path / "images.npy", images)
     script = ("import sys, keras, numpy as np, models\n"
+              "models.register_layers()\n"
               "folder = sys.argv[1]\n"
               "model = keras.saving.load_model(folder + '/segnet.keras')\n"
               "logits = model.predict(np.load(folder + '/images.npy'), verbose=0)\n"

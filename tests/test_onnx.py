@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import checkpoints
 import engines
 import inference
 import normalization
@@ -21,14 +22,13 @@ def members(tmp_path_factory):
     """Two tiny UNets loaded as inference loads them (their ONNX caches are made beside them)."""
     folder = tmp_path_factory.mktemp("onnx_models")
     paths = [save_tiny_unet(folder / f"m{seed}", seed=seed) for seed in (0, 1)]
-    config = inference.InferenceConfig(image_folder="", output_folder="", model=[str(p) for p in paths])
-    return inference.load_models(config)
+    return checkpoints.load_models(model=[str(p) for p in paths])
 
 
 def softmax_of(forward, image, members, tta):
     stats = normalization.channel_statistics(image)
     first = members[0]
-    logits = predictor.predict_image(forward, image, stats, first.name, 72, tta=tta, options=first.options)
+    logits = predictor.predict_image(forward, image, stats, first.geometry, 72, tta=tta)
     return inference.softmax(logits)
 
 
@@ -48,8 +48,7 @@ def test_the_export_is_cached_beside_the_model_and_remade_when_the_model_changes
     path, note = engines.cached_onnx(member)
     assert path == pathlib.Path(member.source).parent / "model.onnx" and note == f"cached {path}"  # made above
     copy = save_tiny_unet(tmp_path / "copy", seed=3)
-    config = inference.InferenceConfig(image_folder="", output_folder="", model=str(copy))
-    loaded = inference.load_models(config)[0]
+    loaded = checkpoints.load_models(model=str(copy))[0]
     assert engines.cached_onnx(loaded)[1].startswith("exported to ")
     assert engines.cached_onnx(loaded)[1].startswith("cached ")
     save_tiny_unet(tmp_path / "copy", seed=4)  # a retrained model under the same name

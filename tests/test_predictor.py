@@ -11,6 +11,8 @@ from conftest import whole_image_logits
 
 CLASSES = 3
 
+UNET = models.geometry("unet")  # the default UNet's size divisor, halo and smallest tile
+
 
 class RowReader:
     """A lazy image: rows are handed out on request and every request is recorded."""
@@ -40,7 +42,7 @@ def test_plan_tiles_covers_every_pixel_once_with_full_context(length, tile, halo
 
 def test_halo_covers_the_receptive_field():
     for name in models.MODEL_NAMES:
-        halo = predictor.halo_for(name)
+        halo = models.geometry(name).halo
         assert halo % models.SIZE_DIVISOR[name] == 0
         assert halo >= models.receptive_field(name) // 2 + models.SIZE_DIVISOR[name]
 
@@ -80,11 +82,12 @@ def test_tiled_logits_equal_whole_image_logits(name, channels, shape, tile):
     image = np.random.default_rng(channels).gamma(2.0, 300.0, size=shape + (channels,)).astype(np.float32)
     stats = normalization.channel_statistics(image)
 
-    whole = predictor.predict_image(forward, image, stats, name, tile_size=1024)
+    geometry = models.geometry(name)
+    whole = predictor.predict_image(forward, image, stats, geometry, tile_size=1024)
     lazy = RowReader(image)
-    tiled = predictor.predict_image(forward, lazy, stats, name, tile_size=tile, batch_size=3)
+    tiled = predictor.predict_image(forward, lazy, stats, geometry, tile_size=tile, batch_size=3)
 
-    assert predictor.count_tiles(*shape, name, 1024) == 1 and predictor.count_tiles(*shape, name, tile) > 4
+    assert predictor.count_tiles(*shape, geometry, 1024) == 1 and predictor.count_tiles(*shape, geometry, tile) > 4
     assert whole.shape == tiled.shape == shape + (CLASSES,) and tiled.dtype == np.float32
     np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
     np.testing.assert_allclose(whole, whole_image_logits(model, image, models.SIZE_DIVISOR[name]),
@@ -92,7 +95,7 @@ def test_tiled_logits_equal_whole_image_logits(name, channels, shape, tile):
     # The lazy image was read band by band, never whole.
     assert len(lazy.requests) > 1 and max(b - a for a, b in lazy.requests) <= tile
     # The same tiling with too small a halo leaves seams: the check above can fail.
-    seamed = predictor.predict_image(forward, image, stats, name, tile_size=tile, halo=32)
+    seamed = predictor.predict_image(forward, image, stats, geometry, tile_size=tile, halo=32)
     assert np.abs(seamed - whole).max() > 1e-3
 
 
@@ -103,9 +106,9 @@ def test_tiled_tta_equals_whole_image_tta_and_differs_from_plain():
     image = np.random.default_rng(4).gamma(2.0, 300.0, size=(300, 420, 1)).astype(np.float32)
     stats = normalization.channel_statistics(image)
 
-    whole = predictor.predict_image(forward, image, stats, "unet", tile_size=1024, tta=True)
-    tiled = predictor.predict_image(forward, image, stats, "unet", tile_size=288, batch_size=2, tta=True)
-    plain = predictor.predict_image(forward, image, stats, "unet", tile_size=1024)
+    whole = predictor.predict_image(forward, image, stats, UNET, tile_size=1024, tta=True)
+    tiled = predictor.predict_image(forward, image, stats, UNET, tile_size=288, batch_size=2, tta=True)
+    plain = predictor.predict_image(forward, image, stats, UNET, tile_size=1024)
 
     np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
     np.testing.assert_allclose(np.exp(whole).sum(axis=-1), 1.0, atol=1e-5)  # log-probabilities
@@ -143,8 +146,8 @@ def test_tta_of_an_equivariant_model_changes_nothing():
     stats = normalization.channel_statistics(image)
     forward = predictor.make_predictor(model)
 
-    plain = predictor.predict_image(forward, image, stats, "unet", tile_size=1024)
-    augmented = predictor.predict_image(forward, image, stats, "unet", tile_size=1024, tta=True)
+    plain = predictor.predict_image(forward, image, stats, UNET, tile_size=1024)
+    augmented = predictor.predict_image(forward, image, stats, UNET, tile_size=1024, tta=True)
 
     np.testing.assert_allclose(np.exp(augmented), predictor._softmax(plain), atol=1e-6)
     assert np.ptp(plain, axis=(0, 1)).max() > 0.1, "the toy model's output must vary over the image"
@@ -160,7 +163,7 @@ def test_ensemble_of_two_copies_equals_the_model_and_of_two_models_averages():
     stats = normalization.channel_statistics(image)
 
     def probabilities(forward):
-        return predictor._softmax(predictor.predict_image(forward, image, stats, "unet", 1024))
+        return predictor._softmax(predictor.predict_image(forward, image, stats, UNET, 1024))
 
     single = probabilities(predictor.make_predictor(first))
     np.testing.assert_allclose(probabilities(predictor.make_predictor([first, copy])), single, atol=1e-6)
@@ -177,32 +180,33 @@ def test_default_tile_size_follows_the_memory():
     assert 0 < per_pixel < predictor.activation_bytes_per_pixel(wide)
 
     gib = 1024 ** 3
-    tile = predictor.default_tile_size(small, "unet", memory_bytes=gib)
-    assert tile % 16 == 0 and predictor.smallest_tile("unet") <= tile <= predictor.MAX_DEFAULT_TILE
+    tile = predictor.default_tile_size(small, UNET, memory_bytes=gib)
+    assert tile % 16 == 0 and UNET.smallest_tile <= tile <= predictor.MAX_DEFAULT_TILE
     # The tile's activations fit the budget, and one divisor more would not (unless capped).
     assert tile ** 2 * per_pixel <= predictor.MEMORY_FRACTION * gib
     assert (tile + 16) ** 2 * per_pixel > predictor.MEMORY_FRACTION * gib or tile == predictor.MAX_DEFAULT_TILE
-    assert predictor.default_tile_size(wide, "unet", memory_bytes=gib) < tile
-    assert predictor.default_tile_size(small, "unet", batch_size=4, memory_bytes=gib) < tile
-    assert predictor.default_tile_size(small, "unet", memory_bytes=1024) == predictor.smallest_tile("unet")
-    assert predictor.default_tile_size([small, wide], "unet", memory_bytes=gib) == \
-        predictor.default_tile_size(wide, "unet", memory_bytes=gib)
+    assert predictor.default_tile_size(wide, UNET, memory_bytes=gib) < tile
+    assert predictor.default_tile_size(small, UNET, batch_size=4, memory_bytes=gib) < tile
+    assert predictor.default_tile_size(small, UNET, memory_bytes=1024) == UNET.smallest_tile
+    assert predictor.default_tile_size([small, wide], UNET, memory_bytes=gib) == \
+        predictor.default_tile_size(wide, UNET, memory_bytes=gib)
     assert predictor.available_memory_bytes() > 0
 
 
 def test_shallower_unet_tiles_on_its_own_divisor_and_halo():
     # --unet_depth 3 --upsampling bilinear: divisor 8 and a smaller halo; tiling must use them.
     options = {"unet_depth": 3, "upsampling": "bilinear"}
-    assert predictor.size_divisor("unet", options) == 8
-    assert predictor.halo_for("unet", options) < predictor.halo_for("unet")
+    geometry = models.geometry("unet", **options)
+    assert geometry.size_divisor == 8
+    assert geometry.halo < models.geometry("unet").halo
     keras.utils.set_random_seed(5)
     model = models.build_model("unet", CLASSES, input_channels=1, base_filters=2, **options)
     forward = predictor.make_predictor(model)
     image = np.random.default_rng(5).gamma(2.0, 300.0, size=(203, 310, 1)).astype(np.float32)
     stats = normalization.channel_statistics(image)
-    tile = predictor.smallest_tile("unet", options) + 8
-    whole = predictor.predict_image(forward, image, stats, "unet", tile_size=1024, options=options)
-    tiled = predictor.predict_image(forward, image, stats, "unet", tile_size=tile, options=options)
-    assert predictor.count_tiles(203, 310, "unet", tile, options=options) > 2
+    tile = geometry.smallest_tile + 8
+    whole = predictor.predict_image(forward, image, stats, geometry, tile_size=1024)
+    tiled = predictor.predict_image(forward, image, stats, geometry, tile_size=tile)
+    assert predictor.count_tiles(203, 310, geometry, tile) > 2
     np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
     np.testing.assert_allclose(whole, whole_image_logits(model, image, 8), atol=1e-5, rtol=0)

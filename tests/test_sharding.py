@@ -14,6 +14,7 @@ import zarr
 import inference
 import models
 import sharding
+import writers
 
 CLASSES = 3
 
@@ -179,7 +180,7 @@ def test_skip_existing_skips_complete_outputs_and_redoes_a_truncated_one(image_f
 
 def test_banded_image_equals_the_one_process_result_bit_for_bit(tiny_unet, tmp_path, monkeypatch):
     # Small chunks so a small image has several bands (the rule is the same at 512 rows).
-    monkeypatch.setattr(inference, "ZARR_CHUNK", 32)
+    monkeypatch.setattr(writers, "ZARR_CHUNK", 32)
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "slide.tif", random_image((150, 70), 7))
     whole = run(tmp_path / "in", tmp_path / "whole", tiny_unet, save_probabilities=True)

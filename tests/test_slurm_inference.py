@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
+import image_io
 import inference
 import sharding
 from test_sharding import random_image, run, save_tiny_unet
@@ -68,7 +69,8 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, settings, messag
 
 
 def test_summary_names_done_and_failed_images_with_the_logged_reason(tmp_path):
-    assert sharding.DEFAULT_EXTENSIONS == inference.DEFAULT_EXTENSIONS
+    # The summary lists the images inference segments by default.
+    assert inference.InferenceConfig("in", "out").image_extensions == image_io.IMAGE_EXTENSIONS
     images, out = tmp_path / "images", tmp_path / "out"
     (out / "logs").mkdir(parents=True)
     images.mkdir()
@@ -91,7 +93,7 @@ def test_summary_names_done_and_failed_images_with_the_logged_reason(tmp_path):
 def test_a_killed_process_leaves_no_partial_mask_under_its_final_name(tmp_path):
     model = save_tiny_unet(tmp_path / "model")
     (tmp_path / "images").mkdir()
-    side = 2112  # above inference.STREAM_PIXELS: the mask is streamed into its file tile by tile
+    side = 2112  # above writers.STREAM_PIXELS: the mask is streamed into its file tile by tile
     tifffile.imwrite(tmp_path / "images" / "big.tif", random_image((side, side), 0))
     out = tmp_path / "out"
     command = [sys.executable, str(ROOT / "inference.py"), "--model", str(model), "--image_folder",

@@ -314,9 +314,10 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
     # The logged test loss is exact: the mean cross-entropy (--loss ce) over every pixel of every
     # test image, recomputed here with the exported model.
     import keras
-    import models  # noqa: F401  registers the custom layers
+    import models
     import normalization
     import records
+    models.register_layers()
     model = keras.saving.load_model(tmp_path / "three" / "model.keras")
     env = records.open_database(str(dbs[3]))
     total, pixels = 0.0, 0
@@ -428,7 +429,8 @@ def test_end_to_end_on_nist_colonies(model, nist_dbs, tmp_path):
             "test/true_mask"} <= tags
 
     import keras
-    import models  # noqa: F401  registers the custom layers
+    import models
+    models.register_layers()
     exported = keras.saving.load_model(out / "model.keras")
     assert exported.predict(np.zeros((1, 64, 96, 1), np.float32), verbose=0).shape == (1, 64, 96, 2)
     assert str(out / "model.keras") in result.stdout

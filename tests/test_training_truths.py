@@ -151,7 +151,7 @@ def test_float16_test_pass_predicts_what_the_float32_export_predicts(float16_run
     import keras
 
     import evaluation
-    import models  # noqa: F401  (registers the layers model.keras needs)
+    import models
     import predictor
 
     summary, _, out_dir, predicted = float16_run
@@ -161,7 +161,7 @@ def test_float16_test_pass_predicts_what_the_float32_export_predicts(float16_run
     forward = predictor.make_predictor(exported)
     assert len(predicted) == 2  # the two test images, once each
     for image, stats, logits in predicted:
-        expected = predictor.predict_image(forward, image, stats, "unet", 64, options=options)
+        expected = predictor.predict_image(forward, image, stats, models.geometry("unet", **options), 64)
         # float16 logits differ from these by ~1e-3; the float32 pass only by rounding.
         np.testing.assert_allclose(predictor._softmax(logits), predictor._softmax(expected), rtol=0, atol=2e-6)
     # The logged test loss (early stopping and the best checkpoint use it) is the export's.
@@ -215,6 +215,7 @@ def test_test_pass_tile_comes_from_the_training_device_memory(wide_test_db, monk
     import tensorflow as tf
 
     import evaluation
+    import models
     import predictor
 
     model, options = _tiny_unet(), {"unet_depth": 2}
@@ -227,8 +228,8 @@ def test_test_pass_tile_comes_from_the_training_device_memory(wide_test_db, monk
     monkeypatch.setattr(predictor, "available_memory_bytes", fake_memory)
     evaluator = evaluation.Evaluator(model, "unet", wide_test_db, 2, "ce", options=options, device="/GPU:1")
     assert asked == ["/GPU:1"]
-    assert evaluator.tile_size == predictor.default_tile_size(model, "unet", memory_bytes=64 * 1024 ** 2,
-                                                              options=options)
+    assert evaluator.tile_size == predictor.default_tile_size(model, models.geometry("unet", **options),
+                                                              memory_bytes=64 * 1024 ** 2)
     assert evaluator.tile_size < predictor.MAX_DEFAULT_TILE  # what the host's RAM would have given
     # Without a device (the trainer's case), the one the pass runs on: the first visible GPU, by its
     # physical index (nvidia-smi's numbering; --gpus may have hidden GPU 0 and 1), else the CPU.
