@@ -32,6 +32,7 @@ import numpy as np
 
 import flags
 import normalization
+import predictor
 import records
 import steps
 
@@ -236,8 +237,6 @@ class PretextEvaluator:
     """
 
     def __init__(self, model, database, tile_size, task, shard_index=0, shard_count=1):
-        import predictor  # here, not at the top: it loads the models (TensorFlow), this module must not
-
         self.forward = predictor.make_predictor(model)
         crops = _test_crops(database, tile_size, task.settings.test_crops)[shard_index::shard_count]
         self.batches = []
