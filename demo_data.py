@@ -13,7 +13,10 @@ import os
 import sys
 
 import numpy as np
+import tifffile
 from scipy import ndimage
+
+import image_io
 
 BACKGROUND, COLONY, CELL = 0, 1, 2
 CLASS_NAMES = {BACKGROUND: "background", COLONY: "colony", CELL: "cell"}
@@ -120,10 +123,6 @@ def generate_pair(rng, size=256):
 
 def generate_demo_dataset(out_dir, num_images=48, size=256, seed=0):
     """Write out_dir/images/*.tif and out_dir/masks/*.tif; return (image_folder, mask_folder)."""
-    import tifffile
-
-    import image_io
-
     if num_images < 1 or size < 32:
         raise ValueError(f"need num_images >= 1 and size >= 32; got {num_images} and {size}")
     image_folder = os.path.join(out_dir, "images")
