@@ -80,6 +80,7 @@ class RunPlan:
     spent_s: float
     compile_s: float  # tracing the real train step, outside the training time
     export_s: float   # writing model.keras at the end
+    replanned_from: int = None  # the step count planned before the first test pass (see replan)
 
     @property
     def reserved_s(self):
@@ -103,7 +104,7 @@ class RunPlan:
 
     @classmethod
     def from_dict(cls, values):
-        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls)})
+        return cls(**{field.name: values[field.name] for field in dataclasses.fields(cls) if field.name in values})
 
 
 def plan_run(budget_s, spent_s, step_s, test_s, batch, compile_s=0.0, export_s=0.0, test_every=None,
@@ -145,6 +146,33 @@ def plan_run(budget_s, spent_s, step_s, test_s, batch, compile_s=0.0, export_s=0
     return RunPlan(budget_s=float(budget_s), steps=steps, test_every=every, test_passes=passes, batch=batch,
                    step_s=float(step_s), test_s=float(test_s), spent_s=float(spent_s), compile_s=float(compile_s),
                    export_s=float(export_s))
+
+
+def replan(run_plan, done_steps, left_s, step_s, test_s):
+    """The plan after the first test pass, from the speeds of the run itself.
+
+    Measuring before the run errs on the slow side (the first steps wait for the readers and warm
+    caches; the first test pass includes compiling it): a run on a quiet machine would end well
+    inside its budget. After the first pass the trainer knows its real step and test times, so the
+    steps still to come are fitted to ``left_s`` (from now to the planned end, the export excluded)
+    with the same safety share and the same test spacing. The result may also be shorter than the
+    first plan, on a machine that got busier.
+
+    Args:
+      done_steps: steps done (the first pass came after them); step_s, test_s: measured means (test_s
+        with its checkpoints).
+    Returns:
+      RunPlan with steps = done_steps + the steps that fit, step_s and test_s the measured ones, and
+      replanned_from the first plan's steps.
+    """
+    available = max(left_s, 0.0) * (1.0 - SAFETY_SHARE)
+    every = run_plan.test_every
+    more = int(available // (step_s + test_s / every))
+    while more > 0 and more * step_s + math.ceil(more / every) * test_s > available:
+        more -= 1
+    steps = done_steps + more
+    return dataclasses.replace(run_plan, steps=steps, test_passes=math.ceil(steps / every), step_s=float(step_s),
+                               test_s=float(test_s), replanned_from=run_plan.replanned_from or run_plan.steps)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -181,7 +181,8 @@ def train(config):
                                   metric_curves=task.metric_curves)
     run = Run(config, config_dict, strategy, info, model, optimizer, train_reader, run_outputs,
               steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
-              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task)
+              evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task,
+              run_plan=run_plan)
     try:
         with StopSignals() as stop, train_reader:
             stop_reason = run.loop(state, stop)
@@ -566,7 +567,8 @@ class Run:
     """One training run: the model, its steps, readers and outputs, and the loop over them."""
 
     def __init__(self, config, config_dict, strategy, info, model, optimizer, train_reader, outputs,
-                 steps_per_epoch, global_batch, last_checkpoint=None, evaluator=None, deadline=None, task=None):
+                 steps_per_epoch, global_batch, last_checkpoint=None, evaluator=None, deadline=None, task=None,
+                 run_plan=None):
         self.config, self.config_dict = config, config_dict
         self.task = task or SegmentationTask()
         self.strategy, self.info = strategy, info
@@ -581,6 +583,10 @@ class Run:
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
+        # A fresh planned run (it has a deadline) fits its length to its own speeds once, after its
+        # first test pass (see replan); step_seconds holds this process's step times until then.
+        self.run_plan = run_plan if deadline is not None else None
+        self.step_seconds = []
         # The whole run's progress with an ETA (chief only), and the last test pass's figure for it.
         self.progress = (progress.ProgressLine(config_dict["run_length"])
                          if info.is_chief and config_dict["run_length"] else None)
@@ -628,7 +634,10 @@ class Run:
             starvation_mark = starvation
             self.outputs.log_test(row, examples)
             self.print_test_line(state, row, improved, test_seconds)
+            checkpoint_start = time.perf_counter()
             self.checkpoint(state, best=improved)
+            if self.run_plan is not None and self.run_plan.replanned_from is None:
+                self.replan(state, test_seconds + time.perf_counter() - checkpoint_start)
             if state.epochs_without_improvement >= self.config.early_stopping:
                 return "early_stopping"
             if self.config.max_epochs and state.epoch >= self.config.max_epochs:
@@ -640,6 +649,31 @@ class Run:
 
     def out_of_time(self):
         return self.deadline is not None and time.perf_counter() >= self.deadline
+
+    def replan(self, state, test_s):
+        """Fit the run length to the speeds measured in the run so far (plan.replan), once, after the
+        first test pass: the schedule's end moves with it (the warm-up stays as it was), and
+        config.json records the new plan, which a resumed run keeps."""
+        # The first step of this process traces the train step (the plan reserved compile_s for it).
+        timed = self.step_seconds[1:]
+        if not timed:
+            return
+        end = self.deadline + self.run_plan.test_s  # the planned end, the export excluded
+        new = plan.replan(self.run_plan, state.step, end - time.perf_counter(), float(np.mean(timed)), test_s)
+        steps = max(new.steps, state.step, self.optimizer_settings.warmup_steps + 1)
+        new = dataclasses.replace(new, steps=steps)
+        self.run_plan, self.deadline = new, end - new.test_s
+        self.config = dataclasses.replace(self.config, max_steps=steps,
+                                          warmup_steps=self.optimizer_settings.warmup_steps)
+        self.optimizer_settings = optimizer_settings(self.config, self.steps_per_epoch)
+        self.config_dict.update(max_steps=steps, run_length=steps, warmup_steps=self.optimizer_settings.warmup_steps,
+                                plan=new.to_dict())
+        if self.progress is not None:
+            self.progress.total = steps
+        if self.info.is_chief:
+            checkpoints.write_json(os.path.join(self.config.output_dir, "config.json"), self.config_dict)
+            print(f"re-plan after the first test pass: {new.step_s:.3g} s/step and {new.test_s:.3g} s per test pass "
+                  f"measured in the run: {steps:,} steps instead of {new.replanned_from:,}", flush=True)
 
     def finished(self, state):
         """Whether --max_steps was reached and its test pass (the last one) done: passes come every
@@ -680,7 +714,10 @@ class Run:
         loss = float(self.train_step(distribute.distribute_batches(self.strategy, batches)))
         self.check_finite(loss, state.step + 1)
         state.step += 1
-        self.log_step(state.step, loss, time.perf_counter() - step_start, rate)
+        step_time = time.perf_counter() - step_start
+        if self.run_plan is not None and self.run_plan.replanned_from is None:
+            self.step_seconds.append(step_time)
+        self.log_step(state.step, loss, step_time, rate)
         if self.progress is not None:
             self.progress.update(state.step, metric=self.test_metric)
         return True

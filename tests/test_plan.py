@@ -81,6 +81,26 @@ def test_too_short_a_budget_is_refused_with_the_estimate():
     assert "at least 100: give --time_budget 2m or more" in message
 
 
+def test_the_replan_fits_the_rest_of_the_run_to_the_measured_speeds():
+    first = plan.plan_run(300, 10, 0.17, 1.84, 8, compile_s=3, export_s=5)
+    # Measured in the run: faster steps and passes than the first measurement; 200 s left.
+    again = plan.replan(first, first.test_every, 200.0, 0.1, 0.4)
+    more = again.steps - first.test_every
+    available = 200.0 * (1 - plan.SAFETY_SHARE)
+    assert more * 0.1 + math.ceil(more / first.test_every) * 0.4 <= available
+    assert (more + 1) * 0.1 + math.ceil((more + 1) / first.test_every) * 0.4 > available
+    assert again.steps > first.steps and again.test_every == first.test_every
+    assert (again.step_s, again.test_s, again.replanned_from) == (0.1, 0.4, first.steps)
+    assert again.test_passes == math.ceil(again.steps / first.test_every)
+    # A machine that got slower gets a shorter run; no time left: no more steps.
+    assert plan.replan(first, first.test_every, 200.0, 0.5, 2.0).steps < first.steps
+    assert plan.replan(first, 50, -3.0, 0.1, 0.4).steps == 50
+    # An old config.json (no replanned_from) still loads.
+    values = first.to_dict()
+    del values["replanned_from"]
+    assert plan.RunPlan.from_dict(values) == first
+
+
 def test_a_plan_survives_its_json_round_trip():
     run = plan.plan_run(2700, 60, 0.71, 9.3, 8, compile_s=20, export_s=10)
     assert plan.RunPlan.from_dict(json.loads(json.dumps(run.to_dict()))) == run
@@ -120,7 +140,7 @@ def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_pat
     assert elapsed <= budget
     config = json.loads((out / "config.json").read_text())
     planned = config["plan"]
-    assert f"plan: {planned['steps']:,} steps of batch 8 at" in stdout
+    assert f"plan: {planned['replanned_from']:,} steps of batch 8 at" in stdout
     chosen = config["self_configuration"]
     assert chosen["batch_size"]["value"] == config["batch_size"] == 8
     assert "self-configuration: --batch_size 8: 25% of" in stdout and "(the physical RAM)" in stdout
@@ -128,10 +148,14 @@ def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_pat
         "tile_size": {"value": 32, "reason": "given on the command line"},
         "unet_depth": {"value": 2, "reason": "given on the command line"},
         "base_filters": {"value": 2, "reason": "given on the command line"}}
-    assert planned["steps"] >= plan.MIN_STEPS and planned["budget_s"] == budget
+    assert planned["replanned_from"] >= plan.MIN_STEPS and planned["budget_s"] == budget
     # The schedule spans exactly the planned run: poly decay to 0 at its last step, 10% warm-up.
     assert (config["max_steps"], config["run_length"]) == (planned["steps"], planned["steps"])
-    assert config["lr_schedule"] == "poly" and config["warmup_steps"] == planned["steps"] // 10
+    # After the first test pass the run fitted its length to its own speeds (the warm-up of the first
+    # plan kept); config.json holds that plan.
+    assert f"re-plan after the first test pass:" in stdout and planned["replanned_from"] >= plan.MIN_STEPS
+    assert f"{planned['steps']:,} steps instead of {planned['replanned_from']:,}" in stdout
+    assert config["lr_schedule"] == "poly" and config["warmup_steps"] == planned["replanned_from"] // 10
     assert optim.learning_rate_at(planned["steps"], 1e-3, "poly", config["warmup_steps"], planned["steps"]) == 0
     state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
     assert state["step"] == planned["steps"] or "--time_budget ran out" in stdout
@@ -377,6 +401,8 @@ def test_too_slow_a_self_configured_width_is_halved_and_measured_again(dbs, tmp_
         return 0.0, 0.02 * config.base_filters ** 2, 5.0, 0.01
 
     monkeypatch.setattr(trainer, "measure_speed", mocked_speed)
+    # The run keeps the mocked plan: re-planning from its real (fast) steps would fill the 100 s.
+    monkeypatch.setattr(trainer.Run, "replan", lambda self, state, test_s: None)
     given = ["--batch_size", "2", "--tile_size", "32", "--unet_depth", "2", "--log_every_n_steps", "1000"]
     out = tmp_path / "run"
     code, stdout, err = train_here(capsys, [*dbs, *given, "--output_dir", out, "--time_budget", "100s"])
