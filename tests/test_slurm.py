@@ -278,12 +278,12 @@ def wait_for_job(slurm, job, timeout):
 @pytest.mark.slurm
 def test_time_limit_checkpoints_resubmits_and_resumes(slurm, nist_databases, tmp_path):
     # A 2-minute job whose batch shell gets SIGTERM 60 s before the limit, i.e. at most ~60 s in
-    # (Slurm may signal up to a minute early). The training asked for is longer: 70 epochs of about
-    # 1 s on an idle 2-core machine (2 s when busy) against the at most ~45 s left after start-up, so
-    # the trainer checkpoints, exits 143 and the job resubmits itself; the continuation gets a longer
-    # limit below and completes the run.
+    # (Slurm may signal up to a minute early). The training asked for is longer: 200 epochs of 0.3 s
+    # (this machine idle on a fast day: 70 epochs once took 22 s) to 2 s (busy) against the at most
+    # ~45 s left after start-up, so the trainer checkpoints, exits 143 and the job resubmits itself;
+    # the continuation gets a longer limit below and completes the run.
     # SBATCH_SIGNAL rather than --signal so that the continuation inherits it (see the script).
-    epochs, steps_per_epoch = 70, 20
+    epochs, steps_per_epoch = 200, 20
     settings = job_settings(tmp_path, nist_databases,
                             extra_train_args=f"--max_epochs {epochs} --early_stopping 1000",
                             TEST_EVERY_N_STEPS=str(steps_per_epoch), REQUEUE="1", SBATCH_SIGNAL="B:TERM@60")
@@ -297,8 +297,8 @@ def test_time_limit_checkpoints_resubmits_and_resumes(slurm, nist_databases, tmp
     assert match, log[-3000:]
     second = match.group(1)
     # The continuation repeats the first job's 2-minute limit; give it the time to finish here.
-    subprocess.run(["scontrol", "update", f"JobId={second}", "TimeLimit=10"], env=slurm, check=True)
-    state, second_code = wait_for_job(slurm, second, timeout=480)
+    subprocess.run(["scontrol", "update", f"JobId={second}", "TimeLimit=14"], env=slurm, check=True)
+    state, second_code = wait_for_job(slurm, second, timeout=780)
     log = (folder / "train.log").read_text()
     assert (state, second_code) == ("COMPLETED", 0), log[-4000:]
 
