@@ -2,8 +2,8 @@
 
     python demo.py [--output_dir demo_output] [--seed 0] [--quick]
 
-On the CPU, in under 5 minutes on two cores (87 s measured on 2026-12-03, 75 s of it training;
-286 s on a slower day; ``--quick``: well under a minute, for tests):
+On the CPU, in under 5 minutes on two cores (70-87 s measured on 2026-12-03, 59-75 s of it
+training; 286 s on a slower day; ``--quick``: well under a minute, for tests):
   1. generate_data: write 48 synthetic 256 x 256 uint16 images and their masks (0 background,
      1 colony, 2 cell) into OUTPUT/data (skipped when a complete set is already there).
   2. build_databases: turn them into OUTPUT/train-demo.lmdb and OUTPUT/test-demo.lmdb.
