@@ -23,21 +23,10 @@ import models
 import trainer
 import writers
 from conftest import make_synthetic_db
-from test_inference import save_model_folder
+# The saved 1- and 3-channel UNets of test_inference (module fixtures: built again for this module).
+from test_inference import save_model_folder, unet_1ch, unet_3ch  # noqa: F401
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def unet_1ch(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("unet_1ch")
-    return folder, save_model_folder(folder, input_channels=1)
-
-
-@pytest.fixture(scope="module")
-def unet_3ch(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("unet_3ch")
-    return folder, save_model_folder(folder, input_channels=3, seed=1)
 
 
 def _images(folder, **images):
