@@ -165,7 +165,7 @@ class CheckedPair:
     max_label: int
     statistics: normalization.ChannelStatistics  # of the whole source image, before any tiling
     class_counts: list  # annotated pixels per class id (index = id) of the whole source image
-    object_extents: dict = None  # class id -> bounding-box extents (px) of its objects (object_extents)
+    objects: dict = None  # class id -> [(extent, width) px] of its objects (measure_objects)
     unlabelled_pixels: int = 0  # pixels stored as records.IGNORE_LABEL (sparse annotations)
 
 
@@ -448,7 +448,7 @@ def check_pairs(pairs, progress=None, masks_255_to_1=False, first_axis_is_channe
             checked.append(CheckedPair(pair, image.shape, image.dtype, max_label,
                                        normalization.channel_statistics(image),
                                        np.bincount(annotated.ravel()).tolist() if labelled else [],
-                                       object_extents=object_extents(mask) if labelled else {},
+                                       objects=measure_objects(mask) if labelled else {},
                                        unlabelled_pixels=int(mask.size - annotated.size) if labelled else 0))
             if cached_bytes + image.nbytes + mask.nbytes <= CACHE_BUDGET_BYTES:
                 cache[pair.stem] = (image, mask)
@@ -530,33 +530,47 @@ def tiles_of(image, mask, tile_size, overlap=0):
 
 # ----------------------------------------------------------------------------- object sizes
 
-def object_extents(mask):
-    """{class id: [extent, ...]} of a whole source mask: for each foreground class (label >= 1),
-    the larger side in pixels of each of its objects' bounding boxes, an object being a connected
-    component (8-connectivity) of that label. Measured on source images, not tiles, which would cut
-    objects; train_*.py --time_budget sizes tiles and the UNet's depth from them (plan.py)."""
+def measure_objects(mask):
+    """{class id: [(extent, width), ...]} of a whole source mask: for each foreground class (label
+    >= 1) and each of its objects, a connected component (8-connectivity) of that label, the larger
+    side in pixels of its bounding box (extent) and the diameter of the largest disc inside it
+    (width: 2 x its largest distance to the background - 1, so a line n px wide measures about n;
+    at most the extent, since the image border is not background). A vessel tree is wide in extent
+    and thin in width; a nucleus is about as wide as it is long. Measured on source images, not
+    tiles, which would cut objects; train_*.py --time_budget sizes tiles and the UNet's depth from
+    them (plan.py)."""
     from scipy import ndimage
 
-    extents = {}
+    objects = {}
     for label in np.unique(mask):
         if label < 1:
             continue
-        components, _ = ndimage.label(mask == label, structure=np.ones((3, 3), dtype=bool))
-        extents[int(label)] = [max(box[0].stop - box[0].start, box[1].stop - box[1].start)
-                               for box in ndimage.find_objects(components) if box is not None]
-    return extents
+        inside = mask == label
+        components, count = ndimage.label(inside, structure=np.ones((3, 3), dtype=bool))
+        radii = ndimage.maximum(ndimage.distance_transform_edt(inside), components, np.arange(1, count + 1))
+        boxes = ndimage.find_objects(components)
+        extents = [max(box[0].stop - box[0].start, box[1].stop - box[1].start) for box in boxes]
+        objects[int(label)] = [(extent, int(min(round(2 * radius - 1), extent)))
+                               for extent, radius in zip(extents, np.atleast_1d(radii))]
+    return objects
 
 
 def object_sizes(items):
     """The metadata's "object_sizes" of a split: per foreground class id (a string, as JSON keys
-    are), the number of objects and the 95th percentile and maximum of their extents (px)."""
+    are), the number of objects and the 95th percentile and maximum of their extents and of their
+    widths (px; see measure_objects)."""
     by_class = {}
     for item in items:
-        for label, extents in (item.object_extents or {}).items():
-            by_class.setdefault(label, []).extend(extents)
-    return {str(label): {"objects": len(extents), "p95_extent_px": float(np.percentile(extents, 95)),
-                         "max_extent_px": int(max(extents))}
-            for label, extents in sorted(by_class.items()) if extents}
+        for label, measured in (item.objects or {}).items():
+            by_class.setdefault(label, []).extend(measured)
+    sizes = {}
+    for label, measured in sorted(by_class.items()):
+        if measured:
+            extents, widths = np.array(measured).T
+            sizes[str(label)] = {"objects": len(measured), "p95_extent_px": float(np.percentile(extents, 95)),
+                                 "max_extent_px": int(extents.max()), "p95_width_px": float(np.percentile(widths, 95)),
+                                 "max_width_px": int(widths.max())}
+    return sizes
 
 
 # ----------------------------------------------------------------------------- writing

@@ -192,6 +192,9 @@ LONG_CPU_BUDGET_S = 2 * 3600  # from here a CPU run can afford 16 base filters i
 # over two convolutions per level, encoder and decoder, each level having half the pixels x
 # twice the filters of the one above (a factor 2 summed over the levels): 4 x 6 x 2 x 2 x 2 ~ 100.
 ACTIVATION_BYTES = 100
+# The receptive field spans a thin structure's width this many times: the structure and about
+# 1.5 widths of context on each side (measured on drive_vessels_dev: docs/planning.md).
+CONTEXT_WIDTHS = 4
 
 
 def receptive_field(depth):
@@ -216,6 +219,31 @@ def largest_object(metadata):
     return max(extents) if extents else None
 
 
+def object_view(metadata):
+    """(pixels the UNet's receptive field must cover, why) from the object sizes, or (None, why).
+
+    Per class, the smaller of its objects' extent and CONTEXT_WIDTHS x their width (95th
+    percentiles); the largest over the classes. A nucleus is as wide as it is long: its extent.
+    A thin, long structure (a vessel tree, a membrane network) spans the image, but labelling one
+    of its pixels needs a view across the structure with context on each side, not of the whole
+    tree: its width, times CONTEXT_WIDTHS.
+    """
+    sizes = metadata.get("object_sizes")
+    entries = [(label, entry) for label, entry in (sizes or {}).items() if entry.get("objects")]
+    if not entries:
+        return None, ("no object sizes in the training database's metadata (built before build_lmdb.py "
+                      "measured them; rebuild it to have them)")
+    views = []
+    for label, entry in entries:
+        extent, width = entry["p95_extent_px"], entry.get("p95_width_px")
+        if width is not None and CONTEXT_WIDTHS * width < extent:
+            views.append((CONTEXT_WIDTHS * width, f"{CONTEXT_WIDTHS} x the width of class {label}'s thin objects "
+                                                   f"(95th percentile width {width:g} px, extent {extent:g} px)"))
+        else:
+            views.append((extent, f"the largest objects (class {label}, 95th percentile extent {extent:g} px)"))
+    return max(views)
+
+
 def choose_shape(metadata, model, device, size_divisor):
     """Tile size and (UNet) depth from the images and their objects.
 
@@ -229,17 +257,16 @@ def choose_shape(metadata, model, device, size_divisor):
     """
     choices = {}
     extent = largest_object(metadata)
+    view, view_why = object_view(metadata)
     smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
     if model == "unet":
-        if extent is None:
-            choices["unet_depth"] = (4, "no object sizes in the training database's metadata (built before "
-                                        "build_lmdb.py measured them; rebuild it to have them): the default")
+        if view is None:
+            choices["unet_depth"] = (4, view_why + ": the default")
         else:
-            depth = next((d for d in DEPTHS if receptive_field(d) >= extent), DEPTHS[-1])
+            depth = next((d for d in DEPTHS if receptive_field(d) >= view), DEPTHS[-1])
             choices["unet_depth"] = (depth, f"the smallest depth whose receptive field ({receptive_field(depth)} px) "
-                                            f"covers the largest objects (95th percentile extent {extent:g} px)"
-                                     if receptive_field(depth) >= extent else
-                                     f"the deepest offered: objects of {extent:g} px exceed every receptive field")
+                                            f"covers {view_why}" if receptive_field(depth) >= view else
+                                     f"the deepest offered: {view_why} exceed every receptive field")
     divisor = size_divisor(choices["unet_depth"][0] if "unet_depth" in choices else None)
     cap = TILE_MAX[device]
     floor = max(TILE_MIN, 4 * divisor)  # the bottleneck keeps at least 4 x 4 pixels

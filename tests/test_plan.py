@@ -314,6 +314,41 @@ def test_tile_and_depth_from_object_sizes(extent, device, depth, tile):
     assert f"95th percentile extent {extent:g} px" in choices["unet_depth"][1] or depth == 5
 
 
+def test_build_lmdb_measures_thin_structures_thin_and_border_objects_no_wider_than_long():
+    import numpy as np
+
+    import build_lmdb
+
+    mask = np.zeros((200, 200), np.uint8)
+    mask[100:104, 10:190] = 1    # a 4 px wide, 180 px long vessel ...
+    mask[20:190, 50:53] = 1      # ... crossed by a 3 px wide branch: one object 180 px long, 5 px
+                                 # wide where they cross (the largest disc fits in the crossing)
+    mask[:, 195:] = 2            # a 5 px band along the border measures as if it went on beyond the
+                                 # border (2 x 5 - 1 = 9 px), which is not background
+    mask[0:2, 150:152] = 2       # a 2 x 2 object
+    assert build_lmdb.measure_objects(mask) == {1: [(180, 5)], 2: [(2, 1), (200, 9)]}
+
+
+def test_depth_covers_a_thin_structure_s_width_with_context_not_its_extent():
+    # drive_vessels_dev's figures: the vessel tree spans the image (534 px), its vessels are at most
+    # ~15 px wide: 4 x 15 = 60 px -> depth 3 (RF 96), while the extent alone would ask for depth 5.
+    # The tile still comes from the extent (capped): one stretch of the tree with context per crop.
+    vessels = {"image_shapes": [[565, 584, 3]],
+               "object_sizes": {"1": {"objects": 62, "p95_extent_px": 534.0, "max_extent_px": 538,
+                                      "p95_width_px": 14.8, "max_width_px": 20}}}
+    choices = plan.choose_shape(vessels, "unet", "cpu", unet_divisor)
+    assert (choices["unet_depth"][0], choices["tile_size"][0]) == (3, 128)
+    assert "4 x the width of class 1's thin objects (95th percentile width 14.8 px" in choices["unet_depth"][1]
+    # Round objects (width about the extent) keep the extent rule; the largest view over the classes wins.
+    blobs = {"image_shapes": [[400, 400, 1]],
+             "object_sizes": {"1": {"objects": 62, "p95_extent_px": 534.0, "max_extent_px": 538,
+                                    "p95_width_px": 14.8, "max_width_px": 20},
+                              "2": {"objects": 40, "p95_extent_px": 150.0, "max_extent_px": 160,
+                                    "p95_width_px": 120.0, "max_width_px": 130}}}
+    choices = plan.choose_shape(blobs, "unet", "cpu", unet_divisor)
+    assert choices["unet_depth"][0] == 4 and "class 2, 95th percentile extent 150 px" in choices["unet_depth"][1]
+
+
 def test_a_database_without_object_sizes_falls_back_with_the_reason():
     metadata = {"image_shapes": [[256, 256, 1]]}
     choices = plan.choose_shape(metadata, "unet", "cpu", unet_divisor)
@@ -372,7 +407,9 @@ def test_build_lmdb_measures_object_sizes_per_class_on_whole_images(tmp_path):
     mask[30:33, 40:60] = 1       # class 1: 3 x 20 -> 20
     mask[50, 50] = mask[51, 51] = 1   # diagonal neighbours: one object (8-connectivity) -> 2
     mask[40:62, 0:30] = 2        # class 2: 22 x 30 -> 30
-    assert build_lmdb.object_extents(mask) == {1: [10, 20, 2], 2: [30]}
+    # (extent, width): width is the largest inscribed disc's diameter, 2 x distance - 1 (an even
+    # width measures one less: the 22 px band's centre is 11 px from the background).
+    assert build_lmdb.measure_objects(mask) == {1: [(10, 5), (20, 3), (2, 1)], 2: [(30, 21)]}
 
     for folder in ("images", "masks"):
         (tmp_path / folder).mkdir()
@@ -386,8 +423,9 @@ def test_build_lmdb_measures_object_sizes_per_class_on_whole_images(tmp_path):
     result = build_lmdb.build_databases(config)
     metadata = records.read_metadata(result.paths["train"])
     assert metadata["object_sizes"] == {
-        "1": {"objects": 6, "p95_extent_px": float(np.percentile([10, 20, 2] * 2, 95)), "max_extent_px": 20},
-        "2": {"objects": 2, "p95_extent_px": 30.0, "max_extent_px": 30}}
+        "1": {"objects": 6, "p95_extent_px": float(np.percentile([10, 20, 2] * 2, 95)), "max_extent_px": 20,
+              "p95_width_px": float(np.percentile([5, 3, 1] * 2, 95)), "max_width_px": 5},
+        "2": {"objects": 2, "p95_extent_px": 30.0, "max_extent_px": 30, "p95_width_px": 21.0, "max_width_px": 21}}
     assert plan.largest_object(metadata) == 30.0
 
 
