@@ -354,6 +354,12 @@ def run_inference(config):
     image_folder, output_folder, images = _check_folders(config)
     if config.uncertainty_csv and not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
         raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
+    if config.uncertainty_csv:
+        try:  # refuse a file that is not a ranking now, not after segmenting the folder
+            uncertainty.read_ranking(config.uncertainty_csv)
+        except uncertainty.RankingError as exc:
+            raise InferenceError(str(exc)) from exc
+    folder_images = [path.name for path in images]  # an uncertainty ranking keeps rows of these only
     banded = config.part is not None and config.part[1] > 1 and len(images) == 1
     if config.part is not None and not banded:
         images, part_pixels, all_pixels = sharding.select_part(images, *config.part)
@@ -435,8 +441,12 @@ def run_inference(config):
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
     if config.uncertainty_csv:
-        uncertainty.write_ranking(config.uncertainty_csv, ranking)
-        print(f"uncertainty: {len(ranking)} image(s) ranked, most uncertain first, in {config.uncertainty_csv}")
+        try:
+            ranked = uncertainty.write_ranking(config.uncertainty_csv, ranking, keep=folder_images)
+        except uncertainty.RankingError as exc:
+            raise InferenceError(str(exc)) from exc
+        print(f"uncertainty: {len(ranked)} image(s) ranked ({len(ranking)} segmented in this run), most "
+              f"uncertain first, in {config.uncertainty_csv}")
     summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time,
                                skipped=skipped)
     print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "

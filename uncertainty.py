@@ -10,8 +10,10 @@ ensemble or TTA softmax is used when inference.py averages one.
     uncertain_share   the share of its pixels whose normalised entropy exceeds UNCERTAIN_ENTROPY
 """
 import csv
+import fcntl
 import io
 import math
+import os
 
 import numpy as np
 
@@ -50,15 +52,59 @@ class ImageUncertainty:
                 "uncertain_share": self.uncertain / max(self.pixels, 1), "pixels": self.pixels}
 
 
-def write_ranking(path, rows):
+class RankingError(ValueError):
+    """An existing --uncertainty_csv that is not a ranking: it is left as it is."""
+
+
+def write_ranking(path, rows, keep=()):
     """Write ``rows`` (ImageUncertainty.row dicts) to the CSV ``path`` atomically, most uncertain
-    first (by mean_entropy, then uncertain_share, then name), with a 1-based rank column."""
-    ranked = sorted(rows, key=lambda r: (-r["mean_entropy"], -r["uncertain_share"], r["image"]))
-    text = io.StringIO()
-    writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    for rank, row in enumerate(ranked, start=1):
-        writer.writerow({"rank": rank, "image": row["image"], "mean_entropy": f"{row['mean_entropy']:.6f}",
-                         "uncertain_share": f"{row['uncertain_share']:.6f}", "pixels": row["pixels"]})
-    image_io.atomic_write(path, lambda f: f.write(text.getvalue()), mode="w")
+    first (by mean_entropy, then uncertain_share, then name), with a 1-based rank column.
+
+    Rows already in ``path`` for images named in ``keep`` and not in ``rows`` are kept: the parts
+    of a sharded run (inference.py --part I/N, one process each, at the same time or one after the
+    other) and a rerun with --skip_existing each add their images to one ranking, while rows of
+    images no longer in the folder go. A lock file beside ``path`` (".NAME.lock") serialises the
+    read-merge-write of concurrent parts. Returns the ranked rows written.
+
+    Raises:
+      RankingError when ``path`` exists but is not such a ranking (it is not overwritten).
+    """
+    path = os.fspath(path)
+    folder, name = os.path.split(os.path.abspath(path))
+    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        new = {row["image"] for row in rows}
+        merged = list(rows) + [row for row in read_ranking(path) if row["image"] in set(keep) - new]
+        ranked = sorted(merged, key=lambda r: (-r["mean_entropy"], -r["uncertain_share"], r["image"]))
+        text = io.StringIO()
+        writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        for rank, row in enumerate(ranked, start=1):
+            writer.writerow({"rank": rank, "image": row["image"], "mean_entropy": f"{row['mean_entropy']:.6f}",
+                             "uncertain_share": f"{row['uncertain_share']:.6f}", "pixels": row["pixels"]})
+        image_io.atomic_write(path, lambda f: f.write(text.getvalue()), mode="w")
     return ranked
+
+
+def read_ranking(path):
+    """The rows of an existing ranking CSV (none when ``path`` does not exist or is empty)."""
+    problem = f"--uncertainty_csv {path}: exists and is not a ranking written by inference.py"
+    try:
+        with open(path, newline="") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RankingError(f"{problem} ({exc}); it was left as it is: choose another path") from exc
+    if not text:
+        return []
+    if text.splitlines()[0] != ",".join(COLUMNS):
+        raise RankingError(f"{problem} (its first line is not {','.join(COLUMNS)}); it was left as it is: "
+                           "choose another path")
+    try:
+        return [{"image": r["image"], "mean_entropy": float(r["mean_entropy"]),
+                 "uncertain_share": float(r["uncertain_share"]), "pixels": int(r["pixels"])}
+                for r in csv.DictReader(io.StringIO(text))]
+    except (TypeError, ValueError, csv.Error) as exc:
+        raise RankingError(f"{problem} (a row does not parse: {exc}); it was left as it is: "
+                           "choose another path") from exc

@@ -224,3 +224,50 @@ def test_bad_part_flag_exits_2_before_anything_is_written(tiny_unet, image_folde
     config = inference.config_from_args(args)
     assert (config.part, config.skip_existing) == ((1, 3), True)
     assert os.path.basename(config.model) == "m"
+
+
+def test_parts_and_reruns_add_to_one_uncertainty_ranking(image_folder, tiny_unet, one_process, tmp_path):
+    ranking = tmp_path / "ranking.csv"
+    outputs = tmp_path / "out"
+    for index in range(2):
+        run(image_folder, outputs, tiny_unet, part=(index, 2), uncertainty_csv=str(ranking))
+    rows = ranking.read_text().splitlines()
+    assert rows[0] == "rank,image,mean_entropy,uncertain_share,pixels"
+    assert sorted(row.split(",")[1] for row in rows[1:]) == [f"img_{i}.tif" for i in range(5)]
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3", "4", "5"]
+    # A rerun that skips every image keeps their rows; a row of an image gone from the folder goes.
+    ranking.write_text(ranking.read_text() + "6,gone.tif,0.9,0.9,10\n")
+    summary = run(image_folder, outputs, tiny_unet, skip_existing=True, uncertainty_csv=str(ranking))
+    assert len(summary.skipped) == 5
+    assert ranking.read_text().splitlines() == rows
+
+
+def test_a_file_that_is_not_a_ranking_is_refused_before_any_image_and_kept(image_folder, tiny_unet, tmp_path):
+    notes = tmp_path / "notes.csv"
+    notes.write_text("sample,comment\nA1,bright\n")
+    with pytest.raises(inference.InferenceError, match="notes.csv: exists and is not a ranking"):
+        run(image_folder, tmp_path / "out", tiny_unet, uncertainty_csv=str(notes))
+    assert notes.read_text() == "sample,comment\nA1,bright\n"
+    assert not (tmp_path / "out").exists()
+
+
+RANK_MANY = """
+import sys, uncertainty
+path, prefix = sys.argv[1], sys.argv[2]
+keep = [f"{p}{j}.tif" for p in "ab" for j in range(40)]
+for i in range(40):
+    uncertainty.write_ranking(path, [{"image": f"{prefix}{i}.tif", "mean_entropy": 0.01 * i,
+                                      "uncertain_share": 0.0, "pixels": 4}], keep=keep)
+"""
+
+
+def test_concurrent_parts_lose_no_ranking_row(tmp_path):
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    workers = [subprocess.Popen([sys.executable, "-c", RANK_MANY, str(tmp_path / "r.csv"), prefix], cwd=root)
+               for prefix in "ab"]
+    assert [worker.wait(120) for worker in workers] == [0, 0]
+    names = [row.split(",")[1] for row in (tmp_path / "r.csv").read_text().splitlines()[1:]]
+    assert sorted(names) == sorted(f"{p}{j}.tif" for p in "ab" for j in range(40))
