@@ -9,7 +9,10 @@ images (foreground Dice and IoU over all test pixels pooled, every object class 
   sparse S%    simulated partial annotations of every training image, about S % of its pixels
                annotated (``simulate_sparse``: a random part of its objects, each traced with a
                RING-pixel band of background around it, plus brush strokes of background away from
-               objects), built with build_lmdb.py --unlabelled_value 255;
+               objects), built with build_lmdb.py --unlabelled_value 255; half the annotated
+               pixels go to objects (--annotation objects, the default) or, with --annotation
+               area, the image's own foreground share (row "sparse S% area": a user who paints
+               background as generously as it covers the image);
   few S%       dense masks of a random subset of the training images holding as many annotated
                pixels as the sparse S% row: the alternative a user with the same labelling time has.
 
@@ -19,7 +22,7 @@ to WORK/labels.md).
 
 Run from the repo root:
     python benchmarks/bench_labels.py [--datasets nist coelho demo] [--shares 30 10 3] [--steps N]
-        [--work_dir DIR]
+        [--rows dense sparse few] [--annotation objects area] [--seed S] [--work_dir DIR]
 """
 import argparse
 import dataclasses
@@ -66,16 +69,19 @@ def _disk(radius):
     return yy ** 2 + xx ** 2 <= radius ** 2
 
 
-def simulate_sparse(truth, share, rng):
+def simulate_sparse(truth, share, rng, object_share=0.5):
     """A partial annotation of the dense mask ``truth`` with about ``share`` of its pixels annotated.
 
-    Half the target goes to objects: whole objects (connected foreground components, each traced with
+    ``object_share`` of the target (half by default; "area": the foreground share of ``truth``)
+    goes to objects: whole objects (connected foreground components, each traced with
     a RING-pixel band of background) in random order while they fit, then, for objects too large
     to keep whole, brush strokes inside them (STROKE_CLEARANCE px from their edges). The other half
     goes to brush strokes of background, STROKE_CLEARANCE px clear of every object: how a user
     annotates in napari or Fiji. Returns the mask with UNLABELLED elsewhere (uint8).
     """
     target = share * truth.size
+    if object_share == "area":
+        object_share = float(np.mean(truth > 0))
     annotated = np.zeros(truth.shape, bool)
     objects, count = ndimage.label(truth > 0)
     ring = _disk(RING)
@@ -85,11 +91,11 @@ def simulate_sparse(truth, share, rng):
         hi = [min(n, s.stop + RING) for s, n in zip(boxes[index], truth.shape)]
         window = (slice(lo[0], hi[0]), slice(lo[1], hi[1]))
         traced = ndimage.binary_dilation(objects[window] == index + 1, structure=ring)
-        if annotated.sum() + traced.sum() <= target / 2:
+        if annotated.sum() + traced.sum() <= target * object_share:
             annotated[window] |= traced
     if count:
         inside = ndimage.binary_erosion(truth > 0, structure=_disk(STROKE_CLEARANCE))
-        _strokes(annotated, inside, target / 2, rng)
+        _strokes(annotated, inside, target * object_share, rng)
         clear = ~ndimage.binary_dilation(truth > 0, structure=_disk(STROKE_CLEARANCE))
     else:
         clear = np.ones(truth.shape, bool)
@@ -153,7 +159,7 @@ def dense_split(label, work):
             result.metadata["train"]["dataset_number_classes"])
 
 
-def sparse_database(work, name, train_sources, share, seed):
+def sparse_database(work, name, train_sources, share, seed, object_share=0.5):
     """Simulated partial annotations of every training image, as a train database. Returns (path,
     annotated pixels, images)."""
     import tifffile
@@ -165,7 +171,7 @@ def sparse_database(work, name, train_sources, share, seed):
     for source in train_sources:
         truth = build_lmdb.to_label_mask(build_lmdb._read(source["mask"], "mask"), source["mask"])[0]
         tifffile.imwrite(folder / "masks" / (pathlib.Path(source["image"]).stem + ".tif"),
-                         simulate_sparse(truth, share, rng))
+                         simulate_sparse(truth, share, rng, object_share))
     result = build_lmdb.build_databases(build_lmdb.BuildConfig(
         image_folder=str(folder / "images"), mask_folder=str(folder / "masks"), output_folder=str(work / "db"),
         dataset_name=name, train_fraction=1.0, unlabelled_value=UNLABELLED), show_progress=False)
@@ -208,20 +214,25 @@ def train(work, name, train_db, test_db, number_classes, budget):
     return output_dir / "checkpoints" / "latest", time.perf_counter() - start
 
 
-def run_dataset(label, work, shares, budget):
-    """Every row on one data set. Returns a list of result dicts."""
+def run_dataset(label, work, shares, budget, kinds=("dense", "sparse", "few"), annotations=("objects",)):
+    """The rows of ``kinds`` on one data set (sparse once per annotation style). Returns a list of
+    result dicts."""
     work.mkdir(parents=True, exist_ok=True)
     train_db, test_db, train_sources, test_images, number_classes = dense_split(label, work)
     masks = {pathlib.Path(s["image"]).name: s["mask"] for s in records.read_metadata(test_db)["sources"]}
     names = [pathlib.Path(p).name for p in test_images]
     truths = [build_lmdb.to_label_mask(build_lmdb._read(masks[n], "mask"), masks[n])[0] for n in names]
     dense_pixels = records.read_metadata(train_db)["annotated_pixels"]
-    rows = [("dense", None, lambda: (train_db, dense_pixels, len(train_sources)))]
+    rows = [("dense", None, lambda: (train_db, dense_pixels, len(train_sources)))] if "dense" in kinds else []
     for share in shares:
-        rows.append((f"sparse {share:g}%", share,
-                     lambda share=share: sparse_database(work, f"sparse{share:g}", train_sources, share / 100,
-                                                         budget.seed)))
-        rows.append((f"few {share:g}%", share, None))
+        for style in annotations if "sparse" in kinds or "few" in kinds else ():
+            suffix = "" if style == "objects" else f" {style}"
+            rows.append((f"sparse {share:g}%{suffix}", share,
+                         lambda share=share, style=style: sparse_database(
+                             work, f"sparse{share:g}{suffix.strip()}", train_sources, share / 100, budget.seed,
+                             0.5 if style == "objects" else style)))
+        if "few" in kinds:
+            rows.append((f"few {share:g}%", share, None))
     results, sparse_pixels = [], {}
     for row, share, make in rows:
         key = row.replace(" ", "").replace("%", "")
@@ -229,7 +240,9 @@ def run_dataset(label, work, shares, budget):
             database, annotated, images = few_database(work, key, train_sources, sparse_pixels[share], budget.seed)
         else:
             database, annotated, images = make()
-            sparse_pixels[share] = annotated
+            sparse_pixels.setdefault(share, annotated)
+            if row.startswith("sparse") and "sparse" not in kinds:
+                continue  # built only for the pixel count of "few"
         checkpoint, seconds = train(work, key, database, test_db, number_classes, budget)
         predicted, inference_seconds = segment(work, [checkpoint], test_images, key, False)
         figures = score(truths, [predicted[n] for n in names], number_classes)
@@ -242,7 +255,7 @@ def run_dataset(label, work, shares, budget):
 
 
 def format_row(r):
-    return (f"labels: {r['data']:6s} {r['row']:11s} {r['share'] * 100:5.1f}% of train pixels annotated "
+    return (f"labels: {r['data']:6s} {r['row']:16s} {r['share'] * 100:5.1f}% of train pixels annotated "
             f"({r['annotated']:,} px on {r['images']} images)  foreground Dice {r['foreground_dice']:.3f}  "
             f"mean IoU {r['mean_iou']:.3f}  train {r['train_s']:.0f} s  inference {r['inference_s']:.0f} s  "
             f"load {r['load']:.1f}")
@@ -271,6 +284,11 @@ def main(argv=None):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name),
                             help=f"default {getattr(defaults, name)}")
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--rows", nargs="+", default=["dense", "sparse", "few"], choices=["dense", "sparse", "few"],
+                        help="the kinds of rows to train (default all three)")
+    parser.add_argument("--annotation", nargs="+", default=["objects"], choices=["objects", "area"],
+                        help="simulated annotation styles of the sparse rows: objects = half the annotated "
+                        "pixels on objects (default), area = the image's foreground share on objects")
     parser.add_argument("--work_dir", default=None, help="keep everything here (default: a temporary "
                         "folder, deleted afterwards)")
     args = parser.parse_args(argv)
@@ -283,7 +301,7 @@ def main(argv=None):
             if label in SOURCES and not (SOURCES[label] / "masks").is_dir():
                 print(f"labels: {label} skipped, its data is not at {SOURCES[label]}")
                 continue
-            results += run_dataset(label, work / label, args.shares, budget)
+            results += run_dataset(label, work / label, args.shares, budget, args.rows, args.annotation)
         table = markdown_table(results, budget)
         print(table)
         if args.work_dir:
