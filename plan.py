@@ -26,6 +26,7 @@ MIN_STEPS = 100          # fewer steps than this is not a useful run: refused wi
 TEST_SHARE = 0.10        # share of the available time spent in test passes
 SAFETY_SHARE = 0.05      # kept free: step times vary on a shared machine
 MAX_TEST_PASSES = 50     # more passes add log lines, not information
+REPLAN_TOLERANCE = 0.02  # a later re-plan changes the run only when it moves the end by more than this share
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -149,7 +150,7 @@ def plan_run(budget_s, spent_s, step_s, test_s, batch, compile_s=0.0, export_s=0
 
 
 def replan(run_plan, done_steps, left_s, step_s, test_s):
-    """The plan after the first test pass, from the speeds of the run itself.
+    """The plan after a test pass, from the speeds of the run itself.
 
     Measuring before the run errs on the slow side (the first steps wait for the readers and warm
     caches; the first test pass includes compiling it): a run on a quiet machine would end well
@@ -173,6 +174,14 @@ def replan(run_plan, done_steps, left_s, step_s, test_s):
     steps = done_steps + more
     return dataclasses.replace(run_plan, steps=steps, test_passes=math.ceil(steps / every), step_s=float(step_s),
                                test_s=float(test_s), replanned_from=run_plan.replanned_from or run_plan.steps)
+
+
+def worth_replanning(run_plan, new):
+    """Whether the trainer adopts ``new`` (from replan): always at the first re-plan; later (the
+    trainer re-plans after every test pass, since a shared machine's speed drifts) only when the
+    run's end moves by more than REPLAN_TOLERANCE of its steps, so that noise does not keep
+    nudging the learning-rate schedule."""
+    return run_plan.replanned_from is None or abs(new.steps - run_plan.steps) > REPLAN_TOLERANCE * run_plan.steps
 
 
 # ----------------------------------------------------------------------------------------------
@@ -259,16 +268,23 @@ def choose_shape(metadata, model, device, size_divisor):
     extent = largest_object(metadata)
     view, view_why = object_view(metadata)
     smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
+    cap = TILE_MAX[device]
     if model == "unet":
         if view is None:
             choices["unet_depth"] = (4, view_why + ": the default")
         else:
-            depth = next((d for d in DEPTHS if receptive_field(d) >= view), DEPTHS[-1])
+            # A network trained on crops of at most `cap` px (or the smallest image) sees no more
+            # than that: a wider receptive field only costs steps (nist_colonies, whose colonies
+            # outgrow the 256 px images, scored 0.974 at depth 4 and 0.968 at depth 5 in 5 minutes).
+            reach = min(view, cap, smallest)
+            if reach < view:
+                view_why += f", cut to {reach:g} px: the largest crop (a {device.upper()}'s {cap} px tile" + \
+                            (")" if reach == cap else f", or the smallest image side {smallest} px)")
+            depth = next((d for d in DEPTHS if receptive_field(d) >= reach), DEPTHS[-1])
             choices["unet_depth"] = (depth, f"the smallest depth whose receptive field ({receptive_field(depth)} px) "
-                                            f"covers {view_why}" if receptive_field(depth) >= view else
+                                            f"covers {view_why}" if receptive_field(depth) >= reach else
                                      f"the deepest offered: {view_why} exceed every receptive field")
     divisor = size_divisor(choices["unet_depth"][0] if "unet_depth" in choices else None)
-    cap = TILE_MAX[device]
     floor = max(TILE_MIN, 4 * divisor)  # the bottleneck keeps at least 4 x 4 pixels
     if extent is None:
         wanted, why = cap, f"no object sizes: the largest tile for a {device.upper()} ({cap} px)"

@@ -192,7 +192,10 @@ def train(config):
     exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
     model_path = None
     if exit_code == EXIT_OK and info.is_chief:
-        model_path = checkpoints.export_model(config.output_dir, config_dict)
+        # A signal now (a job's time limit, a benchmark's timeout) waits for the export, a few
+        # seconds, instead of killing the process with the run complete and model.keras unwritten.
+        with StopSignals("finishing the export of model.keras (a few seconds) first"):
+            model_path = checkpoints.export_model(config.output_dir, config_dict)
     if info.is_chief:
         _print_locations(config.output_dir, stop_reason, state, model_path)
     return {"exit_code": exit_code, "stop_reason": stop_reason, "step": state.step, "epoch": state.epoch,
@@ -583,10 +586,13 @@ class Run:
         self.sync_statistics = distribute.make_sync_statistics(strategy, model.non_trainable_variables)
         self.last_checkpoint = last_checkpoint  # step of the last checkpoint written or restored
         self.deadline = deadline  # perf_counter time when --time_budget ends training (training_deadline)
-        # A fresh planned run (it has a deadline) fits its length to its own speeds once, after its
-        # first test pass (see replan); step_seconds holds this process's step times until then.
+        # A fresh planned run (it has a deadline) fits its length to its own speeds after its test
+        # passes (see replan): step_seconds holds the step times until the first re-plan, then a
+        # window (start time, step, seconds of test passes in it) runs from each adopted re-plan;
+        # test_pass_seconds holds every pass's time with its checkpoints.
         self.run_plan = run_plan if deadline is not None else None
-        self.step_seconds = []
+        self.step_seconds, self.test_pass_seconds = [], []
+        self.replan_mark, self.window_start, self.window_tests = None, None, 0.0
         # The whole run's progress with an ETA (chief only), and the last test pass's figure for it.
         self.progress = (progress.ProgressLine(config_dict["run_length"])
                          if info.is_chief and config_dict["run_length"] else None)
@@ -636,7 +642,7 @@ class Run:
             self.print_test_line(state, row, improved, test_seconds)
             checkpoint_start = time.perf_counter()
             self.checkpoint(state, best=improved)
-            if self.run_plan is not None and self.run_plan.replanned_from is None:
+            if self.run_plan is not None and not self.finished(state):
                 self.replan(state, test_seconds + time.perf_counter() - checkpoint_start)
             if state.epochs_without_improvement >= self.config.early_stopping:
                 return "early_stopping"
@@ -651,17 +657,38 @@ class Run:
         return self.deadline is not None and time.perf_counter() >= self.deadline
 
     def replan(self, state, test_s):
-        """Fit the run length to the speeds measured in the run so far (plan.replan), once, after the
-        first test pass: the schedule's end moves with it (the warm-up stays as it was), and
-        config.json records the new plan, which a resumed run keeps."""
-        # The first step of this process traces the train step (the plan reserved compile_s for it).
-        timed = self.step_seconds[1:]
-        if not timed:
-            return
+        """Fit the run length to the speeds measured in the run (plan.replan) after a test pass: the
+        first time always, later when the end moves by more than plan.REPLAN_TOLERANCE (a shared
+        machine's speed drifts: a run that got slower would be cut by the deadline before its
+        schedule ends, one that got faster would end early). The schedule's end moves with it (the
+        warm-up stays as it was), and config.json records the new plan, which a resumed run keeps.
+        ``test_s``: this pass's time with its checkpoints."""
+        first = self.run_plan.replanned_from is None
+        now = time.perf_counter()
+        self.test_pass_seconds.append(test_s)
+        if first:
+            # The first step of this process traces the train step (the plan reserved compile_s for it).
+            timed = self.step_seconds[1:]
+            if not timed:
+                return
+            step_s = float(np.mean(timed))
+        else:
+            # Later: the window's wall time without its test passes, per step, so that everything
+            # between steps (logging, waiting for the readers) is paid for too.
+            self.window_tests += test_s
+            if state.step <= self.replan_mark:
+                return
+            step_s = (now - self.window_start - self.window_tests) / (state.step - self.replan_mark)
         end = self.deadline + self.run_plan.test_s  # the planned end, the export excluded
-        new = plan.replan(self.run_plan, state.step, end - time.perf_counter(), float(np.mean(timed)), test_s)
+        # Later, the median pass: the first one in the run is slower (it warms the predictor's caches).
+        new = plan.replan(self.run_plan, state.step, end - now, step_s,
+                          test_s if first else float(np.median(self.test_pass_seconds)))
         steps = max(new.steps, state.step, self.optimizer_settings.warmup_steps + 1)
         new = dataclasses.replace(new, steps=steps)
+        if not plan.worth_replanning(self.run_plan, new):
+            return  # keep measuring: the window grows until the speed has moved enough to matter
+        previous, since = self.run_plan.steps, self.replan_mark
+        self.replan_mark, self.window_start, self.window_tests = state.step, time.perf_counter(), 0.0
         self.run_plan, self.deadline = new, end - new.test_s
         self.config = dataclasses.replace(self.config, max_steps=steps,
                                           warmup_steps=self.optimizer_settings.warmup_steps)
@@ -672,8 +699,12 @@ class Run:
             self.progress.total = steps
         if self.info.is_chief:
             checkpoints.write_json(os.path.join(self.config.output_dir, "config.json"), self.config_dict)
-            print(f"re-plan after the first test pass: {new.step_s:.3g} s/step and {new.test_s:.3g} s per test pass "
-                  f"measured in the run: {steps:,} steps instead of {new.replanned_from:,}", flush=True)
+            if first:
+                print(f"re-plan after the first test pass: {new.step_s:.3g} s/step and {new.test_s:.3g} s per test "
+                      f"pass measured in the run: {steps:,} steps instead of {previous:,}", flush=True)
+            else:
+                print(f"re-plan at step {state.step:,}: {new.step_s:.3g} s/step since step {since:,} and "
+                      f"{new.test_s:.3g} s per test pass: {steps:,} steps instead of {previous:,}", flush=True)
 
     def finished(self, state):
         """Whether --max_steps was reached and its test pass (the last one) done: passes come every
@@ -798,11 +829,14 @@ def next_test_step(state, steps_per_epoch):
 
 
 class StopSignals:
-    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 143/130."""
+    """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 143/130 (the
+    export of a complete run finishes and the run exits 0). ``doing``: what the message says
+    happens next."""
 
-    def __init__(self):
+    def __init__(self, doing="finishing the current step, then checkpointing and stopping"):
         self.signal_number = None
         self._previous = {}
+        self._doing = doing
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -812,8 +846,7 @@ class StopSignals:
 
     def _handle(self, number, frame):
         if self.signal_number is None:
-            print(f"\nreceived {signal.Signals(number).name}: finishing the current step, then "
-                  "checkpointing and stopping", file=sys.stderr, flush=True)
+            print(f"\nreceived {signal.Signals(number).name}: {self._doing}", file=sys.stderr, flush=True)
         self.signal_number = number
 
     @property

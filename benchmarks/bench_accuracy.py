@@ -432,8 +432,12 @@ def run_for(command, log_path, seconds):
 
 def budget_runs(budget_text):
     """The runs --time_budget compares: name -> (row label, train_unet.py flags besides the data)."""
+    recipe = ["--base_filters", "8", "--tile_size", "128", "--batch_size", "8"]
     return {
         "planned": (f"--time_budget {budget_text}", ["--time_budget", budget_text]),
+        # The recipe at each UNet depth (the depth rule of docs/planning.md was chosen from these).
+        **{f"depth{depth}": (f"recipe, depth {depth}", ["--time_budget", budget_text, "--unet_depth", str(depth),
+                                                         *recipe]) for depth in (2, 3, 4, 5)},
         # The README's documented recipe (UNet f8, depth 4, 128 px crops, batch 8), hand-set: explicit
         # flags win over self-configuration, so the budget only plans its run length.
         "recipe": ("hand-set recipe", ["--time_budget", budget_text, "--base_filters", "8", "--unet_depth", "4",
@@ -564,10 +568,11 @@ def main(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["nist"], choices=BUDGET_DATASETS,
                         help="with --time_budget: the data sets (default nist)")
     parser.add_argument("--budget_runs", nargs="+", default=["planned", "recipe", "defaults"],
-                        choices=["planned", "recipe", "defaults", "skeleton"],
+                        choices=["planned", "recipe", "defaults", "skeleton", "depth2", "depth3", "depth4",
+                                 "depth5"],
                         help="with --time_budget: the runs to compare, in this order (default planned recipe "
                         "defaults; the first sets the wall time of the others; skeleton = the recipe with "
-                        "--loss ce+dice+skeleton)")
+                        "--loss ce+dice+skeleton; depthN = the recipe at --unet_depth N)")
     args = parser.parse_args(argv)
     if args.time_budget is not None:
         try:

@@ -333,6 +333,28 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
     assert float(rows[0]["loss"]) == pytest.approx(total / pixels, rel=1e-4)
 
 
+def test_sigterm_during_the_final_export_waits_for_it_and_the_run_ends_complete(dbs, tmp_path, capsys,
+                                                                                 monkeypatch):
+    import checkpoints
+
+    export = checkpoints.export_model
+
+    def signalled_export(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # a job's time limit, right as the export starts
+        return export(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoints, "export_model", signalled_export)
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    code, _, stderr = train_here(capsys, [*dbs, *ONE_TOWER, "--output_dir", out, "--max_steps", 2,
+                                          "--test_every_n_steps", 2])
+    assert code == 0, stderr[-3000:]
+    assert "received SIGTERM: finishing the export of model.keras (a few seconds) first" in stderr
+    assert (out / "model.keras").stat().st_size > 0
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no scratch left behind
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back after the export
+
+
 def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path, capsys):
     # A test set of 400 records makes the pass long enough to be signalled in the middle of it.
     make_synthetic_db(tmp_path / "big_test", num_records=400, shape=(32, 32), seed=2)
