@@ -1,6 +1,7 @@
 """Shared test fixtures: the real NIST colony data (when present) and small synthetic databases."""
 import os
 import pathlib
+import signal
 import socket
 
 import numpy as np
@@ -12,6 +13,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # os.environ when it is imported; every later subprocess of the session (train_unet.py, ...) would
 # inherit it and fail to start Keras. Pin this project's backend for the whole session.
 os.environ["KERAS_BACKEND"] = "tensorflow"
+# A suite started in the background of a shell without job control (`cmd &`, nohup) inherits SIGINT
+# ignored, and an ignored signal stays ignored in every process the tests start: the Ctrl-C tests
+# (SIGINT to build_lmdb.py, the readers, the trainer) would then see nothing. A handled signal is
+# reset to the default in a started program, so handling it here gives them a normal SIGINT.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NIST_DIR = ROOT.parent / "shared" / "data" / "nist_colonies"
