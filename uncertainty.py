@@ -73,8 +73,8 @@ def write_ranking(path, rows, keep=()):
     folder, name = os.path.split(os.path.abspath(path))
     with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        new = {row["image"] for row in rows}
-        merged = list(rows) + [row for row in read_ranking(path) if row["image"] in set(keep) - new]
+        kept = set(keep) - {row["image"] for row in rows}
+        merged = list(rows) + [row for row in read_ranking(path) if row["image"] in kept]
         ranked = sorted(merged, key=lambda r: (-r["mean_entropy"], -r["uncertain_share"], r["image"]))
         text = io.StringIO()
         writer = csv.DictWriter(text, COLUMNS, lineterminator="\n")
