@@ -218,30 +218,23 @@ def receptive_field(depth):
     return field
 
 
-def largest_object(metadata):
-    """The 95th percentile of object bounding-box extents (px) of the class with the largest
-    objects, or None when the database has no object sizes (built before they were measured)."""
-    sizes = metadata.get("object_sizes")
-    if not sizes:
-        return None
-    extents = [entry["p95_extent_px"] for entry in sizes.values() if entry.get("objects")]
-    return max(extents) if extents else None
+def object_figures(metadata):
+    """(extent, view, why) from the object sizes of the database's metadata.
 
-
-def object_view(metadata):
-    """(pixels the UNet's receptive field must cover, why) from the object sizes, or (None, why).
-
-    Per class, the smaller of its objects' extent and CONTEXT_WIDTHS x their width (95th
-    percentiles); the largest over the classes. A nucleus is as wide as it is long: its extent.
-    A thin, long structure (a vessel tree, a membrane network) spans the image, but labelling one
-    of its pixels needs a view across the structure with context on each side, not of the whole
-    tree: its width, times CONTEXT_WIDTHS.
+    extent: the 95th percentile of object bounding-box extents (px) of the class with the largest
+    objects: what a tile should hold. view: what the UNet's receptive field must cover: per class,
+    the smaller of its objects' extent and CONTEXT_WIDTHS x their width (95th percentiles), the
+    largest over the classes. A nucleus is as wide as it is long: its extent. A thin, long
+    structure (a vessel tree, a membrane network) spans the image, but labelling one of its pixels
+    needs a view across the structure with context on each side, not of the whole tree: its width,
+    times CONTEXT_WIDTHS. Both are None when the database has no object sizes (built before they
+    were measured); why then says so.
     """
     sizes = metadata.get("object_sizes")
     entries = [(label, entry) for label, entry in (sizes or {}).items() if entry.get("objects")]
     if not entries:
-        return None, ("no object sizes in the training database's metadata (built before build_lmdb.py "
-                      "measured them; rebuild it to have them)")
+        return None, None, ("no object sizes in the training database's metadata (built before build_lmdb.py "
+                            "measured them; rebuild it to have them)")
     views = []
     for label, entry in entries:
         extent, width = entry["p95_extent_px"], entry.get("p95_width_px")
@@ -250,7 +243,8 @@ def object_view(metadata):
                                                    f"(95th percentile width {width:g} px, extent {extent:g} px)"))
         else:
             views.append((extent, f"the largest objects (class {label}, 95th percentile extent {extent:g} px)"))
-    return max(views)
+    view, why = max(views)
+    return max(entry["p95_extent_px"] for _, entry in entries), view, why
 
 
 def choose_shape(metadata, model, device, size_divisor):
@@ -265,8 +259,7 @@ def choose_shape(metadata, model, device, size_divisor):
       {flag: (value, reason)} for tile_size and, for the UNet, unet_depth.
     """
     choices = {}
-    extent = largest_object(metadata)
-    view, view_why = object_view(metadata)
+    extent, view, view_why = object_figures(metadata)
     smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
     cap = TILE_MAX[device]
     if model == "unet":

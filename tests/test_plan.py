@@ -466,7 +466,8 @@ def test_build_lmdb_measures_object_sizes_per_class_on_whole_images(tmp_path):
         "1": {"objects": 6, "p95_extent_px": float(np.percentile([10, 20, 2] * 2, 95)), "max_extent_px": 20,
               "p95_width_px": float(np.percentile([5, 3, 1] * 2, 95)), "max_width_px": 5},
         "2": {"objects": 2, "p95_extent_px": 30.0, "max_extent_px": 30, "p95_width_px": 21.0, "max_width_px": 21}}
-    assert plan.largest_object(metadata) == 30.0
+    assert plan.object_figures(metadata) == (
+        30.0, 30.0, "the largest objects (class 2, 95th percentile extent 30 px)")
 
 
 def test_too_slow_a_self_configured_width_is_halved_and_measured_again(dbs, tmp_path, capsys, monkeypatch):
