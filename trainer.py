@@ -183,18 +183,19 @@ def train(config):
               steps_per_epoch, global_batch, last_checkpoint=state.step if resumed else None,
               evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task,
               run_plan=run_plan)
-    try:
-        with StopSignals() as stop, train_reader:
-            stop_reason = run.loop(state, stop)
-    finally:
-        run.end_progress_line()
-        run_outputs.close()
-    exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
     model_path = None
-    if exit_code == EXIT_OK and info.is_chief:
-        # A signal now (a job's time limit, a benchmark's timeout) waits for the export, a few
-        # seconds, instead of killing the process with the run complete and model.keras unwritten.
-        with StopSignals("finishing the export of model.keras (a few seconds) first"):
+    with StopSignals() as stop:
+        try:
+            with train_reader:
+                stop_reason = run.loop(state, stop)
+        finally:
+            run.end_progress_line()
+            run_outputs.close()
+        exit_code = {"sigterm": EXIT_SIGTERM, "sigint": EXIT_SIGINT}.get(stop_reason, EXIT_OK)
+        if exit_code == EXIT_OK and info.is_chief:
+            # A signal now (a job's time limit, a benchmark's timeout) waits for the export, a few
+            # seconds, instead of killing the process with the run complete and model.keras unwritten.
+            stop.doing = "finishing the export of model.keras (a few seconds) first"
             model_path = checkpoints.export_model(config.output_dir, config_dict)
     if info.is_chief:
         _print_locations(config.output_dir, stop_reason, state, model_path)
@@ -831,12 +832,12 @@ def next_test_step(state, steps_per_epoch):
 class StopSignals:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 143/130 (the
     export of a complete run finishes and the run exits 0). ``doing``: what the message says
-    happens next."""
+    happens next; the trainer changes it when the loop is over and the export begins."""
 
     def __init__(self, doing="finishing the current step, then checkpointing and stopping"):
         self.signal_number = None
         self._previous = {}
-        self._doing = doing
+        self.doing = doing
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -846,7 +847,7 @@ class StopSignals:
 
     def _handle(self, number, frame):
         if self.signal_number is None:
-            print(f"\nreceived {signal.Signals(number).name}: {self._doing}", file=sys.stderr, flush=True)
+            print(f"\nreceived {signal.Signals(number).name}: {self.doing}", file=sys.stderr, flush=True)
         self.signal_number = number
 
     @property
