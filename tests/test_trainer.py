@@ -355,25 +355,35 @@ def test_sigterm_during_the_final_export_waits_for_it_and_the_run_ends_complete(
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back after the export
 
 
-def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path, capsys):
-    # A test set of 400 records makes the pass long enough to be signalled in the middle of it.
-    make_synthetic_db(tmp_path / "big_test", num_records=400, shape=(32, 32), seed=2)
-    run = [*dbs[:2], "--test_database", tmp_path / "big_test"]
+def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import multiprocessing
+
+    import evaluation
+
+    predict = evaluation.Evaluator.predict
+    predicted = []
+
+    def signalled_predict(self, *args, **kwargs):
+        predicted.append(1)
+        if len(predicted) == 2:  # a job's time limit, in the middle of the first pass (3 test images)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return predict(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation.Evaluator, "predict", signalled_predict)
+    run = list(dbs)
     out = tmp_path / "run"
-    with open(tmp_path / "stderr.txt", "w") as stderr:
-        # The test pass starts right after step 3, the last of the first epoch.
-        process = _start_training_until(out, run, stderr, line_start="step       3",
-                                        extra=("--test_every_n_steps", 3, "--max_epochs", 1))
-        time.sleep(1)
-        os.killpg(process.pid, signal.SIGTERM)
-        process.communicate(timeout=180)
-    message = (tmp_path / "stderr.txt").read_text()
-    assert process.returncode == 143, message[-3000:]
+    # The test pass starts right after step 3, the last of the first epoch.
+    code, _, message = train_here(capsys, [*run, *ONE_TOWER, "--output_dir", out, "--test_every_n_steps", 3,
+                                           "--max_epochs", 1])
+    assert code == 143, message[-3000:]
+    assert len(predicted) == 2  # the pass stopped at the next image, before predicting it
     assert "stopped during the test pass" in message
-    assert not _wait_until_group_is_gone(process.pid)
+    assert not multiprocessing.active_children()  # the reader processes are gone
     state = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())
     assert (state["step"], state["epoch"]) == (3, 0)
     assert read_csv(out / "test_metrics.csv") == []
+    monkeypatch.undo()
 
     # The resubmitted run (same command plus the restore flag) tests first, then stops at max_epochs.
     code, _, stderr = train_here(capsys, [*run, *ONE_TOWER, "--output_dir", out, "--test_every_n_steps", 3,
