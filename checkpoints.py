@@ -198,9 +198,9 @@ def check_compatible(directory, saved, config, input_channels, flag="--restore_c
     if saved.get("model") != config.model:
         raise ConfigError(f"{flag} {directory} holds a {saved.get('model')} model, not {config.model}")
     wanted = {"base_filters": config.base_filters, "batch_norm": config.batch_norm, "input_channels": input_channels,
-              "unet_depth": config.unet_depth, "upsampling": config.upsampling}
-    # Checkpoints written before --unet_depth/--upsampling existed hold today's defaults.
-    saved = dict({"unet_depth": 4, "upsampling": "transpose"}, **saved)
+              "unet_depth": config.unet_depth, "upsampling": config.upsampling, "encoder": config.encoder}
+    # Checkpoints written before --unet_depth/--upsampling/--encoder existed hold today's defaults.
+    saved = dict({"unet_depth": 4, "upsampling": "transpose", "encoder": "plain"}, **saved)
     mismatched = {k: saved.get(k) for k, v in wanted.items() if saved.get(k) != v}
     if mismatched:
         raise ConfigError(

@@ -67,6 +67,10 @@ class TrainConfig:
     upsampling: str = flag("UNet decoder upsampling: 2x2 transposed conv, or bilinear x2 + 3x3 conv "
                            "(NVIDIA's TinyUNet) (default %(default)s)", "transpose",
                            choices=("transpose", "bilinear"))
+    encoder: str = flag("UNet encoder levels and bottleneck: two conv-BN-ReLU (plain), or the same two convs "
+                        "as a residual block with a 1x1 shortcut (nnU-Net's ResEnc block, one per level) "
+                        "(default %(default)s; see docs/planning.md for its measurement)", "plain",
+                        choices=("plain", "residual"))
     test_every_n_steps: int = flag("gradient steps between test passes (one 'epoch'); default: one "
                                    "pass over the training database", kind=int)
     early_stopping: int = flag("stop after this many epochs without a lower test loss (default "
@@ -82,7 +86,7 @@ class TrainConfig:
     init_from: str = flag(
         "start from the weights of a pretrain_unet.py output folder (its checkpoints/best) or checkpoint "
         "folder: every layer but the output head 'logits', which starts fresh; the model, --base_filters, "
-        "--batch_norm, --unet_depth, --upsampling and the channel count must be those it was pretrained "
+        "--batch_norm, --unet_depth, --upsampling, --encoder and the channel count must be those it was pretrained "
         "with. Ignored when --restore_checkpoint_filepath resumes a run")
     reader_count: int = flag("reader processes per tower (default %(default)s)", 1, kind=int)
     use_augmentation: bool = flag("augment training images (default %(default)s)", True, kind="binary")

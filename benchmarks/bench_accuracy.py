@@ -447,6 +447,9 @@ def budget_runs(budget_text):
         "skeleton": ("recipe + skeleton recall", ["--time_budget", budget_text, "--base_filters", "8",
                                                   "--unet_depth", "4", "--tile_size", "128", "--batch_size", "8",
                                                   "--loss", "ce+dice+skeleton"]),
+        # The residual-encoder candidate of issue 26 (nnU-Net's ResEnc block), otherwise self-configured
+        # like "planned", so the pair tells whether it should be the default.
+        "resenc": ("--time_budget + residual encoder", ["--time_budget", budget_text, "--encoder", "residual"]),
     }
 
 
@@ -568,11 +571,11 @@ def main(argv=None):
     parser.add_argument("--datasets", nargs="+", default=["nist"], choices=BUDGET_DATASETS,
                         help="with --time_budget: the data sets (default nist)")
     parser.add_argument("--budget_runs", nargs="+", default=["planned", "recipe", "defaults"],
-                        choices=["planned", "recipe", "defaults", "skeleton", "depth2", "depth3", "depth4",
-                                 "depth5"],
+                        choices=list(budget_runs("1m")),
                         help="with --time_budget: the runs to compare, in this order (default planned recipe "
                         "defaults; the first sets the wall time of the others; skeleton = the recipe with "
-                        "--loss ce+dice+skeleton; depthN = the recipe at --unet_depth N)")
+                        "--loss ce+dice+skeleton; depthN = the recipe at --unet_depth N; resenc = the planned "
+                        "run with --encoder residual)")
     args = parser.parse_args(argv)
     if args.time_budget is not None:
         try:

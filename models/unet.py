@@ -5,6 +5,10 @@
 conv + BN + ReLU) and a 1x1 conv to the class logits. The upsampling is a 2x2 stride-2 transposed conv
 ("transpose", the paper's), or bilinear upsampling followed by a 3x3 conv ("bilinear", as NVIDIA's
 TinyUNet, which also cut UNet to 3 levels because the full one over-fitted a small data set).
+With ``encoder="residual"`` the two convs of every encoder level and of the bottleneck form a
+residual block (He et al. 2016's basic block: conv-BN-ReLU, conv-BN, plus the level's input through a
+1x1 conv-BN where the channel count changes, then ReLU), one block per level: the block of
+nnU-Net's residual-encoder UNets (ResEnc, Isensee et al. 2024), which stack 1 to 6 of them per level.
 Stage names: enc1..enc<depth> (enc1 at full resolution), bottleneck, dec<depth>..dec1 (dec_i restores
 enc_i's resolution and concatenates its features), logits.
 """
@@ -17,6 +21,7 @@ from models.layers import (conv_bn_relu, interval_conv, interval_pool, interval_
 
 DEPTH = 4
 UPSAMPLING = ("transpose", "bilinear")
+ENCODERS = ("plain", "residual")
 SIZE_DIVISOR = 2 ** DEPTH  # of the default depth; size_divisor(depth) for the others
 # Registry entries (see models/__init__.py): every op of a UNet has an XLA kernel.
 XLA_PROBLEM = None
@@ -24,7 +29,8 @@ DISPLAY_NAME = "UNet"
 CITATION = ("Ronneberger, Fischer, Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation. "
             "MICCAI 2015", "10.1007/978-3-319-24574-4_28")
 # The training-config keys that shape this network -> (builder argument, default).
-OPTIONS = {"unet_depth": ("depth", DEPTH), "upsampling": ("upsampling", "transpose")}
+OPTIONS = {"unet_depth": ("depth", DEPTH), "upsampling": ("upsampling", "transpose"),
+           "encoder": ("encoder", "plain")}
 
 
 @keras.saving.register_keras_serializable(package="segtool")
@@ -47,22 +53,24 @@ class BilinearUpsampling2D(keras.layers.Layer):
         return (batch, None if height is None else 2 * height, None if width is None else 2 * width, channels)
 
 
-def check_options(depth=DEPTH, upsampling="transpose"):
-    """ValueError naming the flag unless ``depth``/``upsampling`` describe a buildable UNet."""
+def check_options(depth=DEPTH, upsampling="transpose", encoder="plain"):
+    """ValueError naming the flag unless ``depth``/``upsampling``/``encoder`` describe a buildable UNet."""
     if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 1 <= depth <= 6:
         raise ValueError(f"--unet_depth {depth!r}: expected an integer from 1 to 6")
     if upsampling not in UPSAMPLING:
         raise ValueError(f"--upsampling {upsampling!r}: expected one of {', '.join(UPSAMPLING)}")
+    if encoder not in ENCODERS:
+        raise ValueError(f"--encoder {encoder!r}: expected one of {', '.join(ENCODERS)}")
 
 
-def size_divisor(depth=DEPTH, upsampling="transpose"):
+def size_divisor(depth=DEPTH, upsampling="transpose", encoder="plain"):
     """H and W must be multiples of this: one factor 2 per pooling."""
-    check_options(depth, upsampling)
+    check_options(depth, upsampling, encoder)
     return 2 ** depth
 
 
 def build_unet(number_classes, input_channels=1, base_filters=64, input_size=None, batch_norm=True,
-               depth=DEPTH, upsampling="transpose"):
+               depth=DEPTH, upsampling="transpose", encoder="plain"):
     """Build a UNet.
 
     Args:
@@ -75,13 +83,16 @@ def build_unet(number_classes, input_channels=1, base_filters=64, input_size=Non
       batch_norm: False drops every BatchNormalization (the convs then carry a bias).
       depth: number of poolings (levels below full resolution).
       upsampling: "transpose" (2x2 stride-2 transposed conv) or "bilinear" (bilinear x2 + 3x3 conv).
+      encoder: "plain" (two conv-BN-ReLU per level) or "residual" (the same two convs as a residual
+        block, see ``residual_block``), for the encoder levels and the bottleneck.
 
     Returns:
       keras.Model named "unet": float32 (B, H, W, C) images -> (B, H, W, number_classes) float32
       logits from the layer "logits".
     """
-    inputs = model_input("unet", input_channels, input_size, size_divisor(depth, upsampling))
+    inputs = model_input("unet", input_channels, input_size, size_divisor(depth, upsampling, encoder))
     depth = int(depth)
+    block = residual_block if encoder == "residual" else plain_block
 
     # ---- Encoder: level i runs at scale s = 2**(i-1); keep its features for the skip ----
     x = inputs
@@ -89,15 +100,13 @@ def build_unet(number_classes, input_channels=1, base_filters=64, input_size=Non
     for level in range(1, depth + 1):
         scale = 2 ** (level - 1)
         stage = f"enc{level}"
-        x = conv_bn_relu(x, base_filters * scale, stage, 1, batch_norm)
-        x = conv_bn_relu(x, base_filters * scale, stage, 2, batch_norm)  # (B, H/s, W/s, sF)
+        x = block(x, base_filters * scale, stage, batch_norm)  # (B, H/s, W/s, sF)
         skips.append(x)
         x = keras.layers.MaxPooling2D(2, name=f"{stage}_pool")(x)  # (B, H/2s, W/2s, sF)
 
     # ---- Bottleneck ----
     filters = base_filters * 2 ** depth
-    x = conv_bn_relu(x, filters, "bottleneck", 1, batch_norm)
-    x = conv_bn_relu(x, filters, "bottleneck", 2, batch_norm)  # (B, H/2^depth, W/2^depth, 2^depth F)
+    x = block(x, filters, "bottleneck", batch_norm)  # (B, H/2^depth, W/2^depth, 2^depth F)
 
     # ---- Decoder: upsample to level i's scale s, then merge enc_i's features ----
     for level in range(depth, 0, -1):
@@ -121,12 +130,42 @@ def build_unet(number_classes, input_channels=1, base_filters=64, input_size=Non
     return keras.Model(inputs, logits, name="unet")
 
 
+def plain_block(x, filters, stage, batch_norm):
+    """Two 3x3 conv (+ BN) + ReLU: the original UNet's level."""
+    x = conv_bn_relu(x, filters, stage, 1, batch_norm)
+    return conv_bn_relu(x, filters, stage, 2, batch_norm)
+
+
+def residual_block(x, filters, stage, batch_norm):
+    """The same two 3x3 convs as a residual (basic) block: relu(conv-BN(conv-BN-ReLU(x)) + shortcut(x)).
+
+    The shortcut is x itself when it already has ``filters`` channels, else a 1x1 conv (+ BN) to them.
+    The identity path lets the gradient reach early layers undiminished, which is why deep residual
+    encoders train where plain ones of the same depth stall. The output layer is named
+    f"{stage}_relu2", as in ``plain_block``, so both encoders expose the same stage outputs.
+    """
+    shortcut = x
+    x = conv_bn_relu(x, filters, stage, 1, batch_norm)
+    x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=not batch_norm, kernel_initializer="he_normal",
+                            name=f"{stage}_conv2")(x)
+    if batch_norm:
+        x = keras.layers.BatchNormalization(name=f"{stage}_bn2")(x)
+    if shortcut.shape[-1] != filters:
+        shortcut = keras.layers.Conv2D(filters, 1, use_bias=not batch_norm, kernel_initializer="he_normal",
+                                       name=f"{stage}_shortcut")(shortcut)
+        if batch_norm:
+            shortcut = keras.layers.BatchNormalization(name=f"{stage}_shortcut_bn")(shortcut)
+    x = keras.layers.Add(name=f"{stage}_add")([x, shortcut])
+    return keras.layers.ReLU(name=f"{stage}_relu2")(x)
+
+
 def options_of(model):
-    """The config options ({"unet_depth", "upsampling"}) a built UNet was made with, read from its
-    stage names (for a .keras file without its training config.json)."""
+    """The config options ({"unet_depth", "upsampling", "encoder"}) a built UNet was made with, read
+    from its stage names (for a .keras file without its training config.json)."""
     names = {layer.name for layer in model.layers}
     depth = sum(1 for level in range(1, 7) if f"enc{level}_pool" in names)
-    return {"unet_depth": depth, "upsampling": "bilinear" if "dec1_upsample" in names else "transpose"}
+    return {"unet_depth": depth, "upsampling": "bilinear" if "dec1_upsample" in names else "transpose",
+            "encoder": "residual" if "enc1_add" in names else "plain"}
 
 
 def _interval_bilinear(interval):
@@ -136,7 +175,7 @@ def _interval_bilinear(interval):
     return (lo - 1) // 2, (hi + 1) // 2
 
 
-def receptive_field(depth=DEPTH, upsampling="transpose"):
+def receptive_field(depth=DEPTH, upsampling="transpose", encoder="plain"):
     """Side, in input pixels, of the largest square of input pixels one UNet output pixel depends on.
 
     Computed by following one axis from an output pixel back to the input (``models.layers``
@@ -145,9 +184,10 @@ def receptive_field(depth=DEPTH, upsampling="transpose"):
     upsampling + 3x3 conv: see ``_interval_bilinear``), and a concat takes the union of its two inputs'
     ranges. Pooling makes the range depend on the pixel's position modulo 2**depth, so the result is
     the maximum over those positions: 204 for the default depth 4 with transposed convs. Independent
-    of base_filters and batch_norm; the same along both axes.
+    of base_filters, batch_norm and the encoder (a residual block's 1x1 shortcut sees less than its
+    two 3x3 convs); the same along both axes.
     """
-    check_options(depth, upsampling)
+    check_options(depth, upsampling, encoder)
 
     def encoder(interval, level):
         # Input range seen by enc{level}'s last conv outputs in ``interval`` (coordinates of that level).

@@ -207,6 +207,7 @@ def _gradient_extent(name, size, position, batch=8, **options):
     ("unet", 256, 128 + 2, {}),      # 2 mod 16: a position where the analytic range is widest
     ("segnet", 448, 224 + 6, {}),    # 6 mod 32: likewise
     ("unet", 192, 96 + 2, {"unet_depth": 3, "upsampling": "bilinear"}),
+    ("unet", 192, 96 + 2, {"unet_depth": 3, "encoder": "residual"}),
 ])
 def test_receptive_field_matches_gradient_experiment(name, size, position, options):
     analytic = models.receptive_field(name, **options)
@@ -278,6 +279,45 @@ def test_bad_unet_options_name_the_flag():
         models.size_divisor("unet", upsampling="nearest")
     with pytest.raises(ValueError, match="--unet_depth 3 applies to unet only, not to segnet"):
         models.build_model("segnet", 2, unet_depth=3)
+    with pytest.raises(ValueError, match="--encoder 'dense': expected one of plain, residual"):
+        models.build_model("unet", 2, encoder="dense")
+    with pytest.raises(ValueError, match="--encoder residual applies to unet only, not to segnet"):
+        models.build_model("segnet", 2, encoder="residual")
+
+
+def test_residual_encoder_adds_each_level_s_input_to_its_two_convs(tmp_path):
+    plain = models.build_model("unet", 2, input_channels=3, base_filters=4, unet_depth=2)
+    model = models.build_model("unet", 2, input_channels=3, base_filters=4, unet_depth=2, encoder="residual")
+    images = _images((2, 32, 16, 3))
+    assert tuple(model(images).shape) == (2, 32, 16, 2)
+    # The same convs as the plain UNet, plus a 1x1 shortcut (and its BN) where the channels change:
+    # every encoder level and the bottleneck (each doubles them).
+    plain_names = {layer.name for layer in plain.layers}
+    names = {layer.name for layer in model.layers}
+    extra = {f"{stage}_{part}" for stage in ("enc1", "enc2", "bottleneck")
+             for part in ("shortcut", "shortcut_bn", "add")}
+    assert names - plain_names == extra and plain_names <= names
+    assert models.receptive_field("unet", unet_depth=2, encoder="residual") == models.receptive_field("unet", unet_depth=2)
+    # enc1's output is relu(conv-BN(conv-BN-ReLU(x)) + BN(1x1 conv(x))), computed here layer by layer.
+    enc1 = keras.Model(model.input, [model.get_layer(name).output for name in
+                                     ("enc1_bn2", "enc1_shortcut_bn", "enc1_relu2")])
+    residual, shortcut, out = (t.numpy() for t in enc1(images, training=False))
+    np.testing.assert_allclose(out, np.maximum(residual + shortcut, 0), atol=1e-6)
+    kernel = model.get_layer("enc1_shortcut").kernel.numpy()[0, 0]  # (3, 4)
+    bn = model.get_layer("enc1_shortcut_bn")
+    projected = images @ kernel
+    expected = (projected - bn.moving_mean.numpy()) / np.sqrt(bn.moving_variance.numpy() + bn.epsilon) \
+        * bn.gamma.numpy() + bn.beta.numpy()
+    np.testing.assert_allclose(shortcut, expected, atol=1e-5)
+    # A .keras file tells its encoder; the rebuilt network has the same weights' shapes.
+    model.save(tmp_path / "r.keras")
+    loaded = keras.saving.load_model(tmp_path / "r.keras")
+    assert models.options_of(loaded) == {"unet_depth": 2, "upsampling": "transpose", "encoder": "residual"}
+    np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)
+    rebuilt = models.build_from_config({"model": "unet", "number_classes": 2, "input_channels": 3,
+                                        "base_filters": 4, "batch_norm": True, "unet_depth": 2,
+                                        "encoder": "residual"})
+    assert [w.shape for w in rebuilt.weights] == [w.shape for w in model.weights]
 
 
 def test_bilinear_unet_traces_for_any_size_and_round_trips_through_keras_file(tmp_path):
@@ -297,9 +337,9 @@ def test_bilinear_unet_traces_for_any_size_and_round_trips_through_keras_file(tm
     model.save(tmp_path / "m.keras")
     loaded = keras.saving.load_model(tmp_path / "m.keras")
     # A .keras file alone tells its shape options (inference needs them for the divisor and halo).
-    assert models.options_of(loaded) == {"unet_depth": 3, "upsampling": "bilinear"}
-    assert models.options_of(models.build_model("unet", 2, base_filters=2)) == {"unet_depth": 4,
-                                                                                 "upsampling": "transpose"}
+    assert models.options_of(loaded) == {"unet_depth": 3, "upsampling": "bilinear", "encoder": "plain"}
+    assert models.options_of(models.build_model("unet", 2, base_filters=2)) == {
+        "unet_depth": 4, "upsampling": "transpose", "encoder": "plain"}
     assert models.options_of(models.build_model("segnet", 2, base_filters=2)) == {}
     images = _images((2, 32, 16, 1))
     np.testing.assert_allclose(loaded(images).numpy(), model(images).numpy(), atol=1e-6)

@@ -125,11 +125,12 @@ def test_recipe_flags_parse_into_the_config():
                               "--optimizer", "sgd", "--momentum", "0.9", "--nesterov", "0", "--weight_decay",
                               "3e-5", "--lr_schedule", "poly", "--warmup_steps", "20", "--max_steps", "400",
                               "--foreground_crop_fraction", "0.33", "--unet_depth", "3", "--upsampling",
-                              "bilinear"])
+                              "bilinear", "--encoder", "residual"])
     config = train_config.config_from_args("unet", args)
     assert (config.optimizer, config.momentum, config.nesterov, config.weight_decay) == ("sgd", 0.9, False, 3e-5)
     assert (config.lr_schedule, config.warmup_steps, config.max_steps) == ("poly", 20, 400)
     assert (config.foreground_crop_fraction, config.unet_depth, config.upsampling) == (0.33, 3, "bilinear")
+    assert config.encoder == "residual"
     settings = train_config.optimizer_settings(config, steps_per_epoch=50)
     assert (settings.optimizer, settings.total_steps, settings.nesterov) == ("sgd", 400, False)
     # --max_epochs x steps per epoch is the run length; with both, the shorter one.

@@ -333,6 +333,22 @@ def test_sigterm_to_the_process_group_checkpoints_and_exits_143_then_transfer_to
     assert float(rows[0]["loss"]) == pytest.approx(total / pixels, rel=1e-4)
 
 
+def test_a_residual_encoder_run_records_it_and_a_resume_must_keep_it(dbs, tmp_path, capsys):
+    import checkpoints
+    import models
+
+    out = tmp_path / "run"
+    code, _, stderr = train_here(capsys, [*dbs, *ONE_TOWER, "--output_dir", out, "--max_steps", 2,
+                                          "--test_every_n_steps", 2, "--encoder", "residual"])
+    assert code == 0, stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["encoder"] == "residual"
+    assert models.options_of(checkpoints.load_trained(out / "model.keras").model)["encoder"] == "residual"
+    code, _, stderr = train_here(capsys, [*dbs, *ONE_TOWER, "--output_dir", out, "--max_steps", 4,
+                                          "--test_every_n_steps", 2, "--restore_checkpoint_filepath", out])
+    assert code == 2
+    assert "was trained with encoder=residual but this run has encoder=plain" in stderr
+
+
 def test_sigterm_during_the_final_export_waits_for_it_and_the_run_ends_complete(dbs, tmp_path, capsys,
                                                                                  monkeypatch):
     import checkpoints
