@@ -13,7 +13,6 @@ only the task differs (pretext.py: blind-spot denoising). The labels' flags (--n
 loss on fixed crops of the same database (see pretext.BlindSpotEvaluator).
 """
 import dataclasses
-import sys
 
 import errors
 import pretext
@@ -52,9 +51,9 @@ def config_from_args(args):
         foreground_crop_fraction=0.0, init_from=None, pretext=dataclasses.asdict(settings))
 
 
-def main(argv=None):
-    return trainer.run_command(build_parser(), config_from_args, argv)
+def main(argv=None, owns_process=False):
+    return trainer.run_command(build_parser(), config_from_args, argv, owns_process)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    trainer.exit_process(main(owns_process=True))

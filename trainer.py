@@ -47,18 +47,28 @@ from train_config import (TrainConfig, build_parser, config_from_args,  # noqa: 
                           database_flag, optimizer_settings, read_database_metadata, validate_config)
 
 
-def main(model_name, argv=None):
-    """Entry point of train_<model>.py. Returns the process exit code."""
-    return run_command(build_parser(model_name), lambda args: config_from_args(model_name, args), argv)
+def main(model_name, argv=None, owns_process=False):
+    """Entry point of train_<model>.py. Returns the process exit code. ``owns_process``: see train()."""
+    return run_command(build_parser(model_name), lambda args: config_from_args(model_name, args), argv,
+                       owns_process)
 
 
-def run_command(parser, make_config, argv=None):
+def exit_process(code):
+    """sys.exit(code) for train_<model>.py and pretrain_unet.py, ignoring SIGTERM/SIGINT (see train()'s
+    ``owns_process``; here also for runs that ended in an error)."""
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, signal.SIG_IGN)
+    sys.exit(code)
+
+
+def run_command(parser, make_config, argv=None, owns_process=False):
     """Parse ``argv`` with ``parser``, train the TrainConfig ``make_config(args)`` describes, and turn
-    errors into messages and exit codes (train_<model>.py, pretrain_unet.py). Returns the exit code."""
+    errors into messages and exit codes (train_<model>.py, pretrain_unet.py). Returns the exit code.
+    ``owns_process``: see train()."""
     args = train_config.parse_args(parser, argv)
     try:
         config = make_config(args)
-        summary = train(config)
+        summary = train(config, owns_process)
     except (ConfigError, distribute.DistributionError) as error:
         parser.print_usage(sys.stderr)
         print(f"{parser.prog}: error: {error}", file=sys.stderr)
@@ -127,8 +137,15 @@ def make_task(config):
 # Setting a run up
 # ----------------------------------------------------------------------------------------------
 
-def train(config):
+def train(config, owns_process=False):
     """Train one model as described by ``config``.
+
+    ``owns_process``: the run is the whole process (train_<model>.py), which exits once it returns.
+    SIGTERM/SIGINT are then ignored from the end of the loop and the export on, instead of getting
+    their previous handlers back: the outputs are complete, but Python and TensorFlow take seconds
+    to shut down, and a job's time limit or a benchmark's timeout arriving then would end a complete
+    run with -15 instead of its exit code. Ignored, not handled: Python resets its own handlers to
+    the default early in its shutdown but leaves an ignored signal ignored (SIGKILL still works).
 
     Returns:
       Summary dict: exit_code (0 finished, 130/143 stopped by a signal), stop_reason, step, epoch,
@@ -184,7 +201,7 @@ def train(config):
               evaluator=evaluator, deadline=training_deadline(run_plan, started, info, evaluator), task=task,
               run_plan=run_plan)
     model_path = None
-    with StopSignals() as stop:
+    with StopSignals(ignore_afterwards=owns_process) as stop:
         try:
             with train_reader:
                 stop_reason = run.loop(state, stop)
@@ -832,12 +849,15 @@ def next_test_step(state, steps_per_epoch):
 class StopSignals:
     """SIGTERM/SIGINT set a flag; the loop finishes its step, checkpoints and exits 143/130 (the
     export of a complete run finishes and the run exits 0). ``doing``: what the message says
-    happens next; the trainer changes it when the loop is over and the export begins."""
+    happens next; the trainer changes it when the loop is over and the export begins.
+    ``ignore_afterwards``: on leaving, ignore both signals instead of putting the previous handlers
+    back (a process that only exits afterwards: see train())."""
 
-    def __init__(self, doing="finishing the current step, then checkpointing and stopping"):
+    def __init__(self, doing="finishing the current step, then checkpointing and stopping", ignore_afterwards=False):
         self.signal_number = None
         self._previous = {}
         self.doing = doing
+        self._ignore_afterwards = ignore_afterwards
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -861,7 +881,7 @@ class StopSignals:
 
     def __exit__(self, *exc):
         for number, handler in self._previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if self._ignore_afterwards else handler)
 
 
 def _print_locations(output_dir, stop_reason, state, model_path):

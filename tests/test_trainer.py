@@ -371,6 +371,22 @@ def test_sigterm_during_the_final_export_waits_for_it_and_the_run_ends_complete(
     assert signal.getsignal(signal.SIGTERM) is before  # the handler is put back after the export
 
 
+def test_sigterm_after_the_run_ended_keeps_its_exit_code(dbs, tmp_path):
+    # The last line a finished run prints, then Python and TensorFlow shut down (seconds): a job's
+    # time limit arriving then must not turn a complete run into exit -15.
+    out = tmp_path / "run"
+    with open(tmp_path / "stderr.txt", "w") as stderr:
+        process = _start_training_until(out, dbs, stderr, line_start="  best model",
+                                        extra=("--max_steps", 2, "--test_every_n_steps", 2))
+        os.killpg(process.pid, signal.SIGTERM)
+        process.communicate(timeout=120)
+    message = (tmp_path / "stderr.txt").read_text()
+    # The line reaches the pipe when Python flushes stdout while shutting down, so the signal lands
+    # then (without the fix: exit -15).
+    assert process.returncode == 0, message[-3000:]
+    assert (out / "model.keras").stat().st_size > 0
+
+
 def test_sigterm_during_a_test_pass_checkpoints_and_the_resumed_run_repeats_that_pass(dbs, tmp_path, capsys,
                                                                                     monkeypatch):
     import multiprocessing
