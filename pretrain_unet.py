@@ -13,6 +13,7 @@ only the task differs (pretext.py: blind-spot denoising). The labels' flags (--n
 loss on fixed crops of the same database (see pretext.BlindSpotEvaluator).
 """
 import dataclasses
+import sys
 
 import errors
 import pretext
@@ -56,4 +57,4 @@ def main(argv=None, owns_process=False):
 
 
 if __name__ == "__main__":
-    trainer.exit_process(main(owns_process=True))
+    sys.exit(main(owns_process=True))

@@ -1,4 +1,5 @@
 """Train a SegNet (see trainer.py for the loop and `python train_segnet.py --help` for the flags)."""
+import sys
 
 import trainer
 
@@ -8,4 +9,4 @@ def main(argv=None, owns_process=False):
 
 
 if __name__ == "__main__":
-    trainer.exit_process(main(owns_process=True))
+    sys.exit(main(owns_process=True))

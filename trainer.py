@@ -53,14 +53,6 @@ def main(model_name, argv=None, owns_process=False):
                        owns_process)
 
 
-def exit_process(code):
-    """sys.exit(code) for train_<model>.py and pretrain_unet.py, ignoring SIGTERM/SIGINT (see train()'s
-    ``owns_process``; here also for runs that ended in an error)."""
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, signal.SIG_IGN)
-    sys.exit(code)
-
-
 def run_command(parser, make_config, argv=None, owns_process=False):
     """Parse ``argv`` with ``parser``, train the TrainConfig ``make_config(args)`` describes, and turn
     errors into messages and exit codes (train_<model>.py, pretrain_unet.py). Returns the exit code.
