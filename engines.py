@@ -4,7 +4,11 @@
     logits = forward(batch)                                  # float32 [B, H, W, C] -> [B, H, W, K]
 
 Both give the same callable as predictor.make_predictor, so tiling, halos, --tta and ensembles are
-those of the TensorFlow path (predictor.iter_bands drives either). The ONNX graph is exported from
+those of the TensorFlow path (predictor.iter_bands drives either). The TensorFlow engine can also
+compute in bfloat16 or float16 (``precision``): a copy of the model under Keras's mixed policy, the
+logits still float32. On a CPU with AMX (Intel Xeon 4th generation and later) bfloat16 runs the
+default UNet several times faster, at masks that differ from float32's on a few pixels in ten
+thousand (docs/inference-at-scale.md); it is never the default, since the masks are not identical. The ONNX graph is exported from
 the Keras model by Keras 3's own exporter (``model.export(format="onnx")``, which runs tf2onnx) with
 free batch, height and width, and cached beside the model as ``<model>.onnx`` (``model.onnx`` in a
 checkpoint folder): an export takes seconds for a small UNet but over a minute for the default one
@@ -21,9 +25,11 @@ import keras
 import numpy as np
 
 import image_io
+import models
 import predictor
 
 ENGINES = ("tensorflow", "onnxruntime")
+PRECISIONS = tuple(models.PRECISIONS)  # float32 (default), bfloat16, float16
 SOURCE_HASH_KEY = "segtool_source_sha256"  # ONNX metadata: the hash of the file exported from
 
 
@@ -124,13 +130,61 @@ def session_call(session):
     return call
 
 
-def make_forward(engine, loaded, announce=print):
-    """The forward function of ``engine`` for the models ``loaded`` (checkpoints.LoadedModel list):
-    one model, or an ensemble whose softmax is averaged (predictor.combine_members)."""
+def cpu_flags(cpuinfo="/proc/cpuinfo"):
+    """The instruction-set flags of this machine's CPU (empty where /proc/cpuinfo is missing)."""
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path(cpuinfo).read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.partition(":")[2].split())
+    return set()
+
+
+def precision_warning(precision, device, flags=None, compute_capability=None):
+    """None, or why ``precision`` is likely slower than float32 on ``device`` ("/CPU:0", "/GPU:0"):
+    a CPU without AMX for bfloat16 (converting costs more than the arithmetic saves), any CPU for
+    float16 (measured slower), a GPU older than the precision's tensor cores. ``flags`` (CPU) and
+    ``compute_capability`` (GPU) default to this machine's."""
+    if precision == "float32":
+        return None
+    if "GPU" in device:
+        if compute_capability is None:
+            import tensorflow as tf
+            details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
+            compute_capability = details.get("compute_capability")
+        needed = (8, 0) if precision == "bfloat16" else (7, 0)
+        if compute_capability is None or tuple(compute_capability) >= needed:
+            return None
+        return (f"--precision {precision}: this GPU (compute capability {compute_capability[0]}."
+                f"{compute_capability[1]}) has no {precision} tensor cores (they need {needed[0]}.{needed[1]}): "
+                f"expect it no faster than float32")
+    if precision == "float16":
+        return ("--precision float16 on a CPU: measured slower than float32 (0.77x for the default UNet "
+                "on a Xeon with AVX512-FP16); use bfloat16 on a CPU with AMX")
+    if "amx_bf16" not in (cpu_flags() if flags is None else flags):
+        return ("--precision bfloat16: this CPU has no AMX-BF16 unit (no 'amx_bf16' in /proc/cpuinfo), "
+                "so bfloat16 is emulated: expect it slower than float32")
+    return None
+
+
+def check_choice(engine, precision="float32"):
+    """EngineError naming the flag unless ``engine`` can run the network in ``precision``."""
     if engine not in ENGINES:
         raise EngineError(f"--engine {engine}: expected one of {', '.join(ENGINES)}")
+    if precision not in PRECISIONS:
+        raise EngineError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "float32" and engine != "tensorflow":
+        raise EngineError(f"--precision {precision} runs on --engine tensorflow only (the ONNX export "
+                          f"computes in float32)")
+
+
+def make_forward(engine, loaded, announce=print, precision="float32"):
+    """The forward function of ``engine`` for the models ``loaded`` (checkpoints.LoadedModel list):
+    one model, or an ensemble whose softmax is averaged (predictor.combine_members). ``precision``
+    other than float32 runs on the TensorFlow engine only (models.with_precision)."""
+    check_choice(engine, precision)
     if engine == "tensorflow":
-        return predictor.make_predictor([member.model for member in loaded])
+        return predictor.make_predictor([models.with_precision(member.model, precision)
+                                         for member in loaded])
     calls = []
     for member in loaded:
         path, note = cached_onnx(member)

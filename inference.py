@@ -106,6 +106,7 @@ class InferenceConfig:
     part: tuple | None = None
     skip_existing: bool = False
     engine: str = "tensorflow"  # or "onnxruntime" (engines.py): same tiles, halos, TTA, ensembles
+    precision: str = "float32"  # or "bfloat16" / "float16": the TensorFlow engine under a mixed policy
     uncertainty_csv: str | None = None  # rank the images by uncertainty here (uncertainty.py)
 
 
@@ -351,6 +352,10 @@ def run_inference(config):
     start_time = time.perf_counter()
     if config.batch_size < 1:
         raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
+    try:
+        engines.check_choice(config.engine, config.precision)
+    except engines.EngineError as exc:
+        raise InferenceError(str(exc)) from exc
     image_folder, output_folder, images = _check_folders(config)
     if config.uncertainty_csv and not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
         raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
@@ -385,15 +390,20 @@ def run_inference(config):
     for member in loaded:
         print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
               f"{member.number_classes} classes out)")
-    print(f"engine: {config.engine}; device: {device}; tiles up to {tile_size} px, halo {halo} px, "
+    print(f"engine: {config.engine}"
+          f"{f' in {config.precision}' if config.precision != 'float32' else ''}; "
+          f"device: {device}; tiles up to {tile_size} px, halo {halo} px, "
           f"batch {config.batch_size}"
           f"{', test-time augmentation (8 transforms)' if config.tta else ''}"
           f"{f', ensemble of {len(loaded)} models' if len(loaded) > 1 else ''}; "
           f"{len(images)} image(s) from {image_folder} -> {output_folder}")
     try:
-        forward = engines.make_forward(config.engine, loaded)
+        forward = engines.make_forward(config.engine, loaded, precision=config.precision)
     except engines.EngineError as exc:
         raise InferenceError(str(exc)) from exc
+    warning = engines.precision_warning(config.precision, device)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
 
     written, failed, owners, skipped, ranking = [], {}, {}, [], []
     for index, path in enumerate(images, start=1):
@@ -516,6 +526,13 @@ def build_parser():
                         "(CPU; the model is exported to ONNX once and cached beside it as "
                         "<model>.onnx); the same tiles, halos, --tta and ensembles, probabilities "
                         "within 1e-4 (docs/inference-at-scale.md has the measured speeds)")
+    parser.add_argument("--precision", choices=engines.PRECISIONS, default="float32",
+                        help="what the network computes in (--engine tensorflow): float32 (default), "
+                        "or bfloat16 / float16 (Keras's mixed policies; the logits and everything "
+                        "after stay float32). bfloat16 is several times faster for wide networks on "
+                        "CPUs with AMX (Xeon 4th generation and later) and on GPUs from compute "
+                        "capability 8.0, float16 on GPUs from 7.0; the masks then differ from float32's "
+                        "on a few pixels (measured in docs/inference-at-scale.md)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="skip images whose outputs exist complete (open, right shape, all data); "
                         "a missing or truncated output is redone, so a failed or preempted run "
@@ -551,7 +568,8 @@ def config_from_args(args):
                            tile_size=args.tile_size, batch_size=args.batch_size, gpu=args.gpu,
                            save_probabilities=args.save_probabilities, tta=args.tta,
                            image_extensions=extensions, part=part, skip_existing=args.skip_existing,
-                           engine=args.engine, uncertainty_csv=args.uncertainty_csv)
+                           engine=args.engine, precision=args.precision,
+                           uncertainty_csv=args.uncertainty_csv)
 
 
 def _raise_interrupted(signum, frame):
@@ -562,10 +580,17 @@ def _raise_interrupted(signum, frame):
     raise Interrupted(signum)
 
 
-def main(argv=None):
+def main(argv=None, owns_process=False):
     """Command-line entry point. Returns the exit code: 0 all written, 1 an image failed, 2 the run
     could not start (model, flags, folders), 128 + the signal number when SIGTERM (143) or SIGINT
-    (130) stopped it."""
+    (130) stopped it.
+
+    ``owns_process``: the run is the whole process (python inference.py), which exits once main
+    returns. SIGTERM/SIGINT then stay ignored after the run instead of getting their previous handlers
+    back: every mask is written, but Python and TensorFlow take seconds to shut down, and a job's
+    time limit arriving then would turn the run's exit code into -15. Ignored, not handled: Python
+    resets its own handlers early in its shutdown but leaves an ignored signal ignored (as
+    trainer.train does for train_<model>.py)."""
     args = build_parser().parse_args(argv)
     # SIGTERM's default action ends the process at once, leaving the scratch file of the image being
     # written; raised as an exception instead, the writers' cleanup runs.
@@ -586,12 +611,12 @@ def main(argv=None):
         return 128 + exc.signum
     finally:
         for number, handler in previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if owns_process else handler)
     return EXIT_IMAGE_FAILED if summary.failed_count else 0
 
 
 if __name__ == "__main__":
-    code = main()
+    code = main(owns_process=True)
     if code in (128 + signal.SIGTERM, 128 + signal.SIGINT):
         # A network call may still run in its helper thread (_interruptible): leave now, without
         # waiting for it or tearing TensorFlow down under it; this run's scratch is already removed.

@@ -3,7 +3,8 @@ reading or writing (issue 25's engine choice).
 
 For the default UNet (base_filters 64, 512 px tile) and a small one (base_filters 8, 1,024 px), random
 weights, one tile: Mpx/s of the TensorFlow path inference uses (a tf.function around the Keras
-model), the same with XLA (jit_compile=True), and ONNX Runtime on Keras's ONNX export, each the
+model), the same with XLA (jit_compile=True), the same model in bfloat16 (inference.py --precision
+bfloat16: models.with_precision), and ONNX Runtime on Keras's ONNX export, each the
 median of 8 calls interleaved between the engines (so a change of the machine's load hits all of
 them), and each engine's largest logit difference from TensorFlow's. One line per model.
 
@@ -33,9 +34,12 @@ def engine_calls(model, folder):
     spec = [tf.TensorSpec([None, None, None, 1], tf.float32)]
     plain = tf.function(lambda x: model(x, training=False), input_signature=spec)
     xla = tf.function(lambda x: model(x, training=False), input_signature=spec, jit_compile=True)
+    reduced = models.with_precision(model, "bfloat16")
+    bfloat16 = tf.function(lambda x: reduced(x, training=False), input_signature=spec)
     session = engines.session_call(engines.onnx_session(engines.export_onnx(model, folder / "model.onnx")))
     return {"tensorflow": lambda x: plain(tf.constant(x)).numpy(),
             "tensorflow+xla": lambda x: xla(tf.constant(x)).numpy(),
+            "tensorflow bfloat16": lambda x: bfloat16(tf.constant(x)).numpy(),
             "onnxruntime": session}
 
 

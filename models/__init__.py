@@ -36,7 +36,10 @@ CONFIG_KEYS = ("model", "number_classes", "input_channels", "base_filters", "bat
 __all__ = ["CONFIG_KEYS", "MODEL_NAMES", "OPTION_KEYS", "SIZE_DIVISOR", "build_from_config", "build_model",
            "check_input_size", "check_name", "check_options", "citation", "display_name", "Geometry",
            "geometry", "model_options", "options_of", "receptive_field", "register_layers", "shape_options",
-           "size_divisor", "xla_problem"]
+           "size_divisor", "with_precision", "xla_problem"]
+
+# Precisions a model can compute in, with their Keras dtype policies (variables stay float32).
+PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
 def __getattr__(attribute):
@@ -201,6 +204,29 @@ def options_of(model):
     is at hand. Empty for a model without options."""
     module = _module(model.name)
     return module.options_of(model) if hasattr(module, "options_of") else {}
+
+
+def with_precision(model, precision):
+    """A copy of the built ``model`` (same layers, same weights) computing in ``precision``, a key of
+    ``PRECISIONS``; ``model`` itself when every layer already computes in it.
+
+    The output layer "logits" computes in float32 whatever the precision, as the builders make it
+    (the softmax and the loss need float32), so the copy's outputs are float32 logits either way.
+    """
+    import keras
+
+    if all(layer.dtype_policy.compute_dtype == ("float32" if layer.name == "logits" else precision)
+           for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)):
+        return model
+
+    def in_precision(layer):
+        config = layer.get_config()
+        config["dtype"] = "float32" if layer.name == "logits" else PRECISIONS[precision]
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=in_precision)
+    copy.set_weights(model.get_weights())
+    return copy
 
 
 def xla_problem(name):

@@ -86,6 +86,34 @@ def test_sigterm_while_streaming_removes_the_scratch_and_exits_143(tmp_path, une
     assert "a_small.tif" in stdout
 
 
+def test_sigterm_after_the_run_ended_keeps_its_exit_code(tmp_path, unet_1ch):
+    # After its last line inference.py still takes seconds to shut Python and TensorFlow down; a job's
+    # time limit arriving then must not turn a complete run's exit code into -15.
+    folder, _ = unet_1ch
+    images = _images(tmp_path / "images", **{"a.tif": np.ones((40, 50), np.uint16)})
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "inference.py"), "--model", str(folder), "--image_folder", str(images),
+         "--output_folder", str(tmp_path / "out"), "--tile_size", "288"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**{k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    try:
+        # stdout is a buffered pipe, so the last line arrives when Python flushes it while shutting
+        # down: the signal lands then (without the fix: exit -15).
+        for line in process.stdout:
+            if line.startswith("done: 1 mask(s) written"):
+                process.send_signal(signal.SIGTERM)
+                break
+        else:
+            pytest.fail(f"no 'done:' line; stderr: {process.stderr.read()[-2000:]}")
+        process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert process.returncode == 0
+    assert tifffile.imread(tmp_path / "out" / "a.tif").shape == (40, 50)
+
+
 def test_sigint_removes_zarr_scratch_folders_and_exits_130(tmp_path, unet_1ch, monkeypatch, capsys):
     import zarr
     folder, _ = unet_1ch
