@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 import engines  # noqa: E402
 import models  # noqa: E402
 
-CASES = ((64, 512), (8, 1024))   # (base_filters, tile side)
+CASES = ((64, 512), (32, 512), (8, 1024))   # (base_filters, tile side)
 ROUNDS, CALLS_PER_ROUND = 4, 2
 
 
