@@ -80,6 +80,7 @@ class Interrupted(BaseException):
         super().__init__(signum)
         self.signum = signum
         self.image = None  # the image being segmented, set by run_inference
+        self.after_images = False  # set by run_inference when every image had been handled
 
 
 @dataclasses.dataclass
@@ -450,19 +451,23 @@ def run_inference(config):
         print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
-    if config.uncertainty_csv:
-        try:
-            ranked = uncertainty.write_ranking(config.uncertainty_csv, ranking, keep=folder_images)
-        except uncertainty.RankingError as exc:
-            raise InferenceError(str(exc)) from exc
-        print(f"uncertainty: {len(ranked)} image(s) ranked ({len(ranking)} segmented in this run), most "
-              f"uncertain first, in {config.uncertainty_csv}")
-    summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time,
-                               skipped=skipped)
-    print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
-          f"failed{f', {len(skipped)} skipped (complete)' if skipped else ''}, {summary.seconds:.1f} s")
-    if failed:
-        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    try:
+        if config.uncertainty_csv:
+            try:
+                ranked = uncertainty.write_ranking(config.uncertainty_csv, ranking, keep=folder_images)
+            except uncertainty.RankingError as exc:
+                raise InferenceError(str(exc)) from exc
+            print(f"uncertainty: {len(ranked)} image(s) ranked ({len(ranking)} segmented in this run), most "
+                  f"uncertain first, in {config.uncertainty_csv}")
+        summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time,
+                                   skipped=skipped)
+        print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
+              f"failed{f', {len(skipped)} skipped (complete)' if skipped else ''}, {summary.seconds:.1f} s")
+        if failed:
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    except Interrupted as exc:
+        exc.after_images = True
+        raise
     return summary
 
 
@@ -605,7 +610,8 @@ def main(argv=None, owns_process=False):
         return EXIT_CANNOT_START
     except Interrupted as exc:
         where = (f"while segmenting {exc.image} (its partial output was removed)" if exc.image
-                 else "before any image was segmented")
+                 else "after the last image (an --uncertainty_csv ranking may not be updated)"
+                 if exc.after_images else "before any image was segmented")
         print(f"interrupted by {signal.Signals(exc.signum).name} {where}; the masks written before it "
               f"are complete", file=sys.stderr, flush=True)
         return 128 + exc.signum

@@ -114,6 +114,26 @@ def test_sigterm_after_the_run_ended_keeps_its_exit_code(tmp_path, unet_1ch):
     assert tifffile.imread(tmp_path / "out" / "a.tif").shape == (40, 50)
 
 
+def test_sigterm_after_the_last_image_says_so(tmp_path, unet_1ch, monkeypatch, capsys):
+    import uncertainty
+    folder, _ = unet_1ch
+    images = _images(tmp_path / "images", **{"a.tif": np.ones((40, 40), np.uint16)})
+    write_ranking = uncertainty.write_ranking
+
+    def signalled(*args, **kwargs):  # a job's time limit, while the ranking is written
+        os.kill(os.getpid(), signal.SIGTERM)
+        return write_ranking(*args, **kwargs)
+
+    monkeypatch.setattr(uncertainty, "write_ranking", signalled)
+    code = inference.main(["--model", str(folder), "--image_folder", str(images), "--output_folder",
+                           str(tmp_path / "out"), "--tile_size", "288", "--uncertainty_csv",
+                           str(tmp_path / "ranking.csv")])
+    assert code == 143
+    assert ("interrupted by SIGTERM after the last image (an --uncertainty_csv ranking may not be updated)"
+            in capsys.readouterr().err)
+    assert tifffile.imread(tmp_path / "out" / "a.tif").shape == (40, 40)
+
+
 def test_sigint_removes_zarr_scratch_folders_and_exits_130(tmp_path, unet_1ch, monkeypatch, capsys):
     import zarr
     folder, _ = unet_1ch
