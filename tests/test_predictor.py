@@ -99,6 +99,24 @@ def test_tiled_logits_equal_whole_image_logits(name, channels, shape, tile):
     assert np.abs(seamed - whole).max() > 1e-3
 
 
+def test_tiled_logits_equal_whole_image_logits_in_bfloat16():
+    # inference.py --precision bfloat16: rounding to 16 bits happens per pixel, so the tile size and
+    # the batch still do not change the result.
+    keras.utils.set_random_seed(5)
+    model = models.with_precision(models.build_model("unet", CLASSES, base_filters=4), "bfloat16")
+    forward = predictor.make_predictor(model)
+    image = np.random.default_rng(5).gamma(2.0, 300.0, size=(300, 517, 1)).astype(np.float32)
+    stats = normalization.channel_statistics(image)
+    geometry = models.geometry("unet")
+    whole = predictor.predict_image(forward, image, stats, geometry, tile_size=1024)
+    tiled = predictor.predict_image(forward, image, stats, geometry, tile_size=288, batch_size=3)
+    assert predictor.count_tiles(300, 517, geometry, 288) > 4
+    np.testing.assert_allclose(tiled, whole, atol=1e-4, rtol=0)
+    exact = predictor.predict_image(predictor.make_predictor(models.with_precision(model, "float32")), image,
+                                    stats, geometry, tile_size=1024)
+    assert np.abs(exact - whole).max() > 1e-4  # it did compute in bfloat16
+
+
 def test_tiled_tta_equals_whole_image_tta_and_differs_from_plain():
     keras.utils.set_random_seed(4)
     model = models.build_model("unet", CLASSES, input_channels=1, base_filters=2)
