@@ -139,18 +139,19 @@ def cpu_flags(cpuinfo="/proc/cpuinfo"):
     return set()
 
 
-def precision_warning(precision, device, flags=None, compute_capability=None):
+def precision_warning(precision, device, flags=None, compute_capability=None, gpu_index=0):
     """None, or why ``precision`` is likely slower than float32 on ``device`` ("/CPU:0", "/GPU:0"):
     a CPU without AMX for bfloat16 (converting costs more than the arithmetic saves), any CPU for
     float16 (measured slower), a GPU older than the precision's tensor cores. ``flags`` (CPU) and
-    ``compute_capability`` (GPU) default to this machine's."""
+    ``compute_capability`` (GPU) default to this machine's: the CPU's, and that of physical GPU
+    ``gpu_index``."""
     if precision == "float32":
         return None
     if "GPU" in device:
         if compute_capability is None:
             import tensorflow as tf
-            details = tf.config.experimental.get_device_details(tf.config.list_physical_devices("GPU")[0])
-            compute_capability = details.get("compute_capability")
+            gpu = tf.config.list_physical_devices("GPU")[gpu_index]
+            compute_capability = tf.config.experimental.get_device_details(gpu).get("compute_capability")
         needed = (8, 0) if precision == "bfloat16" else (7, 0)
         if compute_capability is None or tuple(compute_capability) >= needed:
             return None
@@ -183,8 +184,11 @@ def make_forward(engine, loaded, announce=print, precision="float32"):
     other than float32 runs on the TensorFlow engine only (models.with_precision)."""
     check_choice(engine, precision)
     if engine == "tensorflow":
-        return predictor.make_predictor([models.with_precision(member.model, precision)
-                                         for member in loaded])
+        try:
+            return predictor.make_predictor([models.with_precision(member.model, precision)
+                                             for member in loaded])
+        except ValueError as exc:  # a model that must not compute in 16 bits (models.PRECISION_PROBLEM)
+            raise EngineError(f"--precision {precision}: {exc}") from exc
     calls = []
     for member in loaded:
         path, note = cached_onnx(member)

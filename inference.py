@@ -402,7 +402,7 @@ def run_inference(config):
         forward = engines.make_forward(config.engine, loaded, precision=config.precision)
     except engines.EngineError as exc:
         raise InferenceError(str(exc)) from exc
-    warning = engines.precision_warning(config.precision, device)
+    warning = engines.precision_warning(config.precision, device, gpu_index=config.gpu or 0)
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
@@ -533,8 +533,8 @@ def build_parser():
                         "within 1e-4 (docs/inference-at-scale.md has the measured speeds)")
     parser.add_argument("--precision", choices=engines.PRECISIONS, default="float32",
                         help="what the network computes in (--engine tensorflow): float32 (default), "
-                        "or bfloat16 / float16 (Keras's mixed policies; the logits and everything "
-                        "after stay float32). bfloat16 is several times faster for wide networks on "
+                        "or bfloat16 / float16 (UNet only; Keras's mixed policies; the logits and "
+                        "everything after stay float32). bfloat16 is several times faster for wide networks on "
                         "CPUs with AMX (Xeon 4th generation and later) and on GPUs from compute "
                         "capability 8.0, float16 on GPUs from 7.0; the masks then differ from float32's "
                         "on a few pixels (measured in docs/inference-at-scale.md)")

@@ -7,6 +7,7 @@ Each model is one module ``models/<name>.py`` exporting:
                     options; ``size_divisor(**options)`` when the options change it
   receptive_field(**options)  side in input pixels of what one output pixel sees (see models.unet)
   XLA_PROBLEM       None if XLA can compile the model, else why not (shown when --xla is refused)
+  PRECISION_PROBLEM None if the model may compute in bfloat16 / float16 for inference, else why not
   DISPLAY_NAME      how people write its name ("UNet"), for model cards
   CITATION          (reference text, DOI) of the architecture's paper, cited by exported packages
   OPTIONS           optional: {training-config key: (builder argument, default)} of the options that
@@ -215,6 +216,9 @@ def with_precision(model, precision):
     """
     import keras
 
+    if precision != "float32" and _module(model.name).PRECISION_PROBLEM:
+        raise ValueError(f"{display_name(model.name)} cannot compute in {precision}: "
+                         f"{_module(model.name).PRECISION_PROBLEM}")
     if all(layer.dtype_policy.compute_dtype == ("float32" if layer.name == "logits" else precision)
            for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)):
         return model

@@ -25,6 +25,7 @@ ENCODERS = ("plain", "residual")
 SIZE_DIVISOR = 2 ** DEPTH  # of the default depth; size_divisor(depth) for the others
 # Registry entries (see models/__init__.py): every op of a UNet has an XLA kernel.
 XLA_PROBLEM = None
+PRECISION_PROBLEM = None
 DISPLAY_NAME = "UNet"
 CITATION = ("Ronneberger, Fischer, Brox: U-Net: Convolutional Networks for Biomedical Image Segmentation. "
             "MICCAI 2015", "10.1007/978-3-319-24574-4_28")

@@ -230,6 +230,7 @@ def test_every_registered_model_module_exports_the_registry_contract():
         assert models.SIZE_DIVISOR[name] == module.SIZE_DIVISOR and module.SIZE_DIVISOR in (16, 32)
         assert models.receptive_field(name) == module.receptive_field()
         assert models.xla_problem(name) == module.XLA_PROBLEM
+        assert module.PRECISION_PROBLEM is None or isinstance(module.PRECISION_PROBLEM, str)
         assert models.display_name(name).lower() == name
         text, doi = models.citation(name)
         assert text and doi.startswith("10.")
