@@ -14,11 +14,8 @@ true masks. One line of figures at the end.
 Run from the repo root, alone on the machine.
 """
 import argparse
-import contextlib
-import io
 import os
 import pathlib
-import re
 import sys
 import tempfile
 
@@ -29,25 +26,18 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 import image_io  # noqa: E402
-import inference  # noqa: E402
 import metrics  # noqa: E402
 import records  # noqa: E402
+from bench_inference import image_seconds, run_folder  # noqa: E402
 
 PRECISIONS = ("float32", "bfloat16")
 
 
 def segment(folder, output, model, precision, tile_size):
     """run_inference on ``folder``; returns {image name: seconds} of every image but the first."""
-    buffer = io.StringIO()
-    with contextlib.redirect_stdout(buffer):
-        summary = inference.run_inference(inference.InferenceConfig(
-            image_folder=str(folder), output_folder=str(output), model=model, gpu=-1, precision=precision,
-            tile_size=tile_size))
-    if summary.failed:
-        raise SystemExit(f"inference failed: {summary.failed}")
-    seconds = {match.group(1): float(match.group(2)) for match in
-               re.finditer(r"^\[\d+/\d+\] (\S+) .*\(([\d.]+) s[,)]", buffer.getvalue(), re.MULTILINE)}
-    return dict(list(seconds.items())[1:])
+    log = run_folder(folder, output, model, precision=precision, tile_size=tile_size)
+    names = [path.name for path in image_io.list_images(folder)]  # in inference's order
+    return {name: image_seconds(log, name) for name in names[1:]}
 
 
 def foreground_dice(truths, predicted, classes):
