@@ -4,15 +4,18 @@
     logits = forward(batch)                                  # float32 [B, H, W, C] -> [B, H, W, K]
 
 Both give the same callable as predictor.make_predictor, so tiling, halos, --tta and ensembles are
-those of the TensorFlow path (predictor.iter_bands drives either). The TensorFlow engine can also
-compute in bfloat16 or float16 (``precision``): a copy of the model under Keras's mixed policy, the
-logits still float32. On a CPU with AMX (Intel Xeon 4th generation and later) bfloat16 runs the
-default UNet several times faster, at masks that differ from float32's on a few pixels in ten
-thousand (docs/inference-at-scale.md); it is never the default, since the masks are not identical. The ONNX graph is exported from
-the Keras model by Keras 3's own exporter (``model.export(format="onnx")``, which runs tf2onnx) with
-free batch, height and width, and cached beside the model as ``<model>.onnx`` (``model.onnx`` in a
-checkpoint folder): an export takes seconds for a small UNet but over a minute for the default one
-(base_filters 64) on a 2-core CPU. The cache records the SHA-256 of the file it was made from and is
+those of the TensorFlow path (predictor.iter_bands drives either).
+
+The TensorFlow engine can also compute in bfloat16 or float16 (``precision``): a copy of the model
+under Keras's mixed policy, the logits still float32. On a CPU with AMX (Intel Xeon 4th generation
+and later) bfloat16 runs the default UNet several times faster, at masks that differ from float32's
+on a few pixels in ten thousand (docs/inference-at-scale.md); it is never the default, since the
+masks are not identical.
+
+The ONNX graph is exported from the Keras model by Keras 3's own exporter
+(``model.export(format="onnx")``, which runs tf2onnx) with free batch, height and width, and cached
+beside the model as ``<model>.onnx`` (``model.onnx`` in a checkpoint folder): an export takes
+seconds for a small UNet but over a minute for the default one (base_filters 64) on a 2-core CPU. The cache records the SHA-256 of the file it was made from and is
 remade when that changes; where the model's folder is read-only, the export goes to a temporary
 file for this run only.
 """

@@ -534,10 +534,10 @@ def build_parser():
     parser.add_argument("--precision", choices=engines.PRECISIONS, default="float32",
                         help="what the network computes in (--engine tensorflow): float32 (default), "
                         "or bfloat16 / float16 (UNet only; Keras's mixed policies; the logits and "
-                        "everything after stay float32). bfloat16 is several times faster for wide networks on "
-                        "CPUs with AMX (Xeon 4th generation and later) and on GPUs from compute "
-                        "capability 8.0, float16 on GPUs from 7.0; the masks then differ from float32's "
-                        "on a few pixels (measured in docs/inference-at-scale.md)")
+                        "everything after stay float32). bfloat16 is several times faster for wide "
+                        "networks on CPUs with AMX (Xeon 4th generation and later) and on GPUs from "
+                        "compute capability 8.0, float16 on GPUs from 7.0; the masks then differ from "
+                        "float32's on a few pixels (measured in docs/inference-at-scale.md)")
     parser.add_argument("--skip_existing", action="store_true",
                         help="skip images whose outputs exist complete (open, right shape, all data); "
                         "a missing or truncated output is redone, so a failed or preempted run "
