@@ -143,8 +143,8 @@ def cpu_flags(cpuinfo="/proc/cpuinfo"):
 
 
 def precision_warning(precision, device, flags=None, compute_capability=None, gpu_index=0):
-    """None, or why ``precision`` is likely slower than float32 on ``device`` ("/CPU:0", "/GPU:0"):
-    a CPU without AMX for bfloat16 (converting costs more than the arithmetic saves), any CPU for
+    """None, or why ``precision`` is unlikely to be faster than float32 on ``device`` ("/CPU:0",
+    "/GPU:0"): a CPU without AMX for bfloat16 (the only CPU where a gain was measured), any CPU for
     float16 (measured slower), a GPU older than the precision's tensor cores. ``flags`` (CPU) and
     ``compute_capability`` (GPU) default to this machine's: the CPU's, and that of physical GPU
     ``gpu_index``."""
@@ -165,8 +165,8 @@ def precision_warning(precision, device, flags=None, compute_capability=None, gp
         return ("--precision float16 on a CPU: measured slower than float32 (0.77x for the default UNet "
                 "on a Xeon with AVX512-FP16); use bfloat16 on a CPU with AMX")
     if "amx_bf16" not in (cpu_flags() if flags is None else flags):
-        return ("--precision bfloat16: this CPU has no AMX-BF16 unit (no 'amx_bf16' in /proc/cpuinfo), "
-                "so bfloat16 is emulated: expect it slower than float32")
+        return ("--precision bfloat16: this CPU has no AMX-BF16 unit (no 'amx_bf16' in /proc/cpuinfo); "
+                "bfloat16 was measured faster only with AMX: expect little or no gain over float32")
     return None
 
 
