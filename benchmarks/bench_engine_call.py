@@ -1,12 +1,13 @@
 """One network call per engine, side by side: where the CPU time of inference goes without tiling,
 reading or writing (issue 25's engine choice).
 
-For the default UNet (base_filters 64, 512 px tile) and a small one (base_filters 8, 1,024 px), random
-weights, one tile: Mpx/s of the TensorFlow path inference uses (a tf.function around the Keras
-model), the same with XLA (jit_compile=True), the same model in bfloat16 (inference.py --precision
-bfloat16: models.with_precision), and ONNX Runtime on Keras's ONNX export, each the
-median of 8 calls interleaved between the engines (so a change of the machine's load hits all of
-them), and each engine's largest logit difference from TensorFlow's. One line per model.
+For the default UNet (base_filters 64, 512 px tile), the planner's GPU width (base_filters 32, 512 px)
+and a small one (base_filters 8, 1,024 px), random weights, one tile: Mpx/s of the TensorFlow path
+inference uses (a tf.function around the Keras model), the same with XLA (jit_compile=True), the
+same model in bfloat16 (inference.py --precision bfloat16: models.with_precision), and ONNX Runtime
+on Keras's ONNX export, each the median of 8 calls interleaved between the engines (so a change of
+the machine's load hits all of them), and each engine's largest logit difference from TensorFlow's.
+One line per model; about 3 minutes on 2 cores (most of it the ONNX exports).
 
 Run from the repo root, alone on the machine: .venv/bin/python benchmarks/bench_engine_call.py
 """
