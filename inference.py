@@ -325,7 +325,16 @@ def resolve_tile_size(requested, loaded, batch_size, device):
     return requested
 
 
-def _check_folders(config):
+def _check_run(config):
+    """Refuse what cannot run before anything is loaded or written.
+
+    Returns (image_folder, output_folder, images): the two folders as paths and the images found."""
+    if config.batch_size < 1:
+        raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
+    try:
+        engines.check_choice(config.engine, config.precision)
+    except engines.EngineError as exc:
+        raise InferenceError(str(exc)) from exc
     image_folder = pathlib.Path(config.image_folder)
     output_folder = pathlib.Path(config.output_folder)
     if not image_folder.is_dir():
@@ -340,7 +349,83 @@ def _check_folders(config):
     if not images:
         raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
                              f"in {image_folder}")
+    if config.uncertainty_csv:
+        if not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
+            raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
+        try:  # refuse a file that is not a ranking now, not after segmenting the folder
+            uncertainty.read_ranking(config.uncertainty_csv)
+        except uncertainty.RankingError as exc:
+            raise InferenceError(str(exc)) from exc
     return image_folder, output_folder, images
+
+
+def _prepare(config, device, output_folder):
+    """Load the model(s), choose the tile size and create the output folder.
+
+    Returns (loaded, tile_size): checkpoints.load_models's list and the largest tile side."""
+    with tf.device(device):
+        loaded = checkpoints.load_models(config.model, config.checkpoint_filepath)
+    # resolve_device renumbers the chosen GPU as GPU:0; its free memory is that of --gpu.
+    memory_device = f"/GPU:{config.gpu or 0}" if "GPU" in device else "/CPU:0"
+    tile_size = resolve_tile_size(config.tile_size, loaded, config.batch_size, memory_device)
+    try:
+        output_folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
+    for action in image_io.remove_stale_scratch(output_folder):
+        print(action)
+    return loaded, tile_size
+
+
+def _announce(config, loaded, device, tile_size, images, image_folder, output_folder):
+    for member in loaded:
+        print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
+              f"{member.number_classes} classes out)")
+    print(f"engine: {config.engine}"
+          f"{f' in {config.precision}' if config.precision != 'float32' else ''}; "
+          f"device: {device}; tiles up to {tile_size} px, halo {loaded[0].geometry.halo} px, "
+          f"batch {config.batch_size}"
+          f"{', test-time augmentation (8 transforms)' if config.tta else ''}"
+          f"{f', ensemble of {len(loaded)} models' if len(loaded) > 1 else ''}; "
+          f"{len(images)} image(s) from {image_folder} -> {output_folder}")
+
+
+def _segment_image(path, banded, output_folder, loaded, forward, tile_size, device, config):
+    """Segment one image, or this part's band of it when ``banded``.
+
+    Returns (targets, description, tally): the output paths, a description of the input and the
+    image's uncertainty (None without --uncertainty_csv and for a band); targets is None when the
+    complete outputs already exist (--skip_existing, or a band another run finished), description
+    then says so. Raises ImageError for this image's problems, Interrupted on a signal.
+    """
+    if banded:
+        targets, description, was_done = _segment_band(path, output_folder, loaded, forward,
+                                                       tile_size, device, config)
+        return (None, f"{description}: skipped", None) if was_done else (targets, description, None)
+    first = loaded[0]
+    if config.skip_existing and writers.outputs_complete(path, output_folder, first.input_channels,
+                                                         first.number_classes, config.save_probabilities):
+        return None, "complete outputs exist, skipped", None
+    tally = uncertainty.ImageUncertainty() if config.uncertainty_csv else None
+    targets, description = _segment_file(path, output_folder, loaded, forward, tile_size, device, config,
+                                         tally)
+    return targets, description, tally
+
+
+def _finish(config, output_folder, summary, ranking, folder_images):
+    """Write the uncertainty ranking (if asked for) and print the run's last lines."""
+    if config.uncertainty_csv:
+        try:
+            ranked = uncertainty.write_ranking(config.uncertainty_csv, ranking, keep=folder_images)
+        except uncertainty.RankingError as exc:
+            raise InferenceError(str(exc)) from exc
+        print(f"uncertainty: {len(ranked)} image(s) ranked ({len(ranking)} segmented in this run), most "
+              f"uncertain first, in {config.uncertainty_csv}")
+    skipped = summary.skipped
+    print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
+          f"failed{f', {len(skipped)} skipped (complete)' if skipped else ''}, {summary.seconds:.1f} s")
+    if summary.failed:
+        print(f"failed: {', '.join(summary.failed)}", file=sys.stderr)
 
 
 def run_inference(config):
@@ -351,20 +436,7 @@ def run_inference(config):
       per-image problems are recorded in summary.failed and printed to stderr.
     """
     start_time = time.perf_counter()
-    if config.batch_size < 1:
-        raise InferenceError(f"--batch_size {config.batch_size}: must be at least 1")
-    try:
-        engines.check_choice(config.engine, config.precision)
-    except engines.EngineError as exc:
-        raise InferenceError(str(exc)) from exc
-    image_folder, output_folder, images = _check_folders(config)
-    if config.uncertainty_csv and not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
-        raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
-    if config.uncertainty_csv:
-        try:  # refuse a file that is not a ranking now, not after segmenting the folder
-            uncertainty.read_ranking(config.uncertainty_csv)
-        except uncertainty.RankingError as exc:
-            raise InferenceError(str(exc)) from exc
+    image_folder, output_folder, images = _check_run(config)
     folder_images = [path.name for path in images]  # an uncertainty ranking keeps rows of these only
     banded = config.part is not None and config.part[1] > 1 and len(images) == 1
     if config.part is not None and not banded:
@@ -375,29 +447,8 @@ def run_inference(config):
             return InferenceSummary(written=[], failed={}, seconds=time.perf_counter() - start_time)
 
     device = resolve_device(config.gpu)
-    with tf.device(device):
-        loaded = checkpoints.load_models(config.model, config.checkpoint_filepath)
-    first = loaded[0]
-    # resolve_device renumbers the chosen GPU as GPU:0; its free memory is that of --gpu.
-    memory_device = f"/GPU:{config.gpu or 0}" if "GPU" in device else "/CPU:0"
-    tile_size = resolve_tile_size(config.tile_size, loaded, config.batch_size, memory_device)
-    try:
-        output_folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
-    for action in image_io.remove_stale_scratch(output_folder):
-        print(action)
-    halo = first.geometry.halo
-    for member in loaded:
-        print(f"model: {member.source} ({member.name}, {member.input_channels} channel(s) in, "
-              f"{member.number_classes} classes out)")
-    print(f"engine: {config.engine}"
-          f"{f' in {config.precision}' if config.precision != 'float32' else ''}; "
-          f"device: {device}; tiles up to {tile_size} px, halo {halo} px, "
-          f"batch {config.batch_size}"
-          f"{', test-time augmentation (8 transforms)' if config.tta else ''}"
-          f"{f', ensemble of {len(loaded)} models' if len(loaded) > 1 else ''}; "
-          f"{len(images)} image(s) from {image_folder} -> {output_folder}")
+    loaded, tile_size = _prepare(config, device, output_folder)
+    _announce(config, loaded, device, tile_size, images, image_folder, output_folder)
     try:
         forward = engines.make_forward(config.engine, loaded, precision=config.precision)
     except engines.EngineError as exc:
@@ -409,62 +460,39 @@ def run_inference(config):
     written, failed, owners, skipped, ranking = [], {}, {}, [], []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
+        counter = f"[{index}/{len(images)}]"
         stem = image_io.image_stem(path)
-        tally = None  # the uncertainty of a whole-image run (a band of a shared image has none)
         try:
             if stem in owners:
                 raise ImageError(f"{path.name}: same stem as {owners[stem]}, whose outputs "
                                  f"{stem}.* are already written")
             owners[stem] = path.name
-            if banded:
-                targets, description, was_done = _segment_band(path, output_folder, loaded, forward,
-                                                               tile_size, device, config)
-                if was_done:
-                    skipped.append(path.name)
-                    print(f"[{index}/{len(images)}] {path.name} {description}: skipped", flush=True)
-                    continue
-            elif config.skip_existing and writers.outputs_complete(
-                    path, output_folder, first.input_channels, first.number_classes,
-                    config.save_probabilities):
-                skipped.append(path.name)
-                print(f"[{index}/{len(images)}] {path.name}: complete outputs exist, skipped",
-                      flush=True)
-                continue
-            else:
-                if config.uncertainty_csv:
-                    tally = uncertainty.ImageUncertainty()
-                targets, description = _segment_file(path, output_folder, loaded, forward, tile_size,
-                                                      device, config, tally)
+            targets, description, tally = _segment_image(path, banded, output_folder, loaded, forward,
+                                                         tile_size, device, config)
         except ImageError as exc:
             failed[path.name] = str(exc)
-            print(f"[{index}/{len(images)}] FAILED {exc}", file=sys.stderr, flush=True)
+            print(f"{counter} FAILED {exc}", file=sys.stderr, flush=True)
             continue
         except Interrupted as exc:
             exc.image = path.name
             raise
+        if targets is None:
+            skipped.append(path.name)
+            print(f"{counter} {path.name}{'' if banded else ':'} {description}", flush=True)
+            continue
         written.append(str(targets[0]))
         if tally is not None:
             ranking.append(tally.row(path.name))
         elapsed = time.perf_counter() - start_time
         eta = (f", folder ETA {progress.format_clock(elapsed / index * (len(images) - index))}"
                if len(images) - index > 1 else "")
-        print(f"[{index}/{len(images)}] {path.name} {description} {targets[0].name} "
+        print(f"{counter} {path.name} {description} {targets[0].name} "
               f"({time.perf_counter() - image_start:.2f} s{eta})", flush=True)
 
     try:
-        if config.uncertainty_csv:
-            try:
-                ranked = uncertainty.write_ranking(config.uncertainty_csv, ranking, keep=folder_images)
-            except uncertainty.RankingError as exc:
-                raise InferenceError(str(exc)) from exc
-            print(f"uncertainty: {len(ranked)} image(s) ranked ({len(ranking)} segmented in this run), most "
-                  f"uncertain first, in {config.uncertainty_csv}")
         summary = InferenceSummary(written=written, failed=failed, seconds=time.perf_counter() - start_time,
                                    skipped=skipped)
-        print(f"done: {summary.ok_count} mask(s) written to {output_folder}, {summary.failed_count} "
-              f"failed{f', {len(skipped)} skipped (complete)' if skipped else ''}, {summary.seconds:.1f} s")
-        if failed:
-            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        _finish(config, output_folder, summary, ranking, folder_images)
     except Interrupted as exc:
         exc.after_images = True
         raise
