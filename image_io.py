@@ -118,6 +118,16 @@ def image_stem(path):
     return path.name[:-len(".zarr")] if is_zarr_folder(path) else path.stem
 
 
+def stem_owners(images):
+    """{stem: name of the image whose outputs are named <stem>.*}: the first of ``images`` (in folder
+    order) with that stem. Computed from the whole folder by every ``--part``, so of two images with
+    one stem (a.tif, a.png) exactly one is segmented, whichever parts they fall in."""
+    owners = {}
+    for path in images:
+        owners.setdefault(image_stem(path), pathlib.Path(path).name)
+    return owners
+
+
 def list_images(folder, extensions=IMAGE_EXTENSIONS):
     """Images of ``folder``: files with these extensions and (with "zarr") ``*.zarr`` folders, sorted,
     hidden ones skipped; a ``.zarr`` folder given itself is one image."""

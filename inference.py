@@ -289,10 +289,15 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
         if config.save_probabilities:
             targets.append(output_folder / (stem + writers.PROBABILITIES_ZARR_SUFFIX))
         band = f"rows {lo}-{hi} of {height}x{width}x{channels} (band {index}/{count})"
-        if config.skip_existing and sharding.band_marker(output_folder, stem, index, count).is_file():
+        # The marker must name the arrays there now, and they must fit this image (one of another
+        # size is refused by open_shared_zarr below, not skipped).
+        if (config.skip_existing and sharding.band_complete(output_folder, stem, index, count, targets)
+                and all(sharding.output_is_complete(target, shape) for target, shape in
+                        zip(targets, [(height, width), (height, width, first.number_classes)]))):
             return targets, f"{band}: marked complete", True
-        if lo == hi:  # more parts than chunk rows: nothing to predict
-            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
+        if lo == hi:  # more parts than chunk rows: nothing to predict, but the arrays must exist
+            writers.write_shared_band(iter(()), targets, (height, width), first.number_classes, start=lo)
+            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi), targets)
             return targets, f"{band}: empty band", False
         # Every part computes the whole image's statistics: normalisation must not depend on the band.
         stats = image_io.image_statistics(source, path.name)
@@ -302,7 +307,7 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
                 outputs=_outputs(first.number_classes, config.save_probabilities),
                 progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi))
             writers.write_shared_band(bands, targets, (height, width), first.number_classes, start=lo)
-            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi))
+            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi), targets)
     finally:
         source.close()
     done = sharding.bands_done(output_folder, stem, count)
@@ -438,6 +443,7 @@ def run_inference(config):
     start_time = time.perf_counter()
     image_folder, output_folder, images = _check_run(config)
     folder_images = [path.name for path in images]  # an uncertainty ranking keeps rows of these only
+    owners = image_io.stem_owners(images)  # of the whole folder, as every part sees it
     banded = config.part is not None and config.part[1] > 1 and len(images) == 1
     if config.part is not None and not banded:
         images, part_pixels, all_pixels = sharding.select_part(images, *config.part)
@@ -457,16 +463,15 @@ def run_inference(config):
     if warning:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
 
-    written, failed, owners, skipped, ranking = [], {}, {}, [], []
+    written, failed, skipped, ranking = [], {}, [], []
     for index, path in enumerate(images, start=1):
         image_start = time.perf_counter()
         counter = f"[{index}/{len(images)}]"
         stem = image_io.image_stem(path)
         try:
-            if stem in owners:
-                raise ImageError(f"{path.name}: same stem as {owners[stem]}, whose outputs "
-                                 f"{stem}.* are already written")
-            owners[stem] = path.name
+            if owners[stem] != path.name:
+                raise ImageError(f"{path.name}: same stem as {owners[stem]}: both would write {stem}.* in "
+                                 f"the output folder; rename one (only {owners[stem]} is segmented)")
             targets, description, tally = _segment_image(path, banded, output_folder, loaded, forward,
                                                          tile_size, device, config)
         except ImageError as exc:

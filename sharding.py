@@ -31,6 +31,8 @@ import image_io
 
 # Hidden per-band markers beside a banded output: ``.<stem>.band-<index>-of-<count>.done``.
 BAND_MARKER = ".{stem}.band-{index}-of-{count}.done"
+# Attribute of a banded image's shared Zarr arrays: a random id given when a part creates one.
+ARRAY_ID = "segtool_array_id"
 # inference.py's line for an image that failed: "[3/10] FAILED name.tif: reason".
 FAILED_LINE = re.compile(r"^\[\d+/\d+\] FAILED (.+?): (.*)$")
 
@@ -157,15 +159,41 @@ def band_marker(output_folder, stem, index, count):
     return pathlib.Path(output_folder) / BAND_MARKER.format(stem=stem, index=index, count=count)
 
 
-def write_band_marker(output_folder, stem, index, count, rows):
-    """Mark a band complete (written last, atomically: a band without it is redone)."""
+def array_id(target):
+    """The id a part gave the shared Zarr array at ``target`` when it created it (ARRAY_ID), None when
+    there is no such array."""
+    try:
+        import zarr
+
+        return zarr.open_array(str(target), mode="r").attrs.get(ARRAY_ID)
+    except Exception:
+        return None
+
+
+def write_band_marker(output_folder, stem, index, count, rows, targets):
+    """Mark a band complete in the shared arrays at ``targets`` (written last, atomically: a band
+    without it is redone). The marker names the arrays by their ids, so it stops counting when they
+    are removed or replaced (a rerun then recreates them and must write every band again)."""
+    content = {"rows": list(rows), "arrays": {pathlib.Path(t).name: array_id(t) for t in targets}}
     image_io.atomic_write(band_marker(output_folder, stem, index, count),
-                          lambda f: f.write(json.dumps({"rows": list(rows)})), mode="w")
+                          lambda f: f.write(json.dumps(content)), mode="w")
+
+
+def band_complete(output_folder, stem, index, count, targets):
+    """Whether band ``index`` of ``count`` of ``stem`` is marked complete in the arrays now at
+    ``targets`` (the same arrays the marker names, not earlier ones of the same name)."""
+    try:
+        named = json.loads(band_marker(output_folder, stem, index, count).read_text()).get("arrays", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    ids = [named.get(pathlib.Path(t).name) for t in targets]
+    return all(known is not None and known == array_id(t) for known, t in zip(ids, targets))
 
 
 def bands_done(output_folder, stem, count):
-    """Indices of the parts whose band of ``stem`` is marked complete."""
-    return [i for i in range(count) if band_marker(output_folder, stem, i, count).is_file()]
+    """Indices of the parts whose band of ``stem`` is marked complete in the present ``<stem>.zarr``."""
+    target = pathlib.Path(output_folder) / f"{stem}.zarr"
+    return [i for i in range(count) if band_complete(output_folder, stem, i, count, [target])]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,7 +240,12 @@ def image_done(path, output_folder, parts, banded=False):
     output_folder = pathlib.Path(output_folder)
     stem = image_io.image_stem(path)
     if banded:
-        return len(bands_done(output_folder, stem, parts)) == parts
+        if len(bands_done(output_folder, stem, parts)) < parts:
+            return False
+        try:  # an image replaced since (another size) is not done: its rerun refuses the old array
+            return pixel_count(_zarr_shape(output_folder / f"{stem}.zarr")) == pixel_count(header_shape(path))
+        except Exception:
+            return False
     return (output_folder / f"{stem}.tif").is_file() or (output_folder / f"{stem}.zarr").is_dir()
 
 
@@ -223,7 +256,8 @@ def failure_reasons(log_texts):
         for line in text.splitlines():
             match = FAILED_LINE.match(line.strip())
             if match:
-                reasons[match.group(1)] = match.group(2)
+                # image_io names a file it cannot read by its path: the summary lists names.
+                reasons[pathlib.PurePath(match.group(1)).name] = match.group(2)
     return reasons
 
 
@@ -233,7 +267,9 @@ def summarize(image_folder, output_folder, run, parts):
     logs = output_folder / "logs"
     images = image_io.list_images(image_folder)
     banded = len(images) == 1 and parts > 1  # as inference.py splits a single image into bands
-    done = [p.name for p in images if image_done(p, output_folder, parts, banded)]
+    owners = image_io.stem_owners(images)  # an image sharing its stem writes nothing (inference.py)
+    done = [p.name for p in images
+            if owners[image_io.image_stem(p)] == p.name and image_done(p, output_folder, parts, banded)]
     missing = [p.name for p in images if p.name not in done]
     texts = [path.read_text(errors="replace") for path in sorted(logs.glob("part_*.log"))]
     reasons = failure_reasons(texts)

@@ -14,6 +14,7 @@ atomic_folder).
 Imports no TensorFlow: the band iterators come from the caller.
 """
 import contextlib
+import uuid
 
 import numpy as np
 import tifffile
@@ -126,27 +127,36 @@ def write_streamed(bands, output_folder, stem, zarr_out, shape, number_classes, 
         def mask_blocks(rows):
             blocks = RowBlocks(rows)
             for _, _, results in bands:
-                yield from blocks.add(results[0])
+                # The probabilities first: tifffile stops pulling once it has every tile, so nothing
+                # may wait behind the mask's last block (an image whose height is a multiple of the
+                # block rows gets that block here, not from flush).
                 if probabilities is not None:
                     for start, block in probability_blocks.add(results[1]):
                         probabilities[start:start + len(block)] = block
-            # Before the mask's last block: tifffile stops pulling once it has every tile.
+                yield from blocks.add(results[0])
             if probabilities is not None:
                 for start, block in probability_blocks.flush():
                     probabilities[start:start + len(block)] = block
             yield from blocks.flush()
 
+        blocks = mask_blocks(ZARR_CHUNK if zarr_out else TIFF_TILE)
         if zarr_out:
             with image_io.atomic_folder(mask_target) as folder:
                 mask = _create_zarr(folder, (height, width), dtype)
-                for start, block in mask_blocks(ZARR_CHUNK):
+                for start, block in blocks:
                     mask[start:start + len(block)] = block
         else:
             # maxworkers=1: with several, tifffile hands the tile iterator to ThreadPoolExecutor.map,
             # which pulls every tile at once, i.e. the whole image before writing any of it.
-            image_io.atomic_write(mask_target, lambda f: tifffile.imwrite(
-                f, _tiff_tiles(mask_blocks(TIFF_TILE), width), shape=(height, width), dtype=dtype,
-                tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True, maxworkers=1))
+            def write_tiff(f):
+                tifffile.imwrite(f, _tiff_tiles(blocks, width), shape=(height, width), dtype=dtype,
+                                 tile=(TIFF_TILE, TIFF_TILE), compression="zlib", bigtiff=True, maxworkers=1)
+                # Run the bands to their end (the last probabilities, the predictor's own end): a
+                # mask row left over would mean the TIFF missed it.
+                for start, _ in blocks:
+                    raise RuntimeError(f"{stem}: mask rows from {start} on were not written")
+
+            image_io.atomic_write(mask_target, write_tiff)
     return [mask_target] + ([probability_target] if save_probabilities else [])
 
 
@@ -202,7 +212,8 @@ def open_shared_zarr(target, shape, dtype):
 
     if not target.exists():
         with image_io.atomic_folder(target, replace=False) as folder:
-            _create_zarr(folder, shape, dtype)
+            # The id lets a band's marker name this very array (sharding.band_complete).
+            _create_zarr(folder, shape, dtype).attrs[sharding.ARRAY_ID] = uuid.uuid4().hex
     try:
         array = zarr.open_array(str(target), mode="r+")
     except Exception as exc:

@@ -252,6 +252,27 @@ def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, une
     assert one.ok_count == 1 and os.listdir(tmp_path / "one") == ["ome.zarr"]
 
 
+def test_streamed_probabilities_are_complete_when_the_height_fills_the_last_mask_tile(tmp_path, unet_1ch,
+                                                                                     monkeypatch):
+    # 512 rows = two whole 256-row TIFF tiles: tifffile has every tile with the last band's, and
+    # once stopped pulling the last probabilities were never written (all zero) before the fix.
+    folder, model = unet_1ch
+    image = np.random.default_rng(7).integers(0, 60000, (512, 300), dtype=np.uint16)
+    images = tmp_path / "images"
+    images.mkdir()
+    tifffile.imwrite(images / "tall.tif", image)
+    monkeypatch.setattr(writers, "STREAM_PIXELS", 1000)
+    summary = inference.run_inference(inference.InferenceConfig(
+        image_folder=str(images), output_folder=str(tmp_path / "out"), model=str(folder),
+        tile_size=288, save_probabilities=True))
+    assert summary.failed == {} and summary.ok_count == 1
+    import zarr
+    expected, logits = _in_memory_labels(model, image, 288)
+    probabilities = zarr.open(str(tmp_path / "out" / "tall_probabilities.zarr"), mode="r")[:]
+    np.testing.assert_allclose(probabilities, inference.softmax(logits), atol=1e-6)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "tall.tif"), expected)
+
+
 def _run_measured(command, log):
     """(exit code, peak RSS in MB) of ``command`` run through benchmarks/peak_rss.py: a child
     spawned from this pytest process directly would report pytest's own peak when that is larger."""

@@ -178,6 +178,26 @@ def test_skip_existing_skips_complete_outputs_and_redoes_a_truncated_one(image_f
     assert np.load(tmp_path / "img_4_probabilities.npy").shape == (120, 64, CLASSES)
 
 
+def test_two_images_with_one_stem_write_once_whichever_parts_they_fall_in(tiny_unet, tmp_path):
+    # a.png is larger, so the pixel balance puts the two in different parts; before, each part
+    # wrote its own a.tif and the later one silently replaced the other's mask. a.png comes first
+    # in folder order, so it owns the outputs a.*, in one process as in parts.
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "a.tif", random_image((60, 60), 1))
+    iio.imwrite(tmp_path / "in" / "a.png", random_image((100, 200), 2))
+    assert [len(sharding.select_part(sorted((tmp_path / "in").iterdir()), i, 2)[0]) for i in (0, 1)] == [1, 1]
+    summaries = [run(tmp_path / "in", tmp_path / "out", tiny_unet, part=(i, 2)) for i in (1, 0)]
+    assert sum(s.ok_count for s in summaries) == 1
+    failed = {name: reason for s in summaries for name, reason in s.failed.items()}
+    assert list(failed) == ["a.tif"]
+    assert failed["a.tif"].startswith("a.tif: same stem as a.png: both would write a.* in the output folder")
+    assert tifffile.imread(tmp_path / "out" / "a.tif").shape == (100, 200)
+    alone = run(tmp_path / "in", tmp_path / "one", tiny_unet)
+    assert alone.ok_count == 1 and list(alone.failed) == ["a.tif"]
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "a.tif"),
+                                  tifffile.imread(tmp_path / "one" / "a.tif"))
+
+
 def test_banded_image_equals_the_one_process_result_bit_for_bit(tiny_unet, tmp_path, monkeypatch):
     # Small chunks so a small image has several bands (the rule is the same at 512 rows).
     monkeypatch.setattr(writers, "ZARR_CHUNK", 32)
@@ -200,6 +220,36 @@ def test_banded_image_equals_the_one_process_result_bit_for_bit(tiny_unet, tmp_p
     sharding.band_marker(outputs, "slide", 1, 3).unlink()
     assert run(tmp_path / "in", outputs, tiny_unet, part=(0, 3), skip_existing=True).skipped == ["slide.tif"]
     assert run(tmp_path / "in", outputs, tiny_unet, part=(1, 3), skip_existing=True).ok_count == 1
+
+
+def test_band_markers_count_only_for_the_arrays_they_were_written_into(tiny_unet, tmp_path, monkeypatch):
+    # Before, a marker alone made --skip_existing skip its band: with the shared arrays removed, every
+    # part skipped and the summary counted the image done with no output at all.
+    monkeypatch.setattr(writers, "ZARR_CHUNK", 32)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "slide.tif", random_image((100, 60), 5))
+    run(tmp_path / "in", tmp_path / "whole", tiny_unet)
+    outputs = tmp_path / "banded"
+    for index in (0, 1):
+        assert run(tmp_path / "in", outputs, tiny_unet, part=(index, 2), save_probabilities=True).ok_count == 1
+    assert sharding.image_done(tmp_path / "in" / "slide.tif", outputs, 2, banded=True)
+    import shutil
+    shutil.rmtree(outputs / "slide.zarr")
+    assert not sharding.image_done(tmp_path / "in" / "slide.tif", outputs, 2, banded=True)
+    # The first rerun recreates the arrays; the second must not trust its marker from the old ones.
+    reruns = [run(tmp_path / "in", outputs, tiny_unet, part=(i, 2), save_probabilities=True, skip_existing=True)
+              for i in (0, 1)]
+    assert [r.ok_count for r in reruns] == [1, 1] and not any(r.skipped for r in reruns)
+    np.testing.assert_array_equal(zarr.open_array(str(outputs / "slide.zarr"), mode="r")[:],
+                                  tifffile.imread(tmp_path / "whole" / "slide.tif"))
+    assert sharding.image_done(tmp_path / "in" / "slide.tif", outputs, 2, banded=True)
+    assert run(tmp_path / "in", outputs, tiny_unet, part=(1, 2), save_probabilities=True,
+               skip_existing=True).skipped == ["slide.tif"]
+    # Another image under the same name: not skipped and not done, refused by name.
+    tifffile.imwrite(tmp_path / "in" / "slide.tif", random_image((140, 60), 6))
+    assert not sharding.image_done(tmp_path / "in" / "slide.tif", outputs, 2, banded=True)
+    again = run(tmp_path / "in", outputs, tiny_unet, part=(0, 2), save_probabilities=True, skip_existing=True)
+    assert not again.skipped and "it is from another run; remove it" in again.failed["slide.tif"]
 
 
 def test_a_shared_output_of_another_image_is_refused_by_name(tiny_unet, tmp_path, capsys):

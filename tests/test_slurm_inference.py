@@ -74,20 +74,25 @@ def test_summary_names_done_and_failed_images_with_the_logged_reason(tmp_path):
     images, out = tmp_path / "images", tmp_path / "out"
     (out / "logs").mkdir(parents=True)
     images.mkdir()
-    for name in ("a.tif", "b.png", "c.tif", "notes.txt"):
+    for name in ("a.tif", "a.png", "b.png", "c.tif", "d.png", "notes.txt"):
         (images / name).write_bytes(b"")
     (out / "a.tif").write_bytes(b"")
+    # A file image_io cannot read is named by its path; a.tif shares a.png's stem and a.png (first in
+    # folder order) owns the outputs a.*: the a.tif in the output folder is a.png's mask.
     (out / "logs" / "part_0.log").write_text(
-        "[1/2] FAILED b.png: cannot read image (truncated)\n[launcher] exit code 1\n")
-    (out / "logs" / "part_1.log").write_text("[1/1] FAILED a.tif: out of memory\n")
+        "[1/2] FAILED b.png: cannot read image (truncated)\n[launcher] exit code 1\n"
+        f"[2/2] FAILED {images / 'd.png'}: cannot read PNG (SyntaxError: not a PNG file)\n")
+    (out / "logs" / "part_1.log").write_text("[1/2] FAILED a.tif: same stem as a.png\n")
     (out / "logs" / "run7_part0.status").write_text("1\n")
     assert sharding.main(["summary", "--image_folder", str(images), "--output_folder", str(out),
                           "--run", "7", "--parts", "2"]) == 0
     text = (out / "logs" / "summary_7.txt").read_text()
-    assert text.splitlines()[0].endswith("1 done, 2 not done; exit codes: part 0: 1, part 1: not ended")
-    assert "done (1): a.tif\n" in text
+    assert text.splitlines()[0].endswith("1 done, 4 not done; exit codes: part 0: 1, part 1: not ended")
+    assert "done (1): a.png\n" in text
+    assert "  a.tif: same stem as a.png\n" in text
     assert "  b.png: cannot read image (truncated)\n" in text
     assert "  c.tif: no mask and no error logged (task stopped?); rerun the part\n" in text
+    assert "  d.png: cannot read PNG (SyntaxError: not a PNG file)\n" in text
 
 
 def test_a_killed_process_leaves_no_partial_mask_under_its_final_name(tmp_path):
