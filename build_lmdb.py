@@ -189,7 +189,11 @@ def _files_by_stem(folder, extensions, kind, problems):
     if not os.path.isdir(folder):
         raise BuildError(f"{kind} folder {folder} is not a directory")
     by_stem = {}
-    for path in image_io.list_files(folder, extensions):
+    try:
+        found = image_io.list_files(folder, extensions)
+    except OSError as exc:  # e.g. a folder without read permission
+        raise BuildError(f"{kind} folder {folder}: cannot list its files ({exc.strerror})") from exc
+    for path in found:
         by_stem.setdefault(path.stem, []).append(str(path))
     if not by_stem:
         others = sum(1 for name in os.listdir(folder)

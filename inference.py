@@ -274,9 +274,12 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
     """Predict and write part I of N of one image: its row band, into the shared ``<stem>.zarr`` (and
     ``<stem>_probabilities.zarr``). Band borders are on Zarr chunk rows, so parts never write the
     same chunk; the tile plan is the whole image's, so each band equals those rows of a one-process
-    run. A marker written last (sharding.write_band_marker) says the band is complete.
+    run. A marker written last (sharding.write_band_marker) says the band is complete; with
+    --uncertainty_csv it carries the band's uncertainty sums, and the part that finds every band
+    complete combines them into the image's.
 
-    Returns (outputs, description, skipped).
+    Returns (outputs, description, skipped, tally): tally is the whole image's
+    uncertainty.ImageUncertainty once every band holds its sums, else None.
     """
     index, count = config.part
     first = loaded[0]
@@ -294,25 +297,43 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
         if (config.skip_existing and sharding.band_complete(output_folder, stem, index, count, targets)
                 and all(sharding.output_is_complete(target, shape) for target, shape in
                         zip(targets, [(height, width), (height, width, first.number_classes)]))):
-            return targets, f"{band}: marked complete", True
+            return targets, f"{band}: marked complete", True, None
+        tally = uncertainty.ImageUncertainty() if config.uncertainty_csv else None
         if lo == hi:  # more parts than chunk rows: nothing to predict, but the arrays must exist
             writers.write_shared_band(iter(()), targets, (height, width), first.number_classes, start=lo)
-            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi), targets)
-            return targets, f"{band}: empty band", False
-        # Every part computes the whole image's statistics: normalisation must not depend on the band.
-        stats = image_io.image_statistics(source, path.name)
-        with _image_errors(path, tile_size, config), tf.device(device):
-            bands = predictor.iter_bands(
-                forward, source, stats, first.geometry, tile_size, config.batch_size, config.tta,
-                outputs=_outputs(first.number_classes, config.save_probabilities),
-                progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi))
-            writers.write_shared_band(bands, targets, (height, width), first.number_classes, start=lo)
-            sharding.write_band_marker(output_folder, stem, index, count, (lo, hi), targets)
+            description = f"{band}: empty band"
+        else:
+            # Every part computes the whole image's statistics: normalisation must not depend on the band.
+            stats = image_io.image_statistics(source, path.name)
+            outputs = _outputs(first.number_classes, config.save_probabilities)
+            if tally is not None:  # last: write_shared_band takes the results it has arrays for
+                outputs.append(uncertainty.normalized_entropy)
+
+            def bands():
+                for lo_row, hi_row, results in predictor.iter_bands(
+                        _interruptible(forward, device), source, stats, first.geometry, tile_size,
+                        config.batch_size, config.tta, outputs=outputs,
+                        progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi)):
+                    if tally is not None:
+                        tally.add(results[-1])
+                    yield lo_row, hi_row, results
+
+            with _image_errors(path, tile_size, config), tf.device(device):
+                writers.write_shared_band(bands(), targets, (height, width), first.number_classes, start=lo)
+            description = None
+        sharding.write_band_marker(output_folder, stem, index, count, (lo, hi), targets,
+                                   None if tally is None else tally.sums())
     finally:
         source.close()
     done = sharding.bands_done(output_folder, stem, count)
-    state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
-    return targets, f"{band} -> shared Zarr ({state})", False
+    if description is None:
+        state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
+        description = f"{band} -> shared Zarr ({state})"
+    whole = None
+    if tally is not None and len(done) == count:
+        sums = sharding.band_sums(output_folder, stem, count)
+        whole = None if sums is None else uncertainty.ImageUncertainty.combined(sums)
+    return targets, description, False, whole
 
 
 def resolve_tile_size(requested, loaded, batch_size, device):
@@ -350,15 +371,19 @@ def _check_run(config):
     if output_folder.resolve() == image_folder.resolve():
         raise InferenceError(f"--output_folder {output_folder} is the image folder: masks named "
                              f"<stem>.tif would overwrite the input TIFFs")
-    images = image_io.list_images(image_folder, config.image_extensions)
+    try:
+        images = image_io.list_images(image_folder, config.image_extensions)
+    except OSError as exc:  # e.g. a folder without read permission
+        raise InferenceError(f"--image_folder {image_folder}: cannot list its files ({exc.strerror})") from exc
     if not images:
         raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
                              f"in {image_folder}")
     if config.uncertainty_csv:
         if not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
             raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
-        try:  # refuse a file that is not a ranking now, not after segmenting the folder
+        try:  # refuse a file that is not a ranking, or a folder we cannot write, now, not at the end
             uncertainty.read_ranking(config.uncertainty_csv)
+            uncertainty.check_writable(config.uncertainty_csv)
         except uncertainty.RankingError as exc:
             raise InferenceError(str(exc)) from exc
     return image_folder, output_folder, images
@@ -399,14 +424,15 @@ def _segment_image(path, banded, output_folder, loaded, forward, tile_size, devi
     """Segment one image, or this part's band of it when ``banded``.
 
     Returns (targets, description, tally): the output paths, a description of the input and the
-    image's uncertainty (None without --uncertainty_csv and for a band); targets is None when the
+    image's uncertainty (None without --uncertainty_csv, and for a band until every band is written
+    with its sums); targets is None when the
     complete outputs already exist (--skip_existing, or a band another run finished), description
     then says so. Raises ImageError for this image's problems, Interrupted on a signal.
     """
     if banded:
-        targets, description, was_done = _segment_band(path, output_folder, loaded, forward,
-                                                       tile_size, device, config)
-        return (None, f"{description}: skipped", None) if was_done else (targets, description, None)
+        targets, description, was_done, tally = _segment_band(path, output_folder, loaded, forward,
+                                                              tile_size, device, config)
+        return (None, f"{description}: skipped", None) if was_done else (targets, description, tally)
     first = loaded[0]
     if config.skip_existing and writers.outputs_complete(path, output_folder, first.input_channels,
                                                          first.number_classes, config.save_probabilities):

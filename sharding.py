@@ -170,11 +170,14 @@ def array_id(target):
         return None
 
 
-def write_band_marker(output_folder, stem, index, count, rows, targets):
+def write_band_marker(output_folder, stem, index, count, rows, targets, uncertainty_sums=None):
     """Mark a band complete in the shared arrays at ``targets`` (written last, atomically: a band
     without it is redone). The marker names the arrays by their ids, so it stops counting when they
-    are removed or replaced (a rerun then recreates them and must write every band again)."""
+    are removed or replaced (a rerun then recreates them and must write every band again).
+    ``uncertainty_sums``: the band's uncertainty.ImageUncertainty.sums(), for band_sums."""
     content = {"rows": list(rows), "arrays": {pathlib.Path(t).name: array_id(t) for t in targets}}
+    if uncertainty_sums is not None:
+        content["uncertainty"] = uncertainty_sums
     image_io.atomic_write(band_marker(output_folder, stem, index, count),
                           lambda f: f.write(json.dumps(content)), mode="w")
 
@@ -188,6 +191,21 @@ def band_complete(output_folder, stem, index, count, targets):
         return False
     ids = [named.get(pathlib.Path(t).name) for t in targets]
     return all(known is not None and known == array_id(t) for known, t in zip(ids, targets))
+
+
+def band_sums(output_folder, stem, count):
+    """The uncertainty sums of every band of ``stem`` from their markers, or None when a band has
+    none (it was written without --uncertainty_csv) or no marker."""
+    sums = []
+    for index in range(count):
+        try:
+            marker = json.loads(band_marker(output_folder, stem, index, count).read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(marker, dict) or not isinstance(marker.get("uncertainty"), dict):
+            return None
+        sums.append(marker["uncertainty"])
+    return sums
 
 
 def bands_done(output_folder, stem, count):

@@ -47,13 +47,43 @@ class ImageUncertainty:
         self.uncertain += int(np.count_nonzero(entropy > UNCERTAIN_ENTROPY))
         self.pixels += entropy.size
 
+    def sums(self):
+        """The sums as a JSON-ready dict (a band's, kept in its marker by sharding.write_band_marker)."""
+        return {"entropy_sum": self.entropy_sum, "uncertain": self.uncertain, "pixels": self.pixels}
+
+    @classmethod
+    def combined(cls, sums):
+        """The tally of a whole image from its bands' ``sums()`` dicts."""
+        tally = cls()
+        for part in sums:
+            tally.entropy_sum += float(part["entropy_sum"])
+            tally.uncertain += int(part["uncertain"])
+            tally.pixels += int(part["pixels"])
+        return tally
+
     def row(self, image):
         return {"image": image, "mean_entropy": self.entropy_sum / max(self.pixels, 1),
                 "uncertain_share": self.uncertain / max(self.pixels, 1), "pixels": self.pixels}
 
 
 class RankingError(ValueError):
-    """An existing --uncertainty_csv that is not a ranking: it is left as it is."""
+    """An --uncertainty_csv that is not a ranking (it is left as it is) or cannot be written."""
+
+
+def _lock(path):
+    """The lock file beside the ranking ``path``, opened for appending (created if missing)."""
+    folder, name = os.path.split(os.path.abspath(os.fspath(path)))
+    lock = os.path.join(folder, f".{name}.lock")
+    try:
+        return open(lock, "a")
+    except OSError as exc:
+        raise RankingError(f"--uncertainty_csv {path}: cannot write beside it ({lock}: {exc.strerror}); "
+                           "choose a folder you can write to") from exc
+
+
+def check_writable(path):
+    """Raise RankingError now when the ranking at ``path`` could not be written at the end of a run."""
+    _lock(path).close()
 
 
 def write_ranking(path, rows, keep=()):
@@ -69,9 +99,7 @@ def write_ranking(path, rows, keep=()):
     Raises:
       RankingError when ``path`` exists but is not such a ranking (it is not overwritten).
     """
-    path = os.fspath(path)
-    folder, name = os.path.split(os.path.abspath(path))
-    with open(os.path.join(folder, f".{name}.lock"), "a") as lock:
+    with _lock(path) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kept = set(keep) - {row["image"] for row in rows}
         merged = list(rows) + [row for row in read_ranking(path) if row["image"] in kept]
@@ -82,7 +110,10 @@ def write_ranking(path, rows, keep=()):
         for rank, row in enumerate(ranked, start=1):
             writer.writerow({"rank": rank, "image": row["image"], "mean_entropy": f"{row['mean_entropy']:.6f}",
                              "uncertain_share": f"{row['uncertain_share']:.6f}", "pixels": row["pixels"]})
-        image_io.atomic_write(path, lambda f: f.write(text.getvalue()), mode="w")
+        try:
+            image_io.atomic_write(path, lambda f: f.write(text.getvalue()), mode="w")
+        except OSError as exc:
+            raise RankingError(f"--uncertainty_csv {path}: cannot write it ({exc})") from exc
     return ranked
 
 

@@ -13,6 +13,7 @@ import tifffile
 from PIL import Image
 
 import build_lmdb
+import image_io
 import records
 from build_lmdb import BuildConfig, BuildError
 
@@ -295,6 +296,19 @@ def test_missing_and_empty_folders(tmp_path):
     os.makedirs(tmp_path / "masks")
     (tmp_path / "images" / "notes.txt").write_text("not an image")
     assert_fails(config_for(tmp_path), str(tmp_path / "images"), "no files ending in .tif")
+
+
+def test_a_folder_that_cannot_be_listed_is_named(tmp_path, monkeypatch):
+    # As root (CI) a chmod 000 folder stays readable: the listing's PermissionError is raised here.
+    os.makedirs(tmp_path / "images")
+    os.makedirs(tmp_path / "masks")
+
+    def refuse(folder, extensions):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(image_io, "list_files", refuse)
+    assert_fails(config_for(tmp_path), f"image folder {tmp_path / 'images'}: cannot list its files "
+                                       "(Permission denied)")
 
 
 def test_every_unpaired_file_is_listed(tmp_path):

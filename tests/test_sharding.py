@@ -1,5 +1,6 @@
 """sharding.py and inference.py --part / --skip_existing: parts of a folder balanced by pixels, row
 bands of one image in a shared Zarr, and reruns that skip complete outputs and redo truncated ones."""
+import csv
 import json
 import os
 import pathlib
@@ -11,6 +12,7 @@ import pytest
 import tifffile
 import zarr
 
+import image_io
 import inference
 import models
 import sharding
@@ -252,6 +254,23 @@ def test_band_markers_count_only_for_the_arrays_they_were_written_into(tiny_unet
     assert not again.skipped and "it is from another run; remove it" in again.failed["slide.tif"]
 
 
+def test_a_banded_image_is_ranked_once_its_last_band_is_written(tiny_unet, tmp_path, monkeypatch):
+    # Before, a band carried no uncertainty and the one image of a banded run was never ranked.
+    monkeypatch.setattr(writers, "ZARR_CHUNK", 32)
+    (tmp_path / "in").mkdir()
+    tifffile.imwrite(tmp_path / "in" / "slide.tif", random_image((100, 60), 5))
+    run(tmp_path / "in", tmp_path / "whole", tiny_unet, uncertainty_csv=str(tmp_path / "whole.csv"))
+    ranking = tmp_path / "banded.csv"
+    run(tmp_path / "in", tmp_path / "banded", tiny_unet, part=(1, 2), uncertainty_csv=str(ranking))
+    assert ranking.read_text().splitlines() == ["rank,image,mean_entropy,uncertain_share,pixels"]
+    run(tmp_path / "in", tmp_path / "banded", tiny_unet, part=(0, 2), uncertainty_csv=str(ranking))
+    whole, banded = (list(csv.DictReader(open(path))) for path in (tmp_path / "whole.csv", ranking))
+    assert len(banded) == 1 and banded[0]["image"] == "slide.tif" and banded[0]["pixels"] == "6000"
+    for column in ("mean_entropy", "uncertain_share"):
+        assert float(banded[0][column]) == pytest.approx(float(whole[0][column]), abs=2e-6)
+    assert 0 < float(whole[0]["mean_entropy"]) < 1
+
+
 def test_a_shared_output_of_another_image_is_refused_by_name(tiny_unet, tmp_path, capsys):
     (tmp_path / "in").mkdir()
     tifffile.imwrite(tmp_path / "in" / "slide.tif", random_image((90, 40), 3))
@@ -298,6 +317,26 @@ def test_a_file_that_is_not_a_ranking_is_refused_before_any_image_and_kept(image
     with pytest.raises(inference.InferenceError, match="notes.csv: exists and is not a ranking"):
         run(image_folder, tmp_path / "out", tiny_unet, uncertainty_csv=str(notes))
     assert notes.read_text() == "sample,comment\nA1,bright\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_folders_that_cannot_be_read_or_written_stop_the_run_before_any_image(image_folder, tiny_unet,
+                                                                               tmp_path, monkeypatch):
+    # /proc exists, but no file can be created in it, not even by root (CI runs as root, so chmod
+    # cannot make a folder unwritable there). Before, the folder was segmented and the ranking then
+    # failed with a traceback.
+    with pytest.raises(inference.InferenceError, match=r"--uncertainty_csv /proc/ranking.csv: cannot write "
+                                                       r"beside it \(/proc/.ranking.csv.lock: "):
+        run(image_folder, tmp_path / "out", tiny_unet, uncertainty_csv="/proc/ranking.csv")
+    assert not (tmp_path / "out").exists()
+
+    def refuse(folder, extensions):
+        raise PermissionError(13, "Permission denied", str(folder))
+
+    monkeypatch.setattr(image_io, "list_files", refuse)
+    with pytest.raises(inference.InferenceError, match=f"--image_folder {image_folder}: cannot list its files "
+                                                       r"\(Permission denied\)"):
+        run(image_folder, tmp_path / "out", tiny_unet)
     assert not (tmp_path / "out").exists()
 
 
