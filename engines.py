@@ -60,7 +60,9 @@ def file_sha256(path):
 def onnx_cache_path(source):
     """Where the ONNX export of the model at ``source`` (a .keras file or checkpoint folder) is kept."""
     source = pathlib.Path(source)
-    return source / "model.onnx" if source.is_dir() else source.with_suffix(".onnx")
+    if source.is_dir() or source.name == "model.weights.h5":  # a checkpoint: its folder's model.onnx
+        return (source if source.is_dir() else source.parent) / "model.onnx"
+    return source.with_suffix(".onnx")
 
 
 def export_onnx(model, path, source_hash="", shape=None):

@@ -417,7 +417,11 @@ def image_statistics(image, name):
     if non_finite:
         raise ImageError(f"{name}: {non_finite} pixel(s) with NaN or Inf values (of {height * width}); "
                          f"replace them (e.g. by the image's median) before segmenting")
-    return running.result()
+    statistics = running.result()
+    if not np.isfinite(statistics.mean + statistics.std).all():  # float64 values beyond ~1e154
+        raise ImageError(f"{name}: values too large to normalise (their variance overflows float64); "
+                         f"rescale the image")
+    return statistics
 
 
 def atomic_write(path, write, mode="wb"):

@@ -464,19 +464,23 @@ def test_existing_output_is_only_replaced_by_a_complete_file(tmp_path, unet_1ch,
     assert os.listdir(out) == ["a.tif"]
 
 
-def test_non_finite_pixels_fail_the_file_by_name_and_count(tmp_path, unet_1ch, capsys):
+def test_non_finite_pixels_and_overflowing_values_fail_the_file_by_name(tmp_path, unet_1ch, capsys):
     folder, _ = unet_1ch
     (tmp_path / "images").mkdir()
     image = np.random.default_rng(7).normal(size=(50, 60)).astype(np.float32)
     image[3, 4], image[10, 11], image[20, 0] = np.nan, np.inf, -np.inf
     tifffile.imwrite(tmp_path / "images" / "nan.tif", image)
     tifffile.imwrite(tmp_path / "images" / "ok.tif", np.nan_to_num(image, posinf=0, neginf=0))
+    # Finite, but the variance overflows float64: before, a mask of class 0 from NaN statistics.
+    tifffile.imwrite(tmp_path / "images" / "vast.tif", np.nan_to_num(image, posinf=0, neginf=0).astype(np.float64) * 1e200)
 
     code = inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "images"),
                            "--output_folder", str(tmp_path / "out")])
 
     assert code == 1
-    assert "nan.tif: 3 pixel(s) with NaN or Inf values" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "nan.tif: 3 pixel(s) with NaN or Inf values" in err
+    assert "vast.tif: values too large to normalise (their variance overflows float64)" in err
     assert os.listdir(tmp_path / "out") == ["ok.tif"]
 
 

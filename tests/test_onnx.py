@@ -43,6 +43,13 @@ def test_onnxruntime_and_tensorflow_agree_on_probabilities(members, tta, ensembl
     assert np.abs(got - expected).max() < 1e-4
 
 
+def test_the_cache_of_a_checkpoint_is_its_folders_model_onnx(tmp_path):
+    # A checkpoint is loaded from its weights file; before, the cache was "model.weights.onnx".
+    best = tmp_path / "run" / "checkpoints" / "best"
+    assert engines.onnx_cache_path(best / "model.weights.h5") == best / "model.onnx"
+    assert engines.onnx_cache_path(tmp_path / "unet_a.keras") == tmp_path / "unet_a.onnx"
+
+
 def test_the_export_is_cached_beside_the_model_and_remade_when_the_model_changes(members, tmp_path):
     member = members[0]
     path, note = engines.cached_onnx(member)
