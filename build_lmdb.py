@@ -103,6 +103,8 @@ class BuildConfig:
             raise BuildError(f"--image_folder and --mask_folder are the same folder ({self.image_folder}): "
                              "every image would be paired with itself as its mask; give the folder "
                              "holding the masks")
+        if not 0 <= self.seed < 2 ** 32:  # numpy's generators take no negative seed
+            raise BuildError(f"--seed {self.seed}: expected an integer from 0 to {2 ** 32 - 1}")
         if self.folds is not None and not (isinstance(self.folds, int) and self.folds >= 2):
             raise BuildError(f"--folds {self.folds}: expected an integer >= 2 (5 is usual)")
         name = self.dataset_name

@@ -14,6 +14,8 @@ import dataclasses
 import math
 import os
 
+import lmdb
+
 import augment
 import flags
 import models
@@ -193,6 +195,9 @@ def read_database_metadata(path, role, flag_name=None):
         return records.read_metadata(path)
     except (FileNotFoundError, records.RecordFormatError) as error:
         raise ConfigError(f"{flag_name or f'--{role}_database'} {path}: {error}") from None
+    except lmdb.Error as error:  # a damaged file or a folder that is not an LMDB
+        raise ConfigError(f"{flag_name or f'--{role}_database'} {path}: not a database built by "
+                          f"build_lmdb.py ({type(error).__name__}: {error})") from None
 
 
 def database_flag(config, role):
@@ -213,6 +218,8 @@ def validate_config(config, train_metadata, test_metadata):
         value = getattr(config, name)
         if value is not None and value < minimum:
             raise ConfigError(f"--{name} {value}: expected an integer >= {minimum}")
+    if not 0 <= config.seed < 2 ** 32:  # Keras's and numpy's generators take no negative seed
+        raise ConfigError(f"--seed {config.seed}: expected an integer from 0 to {2 ** 32 - 1}")
     if os.path.exists(config.output_dir) and not os.path.isdir(config.output_dir):
         raise ConfigError(f"--output_dir {config.output_dir} is an existing file, not a folder; give the path "
                           "of a folder (it is created if missing)")

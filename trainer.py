@@ -615,8 +615,9 @@ class Run:
         run_start, wall_before = time.perf_counter(), state.wall_time_s
         starvation_mark = self.train_reader.starvation_seconds
         while True:
-            if self.finished(state):  # a resumed run that had already run its last test pass
-                return "max_steps"
+            reason = self.stop_reason(state)  # a resumed run that had already stopped
+            if reason:
+                return reason
             # ---- train up to the step of the next test pass (the last one comes at --max_steps)
             epoch_end = next_test_step(state, self.steps_per_epoch)
             if self.config.max_steps:
@@ -654,14 +655,20 @@ class Run:
             self.checkpoint(state, best=improved)
             if self.run_plan is not None and not self.finished(state):
                 self.replan(state, test_seconds + time.perf_counter() - checkpoint_start)
-            if state.epochs_without_improvement >= self.config.early_stopping:
-                return "early_stopping"
-            if self.config.max_epochs and state.epoch >= self.config.max_epochs:
-                return "max_epochs"
-            if self.finished(state):
-                return "max_steps"
-            if self.out_of_time():
-                return "time_budget"
+            reason = self.stop_reason(state) or ("time_budget" if self.out_of_time() else None)
+            if reason:
+                return reason
+
+    def stop_reason(self, state):
+        """Why the run ends after its latest test pass (early stopping, --max_epochs, --max_steps), or
+        None. Also asked before training, so that resuming a finished run trains no further epoch."""
+        if state.epochs_without_improvement >= self.config.early_stopping:
+            return "early_stopping"
+        if self.config.max_epochs and state.epoch >= self.config.max_epochs:
+            return "max_epochs"
+        if self.finished(state):
+            return "max_steps"
+        return None
 
     def out_of_time(self):
         return self.deadline is not None and time.perf_counter() >= self.deadline

@@ -290,6 +290,12 @@ def test_train_tiles_carry_source_statistics_test_is_whole_and_pixels_count_once
 
 # ----------------------------------------------------------------------------- bad input
 
+def test_a_negative_seed_is_refused_by_name(tmp_path):
+    # Before: numpy's "expected non-negative integer" traceback when splitting.
+    with pytest.raises(BuildError, match=r"--seed -1: expected an integer from 0 to 4294967295"):
+        config_for(tmp_path, seed=-1).validate()
+
+
 def test_missing_and_empty_folders(tmp_path):
     assert_fails(config_for(tmp_path), str(tmp_path / "images"), "does not exist")
     os.makedirs(tmp_path / "images")

@@ -93,6 +93,15 @@ def test_bad_flags_exit_2_with_a_clear_message(dbs, tmp_path, capsys):
         trainer.main("unet", list(map(str, [*dbs, "--output_dir", tmp_path / "o", "--loss", "focal"])))
     assert exited.value.code == 2 and "invalid choice: 'focal'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # A damaged database and a negative seed: exit 2 naming them (before, tracebacks with exit 1).
+    damaged = tmp_path / "damaged.lmdb"
+    damaged.mkdir()
+    (damaged / "data.mdb").write_bytes(np.random.default_rng(0).bytes(5000))
+    code = trainer.main("unet", list(map(str, ["--train_database", damaged, *dbs[2:], "--output_dir", tmp_path / "o"])))
+    assert code == 2 and f"--train_database {damaged}: not a database built by build_lmdb.py" in capsys.readouterr().err
+    code = trainer.main("unet", list(map(str, [*dbs, "--output_dir", tmp_path / "o", "--seed", -1])))
+    assert code == 2 and "--seed -1: expected an integer from 0 to 4294967295" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
 
 
 def test_refused_runs_create_nothing(dbs, tmp_path, capsys):
@@ -196,6 +205,11 @@ def test_test_passes_stay_at_the_same_steps_whatever_the_interruptions(dbs, tmp_
         assert _test_steps(out) == [(1, 2), (2, 4)][:(k - 1) // 2], k
     resumed = trainer.train(_tiny_config(dbs, out, restore_checkpoint_filepath=str(out)))
     assert (resumed["exit_code"], resumed["step"], resumed["epoch"]) == (0, 4, 2)
+    assert _test_steps(out) == _test_steps(tmp_path / "reference")
+    # Resumed again (a requeued job), the finished run trains no further epoch: before, it ran steps
+    # 5-6 past --max_epochs and a third test pass that could replace the checkpoints.
+    again = trainer.train(_tiny_config(dbs, out, restore_checkpoint_filepath=str(out)))
+    assert (again["exit_code"], again["stop_reason"], again["step"], again["epoch"]) == (0, "max_epochs", 4, 2)
     assert _test_steps(out) == _test_steps(tmp_path / "reference")
     assert [int(r["step"]) for r in read_csv(out / "train_loss.csv")] == [1, 2, 3, 4]
 
