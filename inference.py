@@ -223,6 +223,15 @@ def _interruptible(forward, device):
     return call
 
 
+def _tallied(bands, tally):
+    """``bands`` (predictor.iter_bands') unchanged, each band's entropies (its last result) added to
+    ``tally`` on the way; ``tally`` None: unchanged, nothing added."""
+    for band in bands:
+        if tally is not None:
+            tally.add(band[2][-1])
+        yield band
+
+
 def _segment_file(path, output_folder, loaded, forward, tile_size, device, config, tally=None):
     """Read, normalise, predict and write one image. Returns (outputs written, description).
     ``tally``: an uncertainty.ImageUncertainty fed with every pixel's normalised entropy, or None.
@@ -248,13 +257,9 @@ def _segment_file(path, output_folder, loaded, forward, tile_size, device, confi
 
         def bands():
             with tf.device(device):
-                for band in predictor.iter_bands(_interruptible(forward, device), source, stats,
-                                                 first.geometry, tile_size,
-                                                 config.batch_size, config.tta, outputs=outputs,
-                                                 progress=report):
-                    if tally is not None:
-                        tally.add(band[2][-1])
-                    yield band
+                yield from _tallied(predictor.iter_bands(_interruptible(forward, device), source, stats,
+                                                         first.geometry, tile_size, config.batch_size,
+                                                         config.tta, outputs=outputs, progress=report), tally)
 
         with _image_errors(path, tile_size, config):
             if streamed:
@@ -301,34 +306,26 @@ def _segment_band(path, output_folder, loaded, forward, tile_size, device, confi
         tally = uncertainty.ImageUncertainty() if config.uncertainty_csv else None
         if lo == hi:  # more parts than chunk rows: nothing to predict, but the arrays must exist
             writers.write_shared_band(iter(()), targets, (height, width), first.number_classes, start=lo)
-            description = f"{band}: empty band"
         else:
             # Every part computes the whole image's statistics: normalisation must not depend on the band.
             stats = image_io.image_statistics(source, path.name)
             outputs = _outputs(first.number_classes, config.save_probabilities)
             if tally is not None:  # last: write_shared_band takes the results it has arrays for
                 outputs.append(uncertainty.normalized_entropy)
-
-            def bands():
-                for lo_row, hi_row, results in predictor.iter_bands(
-                        _interruptible(forward, device), source, stats, first.geometry, tile_size,
-                        config.batch_size, config.tta, outputs=outputs,
-                        progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi)):
-                    if tally is not None:
-                        tally.add(results[-1])
-                    yield lo_row, hi_row, results
-
             with _image_errors(path, tile_size, config), tf.device(device):
-                writers.write_shared_band(bands(), targets, (height, width), first.number_classes, start=lo)
-            description = None
+                bands = predictor.iter_bands(
+                    _interruptible(forward, device), source, stats, first.geometry, tile_size,
+                    config.batch_size, config.tta, outputs=outputs,
+                    progress=_tile_progress(path.name, width * (hi - lo)), rows=(lo, hi))
+                writers.write_shared_band(_tallied(bands, tally), targets, (height, width),
+                                          first.number_classes, start=lo)
         sharding.write_band_marker(output_folder, stem, index, count, (lo, hi), targets,
                                    None if tally is None else tally.sums())
     finally:
         source.close()
     done = sharding.bands_done(output_folder, stem, count)
-    if description is None:
-        state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
-        description = f"{band} -> shared Zarr ({state})"
+    state = "all bands written" if len(done) == count else f"{len(done)} of {count} bands written"
+    description = f"{band}: empty band" if lo == hi else f"{band} -> shared Zarr ({state})"
     whole = None
     if tally is not None and len(done) == count:
         sums = sharding.band_sums(output_folder, stem, count)
