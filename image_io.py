@@ -64,6 +64,15 @@ def parse_extensions(extensions):
     return tuple(names)
 
 
+def add_extensions_flag(parser):
+    """inference.py's --image_extensions, defined once: the array summary (sharding.py) parses the
+    tasks' flags with it to list the images they listed."""
+    parser.add_argument("--image_extensions", default=",".join(IMAGE_EXTENSIONS),
+                        help="file extensions to process, separated by commas or spaces, "
+                        f"case-insensitive (default {','.join(IMAGE_EXTENSIONS)}; zarr: *.zarr "
+                        "folders)")
+
+
 def extension_of(path):
     return os.path.splitext(str(path))[1].lower().lstrip(".")
 
@@ -406,18 +415,21 @@ def image_statistics(image, name):
     rows = max(chunk_rows, rows // chunk_rows * chunk_rows)
     running = normalization.StreamingStatistics(channels)
     non_finite = 0
-    for top in range(0, height, rows):
-        block = np.asarray(image[top:top + rows])
-        if np.issubdtype(block.dtype, np.floating):
-            bad = ~np.isfinite(block).all(axis=-1)
-            non_finite += int(bad.sum())
-            if non_finite:
-                continue
-        running.update(block)
+    # Values whose squares overflow float64 give inf statistics, refused below by name: numpy's
+    # overflow warnings before that error would only confuse.
+    with np.errstate(over="ignore", invalid="ignore"):
+        for top in range(0, height, rows):
+            block = np.asarray(image[top:top + rows])
+            if np.issubdtype(block.dtype, np.floating):
+                bad = ~np.isfinite(block).all(axis=-1)
+                non_finite += int(bad.sum())
+                if non_finite:
+                    continue
+            running.update(block)
+        statistics = None if non_finite else running.result()
     if non_finite:
         raise ImageError(f"{name}: {non_finite} pixel(s) with NaN or Inf values (of {height * width}); "
                          f"replace them (e.g. by the image's median) before segmenting")
-    statistics = running.result()
     if not np.isfinite(statistics.mean + statistics.std).all():  # float64 values beyond ~1e154
         raise ImageError(f"{name}: values too large to normalise (their variance overflows float64); "
                          f"rescale the image")

@@ -598,10 +598,7 @@ def build_parser():
                         help="skip images whose outputs exist complete (open, right shape, all data); "
                         "a missing or truncated output is redone, so a failed or preempted run "
                         "just reruns")
-    parser.add_argument("--image_extensions", default=",".join(image_io.IMAGE_EXTENSIONS),
-                        help="file extensions to process, separated by commas or spaces, "
-                        f"case-insensitive (default {','.join(image_io.IMAGE_EXTENSIONS)}; zarr: *.zarr "
-                        "folders)")
+    image_io.add_extensions_flag(parser)
     parser.add_argument("--uncertainty_csv", default=None, metavar="PATH",
                         help="also write PATH: one row per image, most uncertain first (mean softmax "
                         "entropy in units of log(classes), share of pixels above "

@@ -127,7 +127,8 @@ finish() {
   ended=$(find "$LOGS" -maxdepth 1 -name "run${RUN_ID}_part*.status" | wc -l)
   if [ "$ended" -ge "$PART_COUNT" ]; then
     "$PYTHON" "$CODE_DIR/sharding.py" summary --image_folder "$IMAGE_FOLDER" \
-      --output_folder "$OUTPUT_FOLDER" --run "$RUN_ID" --parts "$PART_COUNT" || true
+      --output_folder "$OUTPUT_FOLDER" --run "$RUN_ID" --parts "$PART_COUNT" \
+      --inference_args="$EXTRA_INFERENCE_ARGS" || true
   fi
   exec >&- 2>&-
   wait "$TEE_PID" 2>/dev/null || true

@@ -279,11 +279,21 @@ def failure_reasons(log_texts):
     return reasons
 
 
-def summarize(image_folder, output_folder, run, parts):
-    """The summary text of run ``run`` (N ``parts``) of launch_inference_sbatch.sh."""
+def inference_extensions(inference_args):
+    """The --image_extensions among the extra inference.py flags ``inference_args`` (a string, split
+    into words as the launcher splits EXTRA_INFERENCE_ARGS), else inference.py's default."""
+    parser = argparse.ArgumentParser(add_help=False)
+    image_io.add_extensions_flag(parser)
+    known, _ = parser.parse_known_args(inference_args.split())
+    return image_io.parse_extensions(known.image_extensions) or image_io.IMAGE_EXTENSIONS
+
+
+def summarize(image_folder, output_folder, run, parts, extensions=image_io.IMAGE_EXTENSIONS):
+    """The summary text of run ``run`` (N ``parts``) of launch_inference_sbatch.sh, over the images
+    with ``extensions`` (those the tasks' inference.py listed)."""
     output_folder = pathlib.Path(output_folder)
     logs = output_folder / "logs"
-    images = image_io.list_images(image_folder)
+    images = image_io.list_images(image_folder, extensions)
     banded = len(images) == 1 and parts > 1  # as inference.py splits a single image into bands
     owners = image_io.stem_owners(images)  # an image sharing its stem writes nothing (inference.py)
     done = [p.name for p in images
@@ -314,8 +324,11 @@ def main(argv=None):
     summary.add_argument("--output_folder", required=True)
     summary.add_argument("--run", required=True, help="the array job id")
     summary.add_argument("--parts", type=int, required=True, help="the number of array tasks")
+    summary.add_argument("--inference_args", default="", help="the extra inference.py flags of the "
+                         "tasks (EXTRA_INFERENCE_ARGS): their --image_extensions chooses the images")
     args = parser.parse_args(argv)
-    text = summarize(args.image_folder, args.output_folder, args.run, args.parts)
+    text = summarize(args.image_folder, args.output_folder, args.run, args.parts,
+                     inference_extensions(args.inference_args))
     target = pathlib.Path(args.output_folder) / "logs" / f"summary_{args.run}.txt"
     image_io.atomic_write(target, lambda f: f.write(text), mode="w")
     print(f"summary ({target}):\n{text}", end="")

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import imageio.v3 as iio
 import keras
@@ -474,10 +475,14 @@ def test_non_finite_pixels_and_overflowing_values_fail_the_file_by_name(tmp_path
     # Finite, but the variance overflows float64: before, a mask of class 0 from NaN statistics.
     tifffile.imwrite(tmp_path / "images" / "vast.tif", np.nan_to_num(image, posinf=0, neginf=0).astype(np.float64) * 1e200)
 
-    code = inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "images"),
-                           "--output_folder", str(tmp_path / "out")])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code = inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "images"),
+                               "--output_folder", str(tmp_path / "out")])
 
     assert code == 1
+    # The error says it; numpy's overflow warnings before it would only confuse.
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
     err = capsys.readouterr().err
     assert "nan.tif: 3 pixel(s) with NaN or Inf values" in err
     assert "vast.tif: values too large to normalise (their variance overflows float64)" in err

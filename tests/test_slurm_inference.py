@@ -95,6 +95,30 @@ def test_summary_names_done_and_failed_images_with_the_logged_reason(tmp_path):
     assert "  d.png: cannot read PNG (SyntaxError: not a PNG file)\n" in text
 
 
+def test_summary_lists_the_images_of_the_tasks_image_extensions(tmp_path):
+    # EXTRA_INFERENCE_ARGS="--image_extensions tif": the tasks segment only c.tif, so b.png is not
+    # an image of the run; with one image left, the run split it into bands, so c.zarr alone (its
+    # bands not all marked) is not done.
+    images, out = tmp_path / "images", tmp_path / "out"
+    (out / "logs").mkdir(parents=True)
+    images.mkdir()
+    (images / "b.png").write_bytes(b"")
+    (images / "c.tif").write_bytes(b"")
+    (out / "c.zarr").mkdir()
+    assert sharding.inference_extensions("--tta --image_extensions=TIF,png") == ("tif", "png")
+    assert sharding.inference_extensions("--tta") == image_io.IMAGE_EXTENSIONS
+    assert sharding.main(["summary", "--image_folder", str(images), "--output_folder", str(out),
+                          "--run", "3", "--parts", "2",
+                          "--inference_args=--image_extensions=tif"]) == 0  # as the launcher passes it
+    text = (out / "logs" / "summary_3.txt").read_text()
+    assert text.splitlines()[0].startswith(f"run 3: 1 image(s) in {images}: 0 done, 1 not done")
+    assert "b.png" not in text and "  c.tif: no mask" in text
+    # Without the flag both are images of the run, and c.zarr counts as c.tif's whole-image output.
+    assert sharding.main(["summary", "--image_folder", str(images), "--output_folder", str(out),
+                          "--run", "4", "--parts", "2"]) == 0
+    assert "done (1): c.tif\n" in (out / "logs" / "summary_4.txt").read_text()
+
+
 def test_a_killed_process_leaves_no_partial_mask_under_its_final_name(tmp_path):
     model = save_tiny_unet(tmp_path / "model")
     (tmp_path / "images").mkdir()
