@@ -228,13 +228,21 @@ def object_figures(metadata):
     structure (a vessel tree, a membrane network) spans the image, but labelling one of its pixels
     needs a view across the structure with context on each side, not of the whole tree: its width,
     times CONTEXT_WIDTHS. Both are None when the database has no object sizes (built before they
-    were measured); why then says so.
+    were measured, unlabelled, or sparse masks without whole objects); why then says which.
     """
     sizes = metadata.get("object_sizes")
     entries = [(label, entry) for label, entry in (sizes or {}).items() if entry.get("objects")]
     if not entries:
-        return None, None, ("no object sizes in the training database's metadata (built before build_lmdb.py "
-                            "measured them; rebuild it to have them)")
+        if sizes is None:
+            why = "built before build_lmdb.py measured them; rebuild it to have them"
+        elif not metadata.get("annotated_pixels", 1):
+            why = "an unlabelled database has none"
+        elif metadata.get("unlabelled_pixels"):
+            why = ("sparse masks: every annotated object touches unlabelled pixels, as a stroke does, so "
+                   "its size is not the object's")
+        else:
+            why = "the masks hold no foreground object"
+        return None, None, f"no object sizes in the training database's metadata ({why})"
     views = []
     for label, entry in entries:
         extent, width = entry["p95_extent_px"], entry.get("p95_width_px")

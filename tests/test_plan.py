@@ -394,8 +394,36 @@ def test_a_database_without_object_sizes_falls_back_with_the_reason():
     choices = plan.choose_shape(metadata, "unet", "cpu", unet_divisor)
     assert choices["unet_depth"][0] == 4 and "no object sizes" in choices["unet_depth"][1]
     assert choices["tile_size"][0] == 128 and "no object sizes" in choices["tile_size"][1]
+    assert "rebuild it to have them" in choices["unet_depth"][1]
     segnet = plan.choose_shape(metadata, "segnet", "gpu", lambda depth: 32)
     assert "unet_depth" not in segnet and segnet["tile_size"][0] == 256  # the image side, under 512
+    for extra, why in (({"annotated_pixels": 0}, "an unlabelled database has none"),
+                       ({"annotated_pixels": 90, "unlabelled_pixels": 900}, "sparse masks: every annotated object "
+                        "touches unlabelled pixels"),
+                       ({"annotated_pixels": 900, "unlabelled_pixels": 0}, "the masks hold no foreground object")):
+        choices = plan.choose_shape(dict(metadata, object_sizes={}, **extra), "unet", "cpu", unet_divisor)
+        assert choices["unet_depth"][0] == 4 and why in choices["unet_depth"][1]
+        assert "rebuild" not in choices["unet_depth"][1]
+
+
+def test_strokes_of_sparse_masks_are_not_measured_as_objects_whole_annotated_objects_are():
+    import numpy as np
+
+    import build_lmdb
+
+    # A 3 px stroke painted inside a nucleus (unlabelled around it) would read as a thin structure;
+    # a nucleus annotated whole, with a ring of background before the unlabelled pixels, is measured.
+    mask = np.full((120, 120), -1, np.int16)
+    mask[20:23, 10:50] = 1
+    mask[60:100, 60:100] = 0
+    mask[65:95, 65:95] = 1
+    mask[5:8, 100:118] = 0
+    assert build_lmdb.measure_objects(mask) == {1: [(30, 29)]}
+    mask[65:95, 65:95] = -1          # only the stroke left: no object of class 1 is measured
+    mask[70:80, 70:80] = 2           # a class-2 object touching unlabelled pixels: not measured either
+    assert build_lmdb.measure_objects(mask) == {1: [], 2: []}
+    assert build_lmdb.object_sizes([build_lmdb.CheckedPair(None, (120, 120, 1), np.uint8, 2, None, [],
+                                                           objects=build_lmdb.measure_objects(mask))]) == {}
 
 
 def test_batch_and_filters_from_the_device_memory_and_budget():
