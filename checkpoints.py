@@ -142,9 +142,30 @@ def output_dir_of(checkpoint_dir):
 
 
 def read_config(directory):
-    """The config.json of a checkpoint folder as a dict."""
-    with open(os.path.join(directory, "config.json")) as f:
-        return json.load(f)
+    """The config.json of a checkpoint folder as a dict; ConfigError naming the file when it cannot
+    be read (damaged by a full disk, edited by hand)."""
+    return _read_json(os.path.join(directory, "config.json"))
+
+
+def _read_json(path):
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot read this checkpoint file ({type(exc).__name__}: {exc}); "
+                          "use another checkpoint (checkpoints/best or checkpoints/latest)") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path}: not a checkpoint file (a JSON object was expected)")
+    return value
+
+
+def _load_weights(model, path):
+    """model.load_weights(path); ConfigError naming the file when it is damaged or not weights."""
+    try:
+        model.load_weights(path)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: cannot load these weights ({type(exc).__name__}: {str(exc)[:200]}); "
+                          "use another checkpoint (checkpoints/best or checkpoints/latest)") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -168,24 +189,27 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels, fine
     check_compatible(directory, saved, config, input_channels)
     weights = os.path.join(directory, WEIGHTS_FILE)
     if saved["number_classes"] == config.number_classes and fine_tune:
-        model.load_weights(weights)
+        _load_weights(model, weights)
         print(f"fine-tuning from {directory}: every layer's weights restored; the optimizer state, step "
               "counter, learning-rate schedule, best test loss and early stopping start fresh", flush=True)
         return TrainState(), False
     if saved["number_classes"] == config.number_classes:
-        model.load_weights(weights)
-        load_optimizer(os.path.join(directory, "optimizer.npz"), optimizer)
         # The learning rate is not restored: it is this run's flags. The schedule is a function of
         # the restored trainer step (state.json), so the run continues at the rate an uninterrupted
         # run has at that step; a constant rate is the --learning_rate of this run.
-        with open(os.path.join(directory, "state.json")) as f:
-            state = TrainState(**json.load(f))
+        state_path = os.path.join(directory, "state.json")
+        try:
+            state = TrainState(**_read_json(state_path))
+        except TypeError as exc:
+            raise ConfigError(f"{state_path}: not a checkpoint's state ({exc})") from None
+        _load_weights(model, weights)
+        load_optimizer(os.path.join(directory, "optimizer.npz"), optimizer)
         state.best_loss = math.inf if state.best_loss is None else state.best_loss
         print(f"resumed from {directory}: step {state.step}, epoch {state.epoch}, "
               f"best test loss {state.best_loss:.4g}", flush=True)
         return state, True
     source = models.build_from_config(dict(saved, input_channels=input_channels))
-    source.load_weights(weights)
+    _load_weights(source, weights)
     restored, skipped = transfer_weights(source, model)
     print(f"transfer learning from {directory} ({saved['number_classes']} -> {config.number_classes} "
           f"classes): restored {len(restored)} layers; not restored (fresh weights): {', '.join(skipped)}; "
@@ -193,10 +217,33 @@ def restore_checkpoint(directory, model, optimizer, config, input_channels, fine
     return TrainState(), False
 
 
+# The network flags a run may leave unset (plan.AUTO_FLAGS) that a checkpoint's weights fix, with
+# the values of checkpoints written before the flag existed.
+NETWORK_FLAGS = {"base_filters": None, "unet_depth": 4}
+
+
+def network_of_weights(config, saved):
+    """``config`` with the network flags it left unset (config.self_configure) taken from the
+    checkpoint whose config.json is ``saved``, and no longer self-configured."""
+    fixed = {}
+    for name, old_default in NETWORK_FLAGS.items():
+        value = saved.get(name, old_default)
+        if name in config.self_configure and value is not None:
+            fixed[name] = value
+    return dataclasses.replace(config, self_configure=[n for n in config.self_configure if n not in fixed], **fixed)
+
+
 def check_compatible(directory, saved, config, input_channels, flag="--restore_checkpoint_filepath"):
     """ConfigError naming ``flag`` unless the checkpoint's network (config.json ``saved``) fits this run."""
     if saved.get("model") != config.model:
         raise ConfigError(f"{flag} {directory} holds a {saved.get('model')} model, not {config.model}")
+    if flag == "--restore_checkpoint_filepath" and bool(saved.get("pretext")) != bool(config.pretext):
+        # A pretext head regresses the image channels: taken for class logits when there are as many
+        # classes as channels, it would be restored as if it were a segmentation head.
+        raise ConfigError(
+            f"{flag} {directory} is a pretraining checkpoint (pretrain_unet.py): start a segmentation run "
+            "from it with --init_from" if saved.get("pretext") else
+            f"{flag} {directory} is a segmentation run's checkpoint: pretrain_unet.py resumes pretraining runs only")
     wanted = {"base_filters": config.base_filters, "batch_norm": config.batch_norm, "input_channels": input_channels,
               "unet_depth": config.unet_depth, "upsampling": config.upsampling, "encoder": config.encoder}
     # Checkpoints written before --unet_depth/--upsampling/--encoder existed hold today's defaults.
@@ -209,11 +256,41 @@ def check_compatible(directory, saved, config, input_channels, flag="--restore_c
             + ", ".join(f"{k}={wanted[k]}" for k in mismatched) + "; the same values are needed to restore it")
 
 
+def complete_best(latest_dir, state):
+    """Make checkpoints/best a copy of the resumed ``latest_dir`` when latest records its own test pass
+    as the best but best holds an older one: a run killed (SIGKILL, out of memory, a lost node)
+    between writing the two left it so, and the export, inference and --init_from read best.
+    Returns True when it copied."""
+    parent, name = os.path.split(os.path.abspath(latest_dir))
+    if name != "latest" or os.path.basename(parent) != "checkpoints" or state.best_epoch != state.epoch \
+            or not math.isfinite(state.best_loss):
+        return False
+    best = os.path.join(parent, "best")
+    try:
+        with open(os.path.join(best, "state.json")) as f:
+            if json.load(f).get("epoch") == state.epoch:
+                return False
+    except (OSError, ValueError):
+        pass  # missing or damaged: replaced below
+    with image_io.atomic_folder(best) as temporary:
+        shutil.copytree(latest_dir, temporary)
+    print(f"{best}: replaced by a copy of {latest_dir}, the best test pass (epoch {state.epoch}); the run had "
+          "stopped between writing the two", flush=True)
+    return True
+
+
 def load_optimizer(path, optimizer):
     """Assign optimizer.npz's arrays to the optimizer's variables by key; TrainingError naming the
     keys that differ (another optimizer, or --mixed_precision changed) before anything is assigned."""
-    with np.load(path) as values:
-        saved = {key: values[key] for key in values.files}
+    try:
+        values = np.load(path)
+        if not hasattr(values, "files"):  # a single .npy array, not an archive
+            raise ValueError("not a .npz archive")
+        with values:
+            saved = {key: values[key] for key in values.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        raise ConfigError(f"{path}: cannot read this checkpoint file ({type(exc).__name__}: {exc}); "
+                          "use another checkpoint (checkpoints/best or checkpoints/latest)") from None
     current = optimizer_arrays(optimizer)
     variables = dict(zip(current, optimizer.variables))
     if saved and all(key.startswith("arr_") for key in saved):
@@ -250,8 +327,11 @@ def initialise_from(directory, model, input_channels):
     Returns (restored names, skipped names)."""
     saved = read_config(directory)
     source = models.build_from_config(dict(saved, input_channels=input_channels))
-    source.load_weights(os.path.join(directory, WEIGHTS_FILE))
+    _load_weights(source, os.path.join(directory, WEIGHTS_FILE))
     restored, skipped = transfer_weights(source, model)
+    if set(skipped) - {"logits"}:  # check_compatible passed, so a mismatch here is a fault, never silent
+        raise TrainingError(f"--init_from {directory}: layers {', '.join(s for s in skipped if s != 'logits')} "
+                            "of this run's network differ from the checkpoint's")
     what = f"a {saved['pretext'].get('task', 'pretext')} pretraining" if saved.get("pretext") else "a training run"
     print(f"initialised from {directory} ({what}): restored {len(restored)} layers ({', '.join(restored)}); "
           f"not restored (fresh weights): {', '.join(skipped) or 'none'}", flush=True)

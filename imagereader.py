@@ -138,6 +138,7 @@ class _WorkerSpec:
     class_records: list = None  # balance_classes: per class id, the records holding it
     foreground_crop_fraction: float = 0.0
     foreground_classes: list = None  # per record, the foreground class ids it holds
+    use_masks: bool = True  # False: the records' masks are replaced by all-zero ones
     unannotated_crops: int = 0  # training crops taken without an annotated pixel (this worker)
 
 
@@ -168,11 +169,14 @@ class ImageReader:
         With sparse masks it is an annotated pixel (unlabelled ones hold records.IGNORE_LABEL),
         and a crop holding no annotated pixel is redrawn (up to CROP_REDRAWS times, then centred
         on an annotated pixel), its augmentation too (up to AUGMENT_REDRAWS times).
+      use_masks: False (pretraining, which needs no labels): every record's mask is read as all
+        zeros, so a labelled or sparse database trains like an unlabelled one, and -1 marks only
+        the pixels that augmentation brought in from outside the image.
     """
 
     def __init__(self, img_db, batch_size, use_augmentation=True, balance_classes=False,
                  num_workers=1, tile_size=None, augmentation=None, seed=0, queue_size=None,
-                 shard_index=0, shard_count=1, foreground_crop_fraction=0.0):
+                 shard_index=0, shard_count=1, foreground_crop_fraction=0.0, use_masks=True):
         for name, value, minimum in (("batch_size", batch_size, 1), ("num_workers", num_workers, 1),
                                      ("shard_count", shard_count, 1)):
             if not isinstance(value, (int, np.integer)) or value < minimum:
@@ -192,6 +196,7 @@ class ImageReader:
         self.shard_index = int(shard_index)
         self.shard_count = int(shard_count)
         self.foreground_crop_fraction = float(foreground_crop_fraction)
+        self.use_masks = bool(use_masks)
         self.augmentation = augmentation if augmentation is not None else augment.AugmentationConfig()
         self.augmentation.validate()
 
@@ -322,7 +327,7 @@ class ImageReader:
                 class_records=_records_per_class(self._metadata) if self.balance_classes else None,
                 foreground_crop_fraction=self.foreground_crop_fraction,
                 foreground_classes=[[int(c) for c in classes if int(c) != 0] for classes in presence]
-                if self.foreground_crop_fraction > 0 else None)
+                if self.foreground_crop_fraction > 0 else None, use_masks=self.use_masks)
             free, ready = ctx.Queue(), ctx.Queue()
             for slot in layout.worker_slots(worker_id):
                 free.put(slot)
@@ -703,6 +708,8 @@ def _read_item(txn, spec, item, rng):
         image, mask, statistics = records.decode(buffer)
     except records.RecordFormatError as exc:
         raise records.RecordFormatError(f"{spec.img_db}: record {record}: {exc}") from None
+    if not spec.use_masks:
+        mask = np.zeros(mask.shape, np.uint8)
     origin = _annotated_crop_origin(spec, record, label, mask, rng)
     if spec.augmentation is not None:
         # On the raw values: intensity and noise augmentation then change what the network sees

@@ -97,6 +97,13 @@ class PretextConfig:
         return found
 
 
+def changed_settings(saved, current):
+    """["--flag old -> new", ...]: the pretext settings (PretextConfig dicts) that differ between a
+    checkpoint's run and this one."""
+    return [f"--{flags.flag_name(field)} {saved.get(field.name)} -> {current.get(field.name)}"
+            for field in flags.flag_fields(PretextConfig) if saved.get(field.name) != current.get(field.name)]
+
+
 def add_arguments(parser):
     """The pretext flags of pretrain_unet.py: PretextConfig's fields."""
     flags.add_flags(parser.add_argument_group("pretext task"), PretextConfig,
@@ -188,7 +195,7 @@ def masked_mse(predictions, targets, weights):
 class PretextTask:
     """A pretext task as the trainer's task (see trainer.SegmentationTask for the interface)."""
 
-    test_columns = ["epoch", "step", "loss", "input_loss", "loss_ratio", "test_pixels", "test_seconds",
+    test_columns = ["epoch", "step", "loss", "input_loss", "loss_ratio", "test_pixels", "scored_pixels", "test_seconds",
                     "starvation_s", "wall_time_s"]
     metric_curves = [("loss_ratio", "test loss / loss of the corrupted input itself")]
 
@@ -248,7 +255,7 @@ class PretextEvaluator:
     def run(self, combine=lambda totals: totals, should_stop=lambda: False):
         """(row, None, seconds), or None when stopped (see evaluation.Evaluator.run)."""
         start = time.perf_counter()
-        totals = {"squared": np.zeros(()), "input": np.zeros(()), "pixels": np.zeros(())}
+        totals = {"squared": np.zeros(()), "input": np.zeros(()), "pixels": np.zeros(()), "predicted": np.zeros(())}
         stopped = False
         for inputs, targets, weights in self.batches:
             if should_stop():
@@ -258,6 +265,7 @@ class PretextEvaluator:
             totals["squared"] += np.sum(np.mean((predictions - targets) ** 2, axis=-1) * weights)
             totals["input"] += np.sum(np.mean((inputs.astype(np.float64) - targets) ** 2, axis=-1) * weights)
             totals["pixels"] += np.sum(weights)
+            totals["predicted"] += weights.size
         totals["stopped"] = np.array(1.0 if stopped else 0.0)
         totals = combine(totals)
         if totals["stopped"] > 0:
@@ -265,7 +273,7 @@ class PretextEvaluator:
         pixels = max(float(totals["pixels"]), 1.0)
         loss, identity = float(totals["squared"]) / pixels, float(totals["input"]) / pixels
         row = {"loss": loss, "input_loss": identity, "loss_ratio": loss / max(identity, 1e-12),
-               "test_pixels": int(round(float(totals["pixels"])))}
+               "test_pixels": int(round(float(totals["predicted"]))), "scored_pixels": int(round(float(totals["pixels"])))}
         return row, None, time.perf_counter() - start
 
 

@@ -46,10 +46,15 @@ def config_from_args(args):
     if problems:
         raise errors.ConfigError("; ".join(problems))
     metadata = train_config.read_database_metadata(args.database, None, "--database")
-    return train_config.config_from_args(
+    config = train_config.config_from_args(
         "unet", args, train_database=args.database, test_database=args.database,
         number_classes=int(metadata["channels"] or 1), loss="ce", balance_classes=False,
         foreground_crop_fraction=0.0, init_from=None, pretext=dataclasses.asdict(settings))
+    if settings.task == "blind_spot" and settings.radius >= config.tile_size:
+        # A masked pixel's replacement is mirrored into the crop, which needs the crop to be wider.
+        raise errors.ConfigError(f"--neighbour_radius {settings.radius}: must be smaller than --tile_size "
+                                 f"{config.tile_size}")
+    return config
 
 
 def main(argv=None, owns_process=False):

@@ -261,7 +261,7 @@ def validate_config(config, train_metadata, test_metadata):
                 f"{path}, then train on databases built with --mask_folder, with --init_from <the pretraining "
                 "output folder>")
         found = [k for k, n in enumerate(metadata.get("class_pixel_counts", [])) if n > 0]
-        if found and max(found) >= config.number_classes:
+        if found and max(found) >= config.number_classes and not config.pretext:  # pretraining ignores masks
             hint = ""
             if 255 in found:
                 hint = ("; label 255 usually means binary masks saved as 0/255 images: convert them to 0/1 "

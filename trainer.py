@@ -180,6 +180,8 @@ def train(config, owns_process=False):
         optimizer = optim.make_optimizer(settings)
         optimizer.build(model.trainable_variables)
     state, resumed = starting_weights(config, start, model, optimizer)
+    if resumed and info.is_chief:
+        checkpoints.complete_best(start.checkpoint_dir, state)
     if train_reader is None:
         train_reader = make_train_reader(config, len(towers), info, state.step)
     if info.is_chief:
@@ -250,11 +252,25 @@ def prepare_run(config):
                 name: saved[name] for name in config.self_configure if name in chosen and name in saved})
         else:
             config, run_plan = kept_plan(config, saved, checkpoint_dir)
+            changed = pretext.changed_settings(saved.get("pretext") or {}, config.pretext or {})
+            if saved.get("pretext") and config.pretext and changed:
+                # Another task, share or window changes the test pass's masked pixels: its losses
+                # could not pick the best checkpoint across the two.
+                raise ConfigError(f"--restore_checkpoint_filepath {checkpoint_dir} was pretrained with other "
+                                  f"settings ({', '.join(changed)}); resume with the same ones, or pretrain "
+                                  "anew in another --output_dir")
+    init_dir = find_init_checkpoint(config, checkpoint_dir)
+    if init_dir:
+        # Its weights fit one network: a width or depth not given comes from it, never from the
+        # plan (a planned or halved width restored no layer at all).
+        config = checkpoints.network_of_weights(config, checkpoints.read_config(init_dir))
     if config.time_budget and config.self_configure and run_plan is None:
         config, self_configuration = self_configure(config, train_metadata, test_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
-    init_dir = find_init_checkpoint(config, checkpoint_dir, input_channels)
+    if init_dir:
+        checkpoints.check_compatible(init_dir, checkpoints.read_config(init_dir), config, input_channels,
+                                     flag="--init_from")
     database_warnings = []
     if checkpoint_dir:
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)
@@ -511,10 +527,10 @@ def find_restore_checkpoint(path):
     return found
 
 
-def find_init_checkpoint(config, checkpoint_dir, input_channels):
-    """The checkpoint folder --init_from means (best first), checked against this run's network; None
-    when not given or when --restore_checkpoint_filepath resumes the run (its weights come from there).
-    ConfigError naming the flag otherwise, before anything is written."""
+def find_init_checkpoint(config, checkpoint_dir):
+    """The checkpoint folder --init_from means (best first); None when not given or when
+    --restore_checkpoint_filepath resumes the run (its weights come from there). ConfigError naming
+    the flag otherwise, before anything is written."""
     if not config.init_from:
         return None
     if checkpoint_dir:
@@ -530,7 +546,6 @@ def find_init_checkpoint(config, checkpoint_dir, input_channels):
         raise ConfigError(f"--init_from {config.init_from}: no checkpoint there; expected a pretrain_unet.py "
                           f"output folder (holding checkpoints/best or checkpoints/latest) or a checkpoint "
                           f"folder holding {checkpoints.WEIGHTS_FILE} and config.json")
-    checkpoints.check_compatible(found, checkpoints.read_config(found), config, input_channels, flag="--init_from")
     return found
 
 
@@ -545,7 +560,7 @@ def make_train_reader(config, towers, info, start_step):
         train_reader = imagereader.ImageReader(
             config.train_database, config.batch_size, use_augmentation=config.use_augmentation,
             balance_classes=config.balance_classes, augmentation=config.augmentation, seed=seed,
-            foreground_crop_fraction=config.foreground_crop_fraction, **common)
+            foreground_crop_fraction=config.foreground_crop_fraction, use_masks=not config.pretext, **common)
     except (ValueError, FileNotFoundError) as error:
         raise ConfigError(str(error)) from None
     return train_reader
@@ -560,7 +575,7 @@ def fixed_crop_warnings(config, train_metadata):
     largest = max(max(shape[0], shape[1]) for shape in train_metadata["image_shapes"])
     if not tiled_at or largest > config.tile_size:
         return []
-    lines = [f"warning: --train_database {config.train_database} was built with --tile_size {tiled_at} "
+    lines = [f"warning: {database_flag(config, 'train')} {config.train_database} was built with --tile_size {tiled_at} "
              f"(records of at most {largest} px) and --tile_size {config.tile_size} crops it, so every crop is "
              "a whole stored tile: training sees a fixed grid of tiles, crop positions never vary and crops "
              "never cross tile borders (flips, rotations and intensity changes still vary). For random crops, "

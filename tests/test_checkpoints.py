@@ -130,3 +130,27 @@ def test_inference_reads_the_model_name_not_the_layers(tmp_path):
     model.save(tmp_path / "model.keras")  # the builder's own name says which model it is
     loaded = checkpoints.load_model(model=str(tmp_path / "model.keras"))
     assert loaded.name == "segnet"
+
+
+def test_a_best_left_behind_by_a_kill_between_latest_and_best_is_completed_on_resume(tmp_path, capsys):
+    # A kill after checkpoints/latest of epoch 2 (its best) and before checkpoints/best: best still
+    # holds epoch 1, which the export and --init_from would have used.
+    model, optimizer = _trained_pair(seed=0)
+    root = tmp_path / "run" / "checkpoints"
+    checkpoints.save_checkpoint(str(root / "best"), model, optimizer,
+                                TrainState(step=4, epoch=1, best_loss=0.36, best_epoch=1), CONFIG)
+    model, optimizer = _trained_pair(seed=1)
+    latest = TrainState(step=8, epoch=2, best_loss=0.35, best_epoch=2)
+    checkpoints.save_checkpoint(str(root / "latest"), model, optimizer, latest, CONFIG)
+
+    assert checkpoints.complete_best(str(root / "latest"), latest)
+    assert json.loads((root / "best" / "state.json").read_text())["epoch"] == 2
+    assert (root / "best" / checkpoints.WEIGHTS_FILE).read_bytes() == \
+        (root / "latest" / checkpoints.WEIGHTS_FILE).read_bytes()
+    assert "replaced by a copy of" in capsys.readouterr().out
+    assert sorted(p.name for p in root.iterdir()) == ["best", "latest"]
+    # Consistent now, or latest not the best pass, or a checkpoint folder given itself: nothing to do.
+    assert not checkpoints.complete_best(str(root / "latest"), latest)
+    later = TrainState(step=12, epoch=3, best_loss=0.35, best_epoch=2)
+    assert not checkpoints.complete_best(str(root / "latest"), later)
+    assert not checkpoints.complete_best(str(root / "best"), latest)

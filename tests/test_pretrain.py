@@ -287,3 +287,112 @@ def test_pretraining_resumes_after_sigterm_like_training(data, tmp_path, monkeyp
     assert [(r["epoch"], r["step"]) for r in read_csv(out / "test_metrics.csv")] == [("1", "2"), ("2", "4")]
     assert [r["step"] for r in read_csv(out / "train_loss.csv")] == ["1", "2", "3", "4"]
     assert (out / "model.keras").exists()
+
+
+def test_init_from_gives_the_network_flags_left_unset_and_the_planner_leaves_them(data, pretrained, tmp_path,
+                                                                                   capsys):
+    # Width and depth not given: taken from the pretrained network, not from the defaults (which it
+    # would refuse) nor from a --time_budget plan (which could halve the width and restore nothing).
+    given = dict(zip(TINY[::2], TINY[1::2]))
+    unset = [a for flag, value in given.items() if flag not in ("--base_filters", "--unet_depth") for a in (flag, value)]
+    code, out, err = run_main(lambda a: trainer.main("unet", a), capsys, [
+        *data["labelled"], *unset, "--max_steps", 1, "--output_dir", tmp_path / "tuned", "--init_from", pretrained])
+    assert code == 0, err[-3000:]
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert (config["base_filters"], config["unet_depth"]) == (4, 2)
+    assert "not restored (fresh weights): logits\n" in out
+    planned = trainer.TrainConfig(model="unet", train_database="t", test_database="t", output_dir="o", time_budget="1h",
+                                  self_configure=["tile_size", "base_filters", "unet_depth", "batch_size"])
+    fixed = checkpoints.network_of_weights(planned, {"base_filters": 4})  # written before --unet_depth: 4
+    assert (fixed.base_filters, fixed.unet_depth, fixed.self_configure) == (4, 4, ["tile_size", "batch_size"])
+
+
+def test_a_pretraining_checkpoint_is_not_resumed_as_segmentation_nor_the_reverse(data, pretrained, tmp_path,
+                                                                                  capsys):
+    code, _, err = run_main(lambda a: trainer.main("unet", a), capsys, [
+        *data["labelled"], *TINY, "--max_steps", 1, "--output_dir", tmp_path / "seg",
+        "--restore_checkpoint_filepath", pretrained])
+    assert code == 2 and "is a pretraining checkpoint (pretrain_unet.py): start a segmentation run from it " \
+                         "with --init_from" in err
+    assert not (tmp_path / "seg").exists()
+    code, _, err = run_main(lambda a: trainer.main("unet", a), capsys, [
+        *data["labelled"], *TINY, "--max_steps", 1, "--output_dir", tmp_path / "seg"])
+    assert code == 0, err[-3000:]
+    code, _, err = run_main(pretrain_unet.main, capsys, [
+        "--database", data["unlabelled"], *TINY, "--max_steps", 1, "--output_dir", tmp_path / "pre",
+        "--restore_checkpoint_filepath", tmp_path / "seg"])
+    assert code == 2 and "is a segmentation run's checkpoint: pretrain_unet.py resumes pretraining runs only" in err
+    assert not (tmp_path / "pre").exists()
+
+
+def test_resuming_a_pretraining_with_other_pretext_settings_is_refused(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["--database", data["unlabelled"], *TINY, "--output_dir", out, "--test_every_n_steps", 1,
+            "--test_crops", 2]
+    code, _, err = run_main(pretrain_unet.main, capsys, [*args, "--max_steps", 1])
+    assert code == 0, err[-3000:]
+    before = (out / "test_metrics.csv").read_text()
+    code, _, err = run_main(pretrain_unet.main, capsys, [*args, "--max_steps", 2, "--pretext_task", "masked_patch",
+                                                         "--restore_checkpoint_filepath", out])
+    assert code == 2
+    assert "was pretrained with other settings (--pretext_task blind_spot -> masked_patch, --mask_fraction " \
+           "0.015 -> 0.25)" in err
+    assert (out / "test_metrics.csv").read_text() == before
+
+
+def test_a_labelled_or_sparse_database_pretrains_with_its_masks_ignored(data, tmp_path, capsys):
+    import imagereader
+
+    # Labels 0 and 1 in a 1-channel database: the pretext head has 1 output, and that is no refusal.
+    code, _, err = run_main(pretrain_unet.main, capsys, [
+        "--database", data["root"] / "train", *TINY, "--max_steps", 1, "--test_crops", 2,
+        "--output_dir", tmp_path / "pre"])
+    assert code == 0, err[-3000:]
+    # A sparse database: every pixel is a pretext pixel, none is ignored for its missing label.
+    mask = np.full((64, 64), -1, np.int8)
+    mask[10:12, :] = 1
+    records.write_database(str(tmp_path / "sparse"), iter([(np.ones((64, 64), np.uint16), mask,
+                                                            {"image": "a.tif", "mask": "a.tif"})]),
+                           {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+    with imagereader.ImageReader(str(tmp_path / "sparse"), 2, use_augmentation=False, tile_size=32,
+                                 use_masks=False) as reader:
+        _, masks = reader.get_batch()
+    assert masks.shape == (2, 32, 32) and np.all(masks == 0)
+
+
+@pytest.mark.parametrize("damaged, fragment", [
+    (checkpoints.WEIGHTS_FILE, "cannot load these weights"),
+    ("config.json", "cannot read this checkpoint file (JSONDecodeError"),
+    ("state.json", "cannot read this checkpoint file (JSONDecodeError"),
+    ("optimizer.npz", "cannot read this checkpoint file"),
+])
+def test_a_damaged_checkpoint_file_is_named_and_nothing_is_written(data, pretrained, tmp_path, capsys, damaged,
+                                                                   fragment):
+    import shutil
+
+    source = tmp_path / "copy"
+    shutil.copytree(pretrained, source)
+    path = source / "checkpoints" / "latest" / damaged
+    path.write_bytes(path.read_bytes()[:40])  # cut short, as by a full disk
+    before = sorted(p.name for p in source.iterdir())
+    flag = "--init_from" if damaged in (checkpoints.WEIGHTS_FILE, "config.json") else None
+    runs = [(pretrain_unet.main, ["--database", data["unlabelled"], *TINY, "--max_steps", 40, "--output_dir", source,
+                                  "--mask_fraction", 0.05, "--test_crops", 8,  # the pretraining's own settings
+                                  "--restore_checkpoint_filepath", source / "checkpoints" / "latest"])]
+    if flag:
+        runs.append((lambda a: trainer.main("unet", a),
+                     [*data["labelled"], *TINY, "--max_steps", 1, "--output_dir", tmp_path / "tuned",
+                      "--init_from", source / "checkpoints" / "latest"]))
+    for main, args in runs:
+        code, _, err = run_main(main, capsys, args)
+        assert code == 2, err[-3000:]
+        assert f"{path}: {fragment}" in err
+    assert sorted(p.name for p in source.iterdir()) == before and not (tmp_path / "tuned").exists()
+
+
+def test_a_blind_spot_window_wider_than_the_tile_is_refused(data, tmp_path, capsys):
+    code, _, err = run_main(pretrain_unet.main, capsys, [
+        "--database", data["unlabelled"], "--tile_size", 8, "--unet_depth", 2, "--base_filters", 2,
+        "--neighbour_radius", 8, "--max_steps", 1, "--output_dir", tmp_path / "r8"])
+    assert code == 2 and "--neighbour_radius 8: must be smaller than --tile_size 8" in err
+    assert not (tmp_path / "r8").exists()
