@@ -664,23 +664,26 @@ def _crop_origin(spec, record, label, mask, rng):
     return int(rng.integers(0, height - h + 1)), int(rng.integers(0, width - w + 1))
 
 
-def _cut(image, mask, origin, spec):
-    """The training crop at ``origin`` of a record's image and mask."""
+def _cut(image, mask, origin, spec, offset=None):
+    """The training crop at ``origin`` of a record's image (minus ``offset``, per channel) and mask."""
     (y0, x0), h, w = origin, spec.layout.height, spec.layout.width
     image = image[y0:y0 + h, x0:x0 + w]
-    if not image.flags.aligned:
+    if offset is not None:
+        image = image.astype(np.int64) - offset.astype(np.int64)
+    elif not image.flags.aligned:
         # LMDB values start at any byte offset; numpy and scipy are slower on unaligned data, and
         # copying one crop costs far less than the augmentation (measured ~7% faster overall).
         image = image.copy()
     return image, mask[y0:y0 + h, x0:x0 + w]
 
 
-def _augmented_crop(spec, record, image, mask, origin, rng):
+def _augmented_crop(spec, record, image, mask, origin, rng, offset=None):
     """augment.augment_image of the crop at ``origin``. Zoom, rotation and elastic shifts can move a
     small stroke out of a crop that held it (about 1 crop in 10 of small strokes did): that crop is
     drawn again, centred on an annotated pixel (which rotation keeps inside), up to AUGMENT_REDRAWS
-    times; the last draw is then taken and counted."""
-    crop, crop_mask = _cut(image, mask, origin, spec)
+    times; the last draw is then taken and counted. ``offset`` (normalization.integer_offset) is
+    subtracted from every crop first."""
+    crop, crop_mask = _cut(image, mask, origin, spec, offset)
     if crop_mask.dtype.kind == "u" or not (crop_mask >= 0).any():  # dense, or nothing to keep
         return augment.augment_image(crop, spec.augmentation, crop_mask, rng)
     annotated = np.flatnonzero(mask >= 0)
@@ -689,7 +692,7 @@ def _augmented_crop(spec, record, image, mask, origin, rng):
         if (augmented_mask >= 0).any():
             return augmented, augmented_mask
         origin = _centred_origin(spec, mask.shape, int(annotated[rng.integers(annotated.size)]), rng)
-        crop, crop_mask = _cut(image, mask, origin, spec)
+        crop, crop_mask = _cut(image, mask, origin, spec, offset)
     augmented, augmented_mask = augment.augment_image(crop, spec.augmentation, crop_mask, rng)
     if not (augmented_mask >= 0).any():
         _warn_unannotated(spec, record, f"augmentation moved its annotated pixels out of the crop "
@@ -711,13 +714,15 @@ def _read_item(txn, spec, item, rng):
     if not spec.use_masks:
         mask = np.zeros(mask.shape, np.uint8)
     origin = _annotated_crop_origin(spec, record, label, mask, rng)
+    stored, offset = image.dtype, None
     if spec.augmentation is not None:
         # On the raw values: intensity and noise augmentation then change what the network sees
         # (a per-crop z-score afterwards would cancel an intensity shift entirely).
-        image, mask = _augmented_crop(spec, record, image, mask, origin, rng)
+        offset = normalization.integer_offset(stored, statistics)
+        image, mask = _augmented_crop(spec, record, image, mask, origin, rng, offset)
     else:
         image, mask = _cut(image, mask, origin, spec)
-    image = normalization.normalize(image, statistics)
+    image = normalization.normalize(image, statistics, offset=offset, dtype=stored)
     if not np.isfinite(image).all():
         raise NonFiniteRecordError(
             f"{spec.img_db}: record {record} holds non-finite values (NaN or Inf) in its pixels or "

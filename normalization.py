@@ -95,8 +95,23 @@ def channel_statistics(image, rows_per_block=1024):
     return running.result()
 
 
-def normalize(image, stats):
+def integer_offset(dtype, stats):
+    """Per-channel whole numbers near the mean that the training reader subtracts from crops of
+    32-bit integer images before augmenting them in float32 (which holds integers exactly only up
+    to 2**24: a spread of 10 around 1e8 would vanish); None for other dtypes, which fit float32.
+    The augmentation's intensity transforms are relative to a crop's range or mean, so they are
+    unchanged by it; ``normalize(..., offset=)`` adds it back."""
+    if np.dtype(dtype).kind not in "iu" or np.dtype(dtype).itemsize < 4:
+        return None
+    return np.round(np.asarray(stats.mean, dtype=np.float64))
+
+
+def normalize(image, stats, offset=None, dtype=None):
     """(image - mean) / std per channel, float32, same shape as ``image`` (H x W or H x W x C).
+
+    ``offset`` (integer_offset) was subtracted from ``image`` before; ``dtype`` is the stored
+    image's, when ``image`` is an augmented float32 copy of it: the constant-channel rule below is
+    the stored dtype's, as at inference.
 
     A constant channel (std 0, or only rounding noise relative to its mean: float32 rounding for
     float data, float64 rounding of the statistics for integer data) becomes zeros. Real but small
@@ -110,8 +125,9 @@ def normalize(image, stats):
     std = np.asarray(stats.std, dtype=np.float64)
     if mean.size != hwc.shape[-1]:
         raise ValueError(f"image has {hwc.shape[-1]} channel(s), the statistics {mean.size}")
-    if np.issubdtype(hwc.dtype, np.floating):  # float16 data: its own, coarser rounding
-        relative = max(CONSTANT_RELATIVE_STD, 4 * float(np.finfo(hwc.dtype).eps))
+    source = np.dtype(dtype) if dtype is not None else hwc.dtype
+    if np.issubdtype(source, np.floating):  # float16 data: its own, coarser rounding
+        relative = max(CONSTANT_RELATIVE_STD, 4 * float(np.finfo(source).eps))
     else:
         relative = CONSTANT_RELATIVE_STD_EXACT
     constant = std <= relative * np.abs(mean)
@@ -119,7 +135,7 @@ def normalize(image, stats):
     # The mean is subtracted in float64: in float32, integers above 2**24 (and the mean) are rounded
     # to a multiple of 2 or more before the subtraction, which can erase a small spread entirely.
     result = hwc.astype(np.float64)
-    result -= mean
+    result -= mean if offset is None else mean - offset
     result *= scale
     result = result.astype(np.float32)
     return result[..., 0] if flat else result

@@ -1,6 +1,7 @@
 """ImageReader: real LMDBs in tmp_path, real worker processes."""
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -320,6 +321,26 @@ def test_crops_are_normalised_with_the_whole_source_image_statistics(tmp_path):
     with ImageReader(result.paths["test"], 4, use_augmentation=False, tile_size=64) as reader:
         images, masks = reader.get_batch(timeout=30)
     check(images, masks, test_stem)
+
+
+def test_augmented_crops_of_int32_images_with_a_large_offset_keep_their_spread(tmp_path):
+    # 1e8 +- 10: float32 holds integers exactly only up to 2**24, so an augmented crop cast to float32
+    # kept a handful of values (a constant after normalisation), while inference normalises the
+    # int32 values exactly. Flips only: every delivered pixel is a source pixel, traced by the mask.
+    import augment
+
+    rng = np.random.default_rng(0)
+    image = (100_000_000 + rng.integers(-10, 11, (64, 64))).astype(np.int32)
+    position = np.arange(64 * 64, dtype=np.uint16).reshape(64, 64)
+    records.write_database(str(tmp_path / "db"), iter([(image, position, {"image": "a.tif", "mask": "a.tif"})]),
+                           {"split": "train", "split_seed": 0, "train_fraction": 1.0})
+    expected = normalization.normalize(image, normalization.channel_statistics(image))
+    assert expected.std() > 0.9
+    flips = dataclasses.replace(augment.AugmentationConfig.disabled(), reflection=True)
+    with ImageReader(str(tmp_path / "db"), 4, augmentation=flips, tile_size=32, seed=2) as reader:
+        images, masks = reader.get_batch(timeout=30)
+    y, x = np.divmod(masks.astype(np.int64), 64)
+    np.testing.assert_allclose(images[..., 0], expected[y, x], atol=1e-5)
 
 
 def test_record_with_non_finite_values_stops_the_reader_naming_database_and_record(tmp_path):
