@@ -668,7 +668,9 @@ class Run:
             self.print_test_line(state, row, improved, test_seconds)
             checkpoint_start = time.perf_counter()
             self.checkpoint(state, best=improved)
-            if self.run_plan is not None and not self.finished(state):
+            # Out of time, a re-plan would shorten the plan to the step reached, and the run would
+            # report --max_steps reached with a schedule that never ended.
+            if self.run_plan is not None and not self.finished(state) and not self.out_of_time():
                 self.replan(state, test_seconds + time.perf_counter() - checkpoint_start)
             reason = self.stop_reason(state) or ("time_budget" if self.out_of_time() else None)
             if reason:

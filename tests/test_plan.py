@@ -222,6 +222,27 @@ def test_a_run_that_slows_down_re_plans_again_and_still_ends_within_its_budget(d
     assert config["plan"]["step_s"] > 0.02
 
 
+def test_a_run_cut_by_its_deadline_says_so_and_keeps_its_plan(dbs, tmp_path, capsys, monkeypatch):
+    # After the first re-plan every step costs 1 s: the deadline comes long before the next test
+    # pass. Before, the re-plan after the last pass shrank the plan to the step reached, and the run
+    # said "--max_steps reached" with a schedule that never decayed.
+    original = trainer.Run.train_one_step
+
+    def stalled(self, state):
+        if self.replan_mark is not None:
+            time.sleep(1.0)
+        return original(self, state)
+
+    monkeypatch.setattr(trainer.Run, "train_one_step", stalled)
+    out = tmp_path / "run"
+    code, stdout, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", "25s"])
+    assert code == 0, err[-2000:]
+    assert "--time_budget ran out before the planned steps" in stdout and "--max_steps reached" not in stdout
+    config = json.loads((out / "config.json").read_text())
+    step = json.loads((out / "checkpoints" / "latest" / "state.json").read_text())["step"]
+    assert config["plan"]["steps"] == config["max_steps"] > step
+
+
 def test_a_budget_on_a_resumed_run_without_a_plan_is_refused(dbs, tmp_path, capsys):
     checkpoint = tmp_path / "old" / "checkpoints" / "latest"
     config = {"model": "unet", "number_classes": 2, "max_steps": 50}
