@@ -175,6 +175,14 @@ def _max_tasks_per_node(spec):
     return max(counts) if counts else 1
 
 
+def selected_gpu_count(gpus):
+    """How many GPUs ``--gpus`` selects among those TensorFlow sees (listing physical devices does
+    not initialise them: configure_devices may still follow)."""
+    import tensorflow as tf
+
+    return len(parse_gpus(gpus, len(tf.config.list_physical_devices("GPU"))))
+
+
 def configure_devices(cpu_towers=None, gpus=None):
     """Make the chosen devices visible and return one device name per local tower.
 

@@ -450,9 +450,11 @@ def self_configure(config, train_metadata, test_metadata):
 
 def machine_profile(config):
     """("gpu" or "cpu", memory in bytes of one device, where the figure comes from), without
-    starting TensorFlow (devices are configured later, see distribute.py): nvidia-smi for GPUs,
-    the physical RAM for a CPU."""
-    if config.gpus != "none" and not config.cpu_towers and shutil.which("nvidia-smi"):
+    configuring TensorFlow's devices (that comes later, see distribute.py): nvidia-smi for GPUs,
+    the physical RAM for a CPU. GPUs count only when TensorFlow sees them and --gpus selects one
+    (CUDA_VISIBLE_DEVICES="" or a TensorFlow without CUDA trains on the CPU, whatever nvidia-smi
+    lists)."""
+    if not config.cpu_towers and distribute.selected_gpu_count(config.gpus) and shutil.which("nvidia-smi"):
         try:
             result = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
                                     capture_output=True, text=True, timeout=30, check=True)

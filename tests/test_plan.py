@@ -243,6 +243,20 @@ def test_a_run_cut_by_its_deadline_says_so_and_keeps_its_plan(dbs, tmp_path, cap
     assert config["plan"]["steps"] == config["max_steps"] > step
 
 
+def test_a_gpu_that_tensorflow_does_not_use_leaves_the_cpu_rules(tmp_path, monkeypatch):
+    # nvidia-smi lists a 16 GB GPU, but TensorFlow sees none here (as with CUDA_VISIBLE_DEVICES="" or
+    # a build without CUDA): the plan must follow the device that trains, the CPU.
+    import os
+
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 16384\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    device, _, why = trainer.machine_profile(trainer.TrainConfig("unet", "a", "b", "c"))
+    assert (device, why) == ("cpu", "the physical RAM")
+
+
 def test_a_budget_on_a_resumed_run_without_a_plan_is_refused(dbs, tmp_path, capsys):
     checkpoint = tmp_path / "old" / "checkpoints" / "latest"
     config = {"model": "unet", "number_classes": 2, "max_steps": 50}
