@@ -44,6 +44,7 @@ import datetime
 import functools
 import getpass
 import json
+import os
 import pathlib
 import string
 import sys
@@ -228,6 +229,15 @@ def read_sample(path, channels):
                           f"{image.shape}), the model expects {channels}")
     if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
         raise ExportError(f"--sample_image {path}: pixel type {image.dtype} is not numeric")
+    if np.issubdtype(image.dtype, np.floating) and not np.isfinite(image).all():
+        raise ExportError(f"--sample_image {path}: {int(np.count_nonzero(~np.isfinite(image)))} pixel value(s) "
+                          "are NaN or Inf; the package's test output would be NaN. Give another image")
+    if np.issubdtype(image.dtype, np.integer) and not np.array_equal(image.astype(np.float32), image):
+        # The package's input is float32 (bioimage.io tools cast to it): these values would lose
+        # digits there, and the test output would not be what inference.py gives for the image.
+        raise ExportError(f"--sample_image {path}: its {image.dtype} values are not all exact in float32, "
+                          "the package's input type (e.g. integers above 2**24 with a small spread); give "
+                          "another image, e.g. with the offset subtracted")
     return image
 
 
@@ -674,6 +684,8 @@ def _check_flags(config):
         raise ExportError(f"--output {output}: folder {output.parent} does not exist")
     if output.is_dir():
         raise ExportError(f"--output {output}: is a folder")
+    if not os.access(output.parent.resolve(), os.W_OK):
+        raise ExportError(f"--output {output}: folder {output.parent} is not writable")
     if config.name is not None:
         bad = sorted(set(config.name) - NAME_CHARACTERS)
         if bad or not 5 <= len(config.name) <= 128:
@@ -752,7 +764,11 @@ def export_package(config):
         if summary is not None and summary.status == "failed":
             raise ValidationError("bioimageio.spec rejects the package (nothing written):\n"
                                   + describe_errors(summary))
-        write_zip_atomically(config.output, staging, names)
+        try:
+            write_zip_atomically(config.output, staging, names)
+        except OSError as exc:  # a full disk: the old package stays (atomic), the user learns why
+            raise ExportError(f"--output {config.output}: cannot write it ({exc.strerror or exc}); "
+                              "an existing file there is unchanged") from None
     return pathlib.Path(config.output), summary
 
 
@@ -803,7 +819,8 @@ def build_parser():
     parser.add_argument("--sample_image", help="an image like those the model segments (TIFF/PNG; "
                         "H x W or H x W x C): its centre becomes the test input and the cover "
                         "(default: a generated image of bright disks)")
-    parser.add_argument("--keras_v3", action="store_true", help="UNet only: also include the "
+    parser.add_argument("--keras_v3", action="store_true", help="UNets of stock Keras layers only (not "
+                        "SegNet, not --upsampling bilinear): also include the "
                         "network as a Keras 3 file (weights format keras_v3, run by bioimageio.core); "
                         "readers older than bioimageio.spec 0.5.8 then reject the package, deepImageJ "
                         "uses the SavedModel either way")

@@ -259,6 +259,37 @@ def test_sample_image_is_read_and_fitted_to_a_square_the_package_accepts(tmp_pat
         export_bioimageio.read_sample(tmp_path / "planar.tif", channels=3)
 
 
+def test_a_sample_with_nan_or_values_float32_cannot_hold_is_refused_by_name(tmp_path):
+    import tifffile
+    image = np.ones((100, 100), np.float32)
+    image[3, 4] = np.nan
+    tifffile.imwrite(tmp_path / "nan.tif", image)
+    with pytest.raises(export_bioimageio.ExportError, match=r"nan.tif: 1 pixel value\(s\) are NaN or Inf"):
+        export_bioimageio.read_sample(tmp_path / "nan.tif", channels=1)
+    # 1e8 + a spread of 33: float32 keeps a fraction of the values (the test output was 0.97 off).
+    offset = (100_000_000 + np.arange(100 * 100).reshape(100, 100) % 100).astype(np.int32)
+    tifffile.imwrite(tmp_path / "offset.tif", offset)
+    with pytest.raises(export_bioimageio.ExportError, match="offset.tif: its int32 values are not all exact in float32"):
+        export_bioimageio.read_sample(tmp_path / "offset.tif", channels=1)
+    tifffile.imwrite(tmp_path / "fine.tif", offset - 100_000_000)
+    assert export_bioimageio.read_sample(tmp_path / "fine.tif", channels=1).shape == (100, 100, 1)
+
+
+def test_a_failed_write_exits_2_naming_the_output_and_keeps_the_old_package(tmp_path, capsys, monkeypatch):
+    make_run_folder(tmp_path / "run")
+    output = tmp_path / "out.zip"
+    output.write_bytes(b"previous package")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(export_bioimageio, "write_zip_atomically", full_disk)
+    assert export_bioimageio.main(["--model", str(tmp_path / "run"), "--output", str(output), "--no_validate"]) == 2
+    assert f"--output {output}: cannot write it (No space left on device); an existing file there is unchanged" \
+        in capsys.readouterr().err
+    assert output.read_bytes() == b"previous package"
+
+
 def test_yaml_writer_round_trips_through_a_yaml_parser():
     ruyaml = pytest.importorskip("ruyaml", reason="ruyaml (a bioimageio.spec dependency) parses YAML")
     value = {"a": "text: with 'quotes' and \"more\"\nand a newline", "n": 3, "eps": 1e-6,
