@@ -20,6 +20,7 @@ Re-running replaces the previous training, predictions and figure.
 """
 import argparse
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -38,6 +39,8 @@ import records
 
 REPO_DIR = os.path.dirname(os.path.abspath(__file__))
 FIGURE_EXAMPLES = 3
+# Beside the generated images and masks: the --seed that made them.
+DATA_RECORD = "demo_data.json"
 # TensorFlow's C++ start-up lines (no CUDA driver, oneDNN notes) that TF_CPP_MIN_LOG_LEVEL does not
 # silence: kept in the log files, left off the console where they look like errors on a CPU machine.
 TF_NATIVE_LOG_LINE = re.compile(r"^([IWEF]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ |WARNING: All log messages before absl)")
@@ -138,10 +141,21 @@ def generate_data(config):
     with image_io.atomic_folder(config.data_dir) as scratch:
         demo_data.generate_demo_dataset(scratch, num_images=config.num_images, size=config.image_size,
                                         seed=config.seed)
+        with open(os.path.join(scratch, DATA_RECORD), "w") as f:
+            json.dump({"seed": config.seed}, f)
     classes = ", ".join(f"{k} {name}" for k, name in demo_data.CLASS_NAMES.items())
     print(f"[1] wrote {config.num_images} synthetic {config.image_size}x{config.image_size} images to "
           f"{image_folder} and masks ({classes}) to {mask_folder}")
     return image_folder, mask_folder
+
+
+def _data_seed(data_dir):
+    """The --seed recorded with the demo data in ``data_dir``, or None."""
+    try:
+        with open(os.path.join(data_dir, DATA_RECORD)) as f:
+            return json.load(f).get("seed")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _check_existing_data(config, image_folder, mask_folder):
@@ -157,7 +171,11 @@ def _check_existing_data(config, image_folder, mask_folder):
         found = f"{len(images)} images of {height}x{width}"
         if (images == masks and len(images) == config.num_images
                 and (height, width) == (config.image_size, config.image_size)):
-            return
+            seed = _data_seed(config.data_dir)
+            if seed in (None, config.seed):  # None: written before the seed was recorded
+                return
+            raise DemoError(f"{config.data_dir} holds the demo data of --seed {seed}, not {config.seed}; delete "
+                            f"{config.data_dir} or choose another --output_dir")
     if images != masks:
         found += f" and {len(masks)} masks that do not match them by name"
     raise DemoError(f"{config.data_dir} holds {found}, expected {expected} (made by an earlier run "

@@ -136,7 +136,8 @@ def plan_run(budget_s, spent_s, step_s, test_s, batch, compile_s=0.0, export_s=0
         steps = max(int((available - passes * test_s) // step_s), 0)
         every = max(1, math.ceil(steps / passes)) if steps else 1
     if steps < min_steps:
-        needed = spent_s + reserved + (min_steps * step_s + test_s) / (1.0 - SAFETY_SHARE)
+        passes_needed = math.ceil(min_steps / test_every) if test_every else 1
+        needed = spent_s + reserved + (min_steps * step_s + passes_needed * test_s) / (1.0 - SAFETY_SHARE)
         raise PlanError(
             f"--time_budget {format_duration(budget_s)} buys about {steps} training steps at {step_s:.3g} s/step "
             f"(test pass {test_s:.3g} s, {format_duration(spent_s)} already spent setting up and measuring, "

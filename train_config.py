@@ -270,6 +270,14 @@ def validate_config(config, train_metadata, test_metadata):
                 f"--number_classes {config.number_classes} is too small for {name} {path}: "
                 f"it holds labels {found}; use --number_classes {max(found) + 1} or more{hint}")
         smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
+        divisor = models.size_divisor(config.model, **options)
+        if smallest < divisor:
+            # No tile fits: --time_budget's plan fell back to the smallest tile the network takes.
+            raise ConfigError(
+                f"{name} {path} holds images as small as {smallest} px; a {config.model} "
+                + (f"of depth {config.unet_depth} " if config.model == "unet" else "")
+                + f"takes tiles of at least {divisor} px (a multiple of {divisor}): pad the images to that "
+                + ("size" if config.model != "unet" else "size, or use a smaller --unet_depth"))
         if smallest < config.tile_size:
             raise ConfigError(
                 f"{name} {path} holds images as small as {smallest} px, smaller than "

@@ -79,6 +79,9 @@ def test_second_run_reuses_data_and_rejects_mismatched_data(quick_run):
     full = demo.DemoConfig(output_dir=str(output_dir))
     with pytest.raises(demo.DemoError, match=r"holds 8 images of 64x64, expected 48 images of 256x256"):
         demo.generate_data(full)
+    # Same count and size, another seed: other images, so not reused silently.
+    with pytest.raises(demo.DemoError, match=r"holds the demo data of --seed 0, not 1"):
+        demo.generate_data(demo.DemoConfig.quick(str(output_dir), seed=1))
 
 
 def test_failed_step_exits_non_zero_naming_the_log(tmp_path):

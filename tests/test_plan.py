@@ -80,6 +80,11 @@ def test_too_short_a_budget_is_refused_with_the_estimate():
     # (60 - 27) x 0.95 = 31.35 s: one pass of 9.3 s leaves 22.05 s, 31 steps.
     assert "--time_budget 60 s buys about 31 training steps at 0.71 s/step" in message
     assert "at least 100: give --time_budget 2m or more" in message
+    # With --test_every_n_steps 10, 100 steps take 10 passes: the budget suggested must buy them.
+    with pytest.raises(plan.PlanError) as refused:
+        plan.plan_run(60, 10, 0.5, 5.0, 8, compile_s=3, export_s=2, test_every=10)
+    suggested = int(str(refused.value).split("give --time_budget ")[1].split("m")[0])
+    assert plan.plan_run(60 * suggested, 10, 0.5, 5.0, 8, compile_s=3, export_s=2, test_every=10).steps >= 100
 
 
 def test_the_replan_fits_the_rest_of_the_run_to_the_measured_speeds():

@@ -81,6 +81,10 @@ def test_validate_config_messages(tmp_path):
         train_config.validate_config(config, meta, meta)
     config.tile_size, config.model = 32, "segnet"
     train_config.validate_config(config, meta, meta)
+    # Images smaller than any tile the network takes (a --time_budget plan falls back to the divisor).
+    small = dict(meta, image_shapes=[[20, 24, 1]])
+    with pytest.raises(ConfigError, match=r"as small as 20 px; a segnet takes tiles of at least 32 px"):
+        train_config.validate_config(config, small, meta)
     config.batch_size = 0
     with pytest.raises(ConfigError, match=r"--batch_size 0: expected an integer >= 1"):
         train_config.validate_config(config, meta, meta)
