@@ -244,12 +244,16 @@ def prepare_run(config):
                     "test": checkpoints.database_fingerprint(test_metadata)}
     if checkpoint_dir:
         saved = checkpoints.read_config(checkpoint_dir)
+        # Its weights fit one network: a width or depth not given now is the checkpoint's.
+        config = checkpoints.network_of_weights(config, saved)
         if checkpoints.database_differences(checkpoint_dir, saved, config, fingerprints):
             # Fine-tuning on other databases is a new run: its own length (--max_steps or a new
-            # --time_budget), but the network the old run chose for itself, or its weights won't fit.
-            chosen = saved.get("self_configuration") or {}
-            config = dataclasses.replace(config, self_configure=[], **{
-                name: saved[name] for name in config.self_configure if name in chosen and name in saved})
+            # --time_budget, which plans what the old run did not choose for itself), and what the
+            # old run chose for itself (its tile, batch).
+            chosen = [name for name in config.self_configure if name in (saved.get("self_configuration") or {})
+                      and name in saved]
+            config = dataclasses.replace(config, self_configure=[n for n in config.self_configure if n not in chosen],
+                                         **{name: saved[name] for name in chosen})
         else:
             config, run_plan = kept_plan(config, saved, checkpoint_dir)
             changed = pretext.changed_settings(saved.get("pretext") or {}, config.pretext or {})

@@ -396,3 +396,26 @@ def test_a_blind_spot_window_wider_than_the_tile_is_refused(data, tmp_path, caps
         "--neighbour_radius", 8, "--max_steps", 1, "--output_dir", tmp_path / "r8"])
     assert code == 2 and "--neighbour_radius 8: must be smaller than --tile_size 8" in err
     assert not (tmp_path / "r8").exists()
+
+
+def test_a_resumed_or_fine_tuned_run_takes_width_and_depth_from_its_checkpoint(data, tmp_path, capsys):
+    given = dict(zip(TINY[::2], TINY[1::2]))
+    unset = [a for flag, value in given.items() if flag not in ("--base_filters", "--unet_depth") for a in (flag, value)]
+    out = tmp_path / "run"
+    code, _, err = run_main(lambda a: trainer.main("unet", a), capsys,
+                            [*data["labelled"], *TINY, "--max_steps", 1, "--output_dir", out])
+    assert code == 0, err[-3000:]
+    # Resubmitted without the network flags: resumed at 4 filters, depth 2 (not refused for the defaults).
+    code, out_text, err = run_main(lambda a: trainer.main("unet", a), capsys, [
+        *data["labelled"], *unset, "--max_steps", 2, "--output_dir", out, "--restore_checkpoint_filepath", out])
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out_text
+    # Fine-tuned on another database, likewise.
+    make_synthetic_db(tmp_path / "other", num_records=4, shape=(64, 64), seed=7)
+    code, out_text, err = run_main(lambda a: trainer.main("unet", a), capsys, [
+        "--train_database", tmp_path / "other", *data["labelled"][2:], *unset, "--max_steps", 1,
+        "--output_dir", tmp_path / "tuned", "--restore_checkpoint_filepath", out])
+    assert code == 0, err[-3000:]
+    config = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    assert (config["base_filters"], config["unet_depth"]) == (4, 2)
+    assert "fine-tuning from" in out_text
