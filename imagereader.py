@@ -25,6 +25,7 @@ import math
 import multiprocessing
 import os
 import queue
+import shutil
 import signal
 import sys
 import time
@@ -42,6 +43,8 @@ import records
 
 # /dev/shm segments are named SHM_PREFIX + "<parent pid>_<random>", so leaks are easy to spot.
 SHM_PREFIX = "segreader_"
+# Where POSIX shared memory lives on Linux (a tmpfs of limited size, e.g. in containers).
+SHM_DIR = "/dev/shm"
 STARVATION_MESSAGE = "Input Queue Starvation !!!!"
 STARVATION_OVER_MESSAGE = "Input Queue Starvation Over"
 
@@ -312,6 +315,7 @@ class ImageReader:
     def _start(self):
         ctx = multiprocessing.get_context("spawn")
         layout = self._layout
+        _check_shared_memory_room(layout)
         name = f"{SHM_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}"
         self._shm = shared_memory.SharedMemory(name=name, create=True, size=layout.segment_bytes)
         self._stop = layout.stop_flag(self._shm.buf)
@@ -566,6 +570,23 @@ def _attach_shared_memory(name):
         return shared_memory.SharedMemory(name=name)
     finally:
         resource_tracker.register = register
+
+
+def _check_shared_memory_room(layout):
+    """ImageReaderError when SHM_DIR (where Linux keeps POSIX shared memory) has less room than the
+    ring needs. The segment is only reserved when created: a worker writing past the room would die
+    of SIGBUS, a message that names neither the cause nor the fix (Docker gives 64 MB by default)."""
+    try:
+        free = shutil.disk_usage(SHM_DIR).free
+    except OSError:  # no such folder (not Linux): nothing to check
+        return
+    if free < layout.segment_bytes:
+        raise ImageReaderError(
+            f"{SHM_DIR} has {free / 2 ** 20:.1f} MiB free; the readers' shared batch buffer needs "
+            f"{layout.segment_bytes / 2 ** 20:.1f} MiB ({layout.capacity} batches of {layout.batch_size} x "
+            f"{layout.height} x {layout.width} px x {layout.channels} channel(s)). Give {SHM_DIR} more room "
+            "(docker run --shm-size=2g, or ask the cluster's admins), or lower --reader_count, --batch_size "
+            "or --tile_size")
 
 
 def _parent_wants_us(stop, parent_pid):

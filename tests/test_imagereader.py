@@ -343,6 +343,24 @@ def test_augmented_crops_of_int32_images_with_a_large_offset_keep_their_spread(t
     np.testing.assert_allclose(images[..., 0], expected[y, x], atol=1e-5)
 
 
+def test_too_little_shared_memory_is_refused_naming_dev_shm_before_any_worker(tmp_path, monkeypatch):
+    # A 4 MB /dev/shm (Docker gives 64 MB) killed the workers with SIGBUS at their first write past it.
+    import collections
+    import shutil
+
+    import imagereader
+
+    make_synthetic_db(tmp_path / "db", num_records=2, shape=(64, 64))
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(4 * 2 ** 20, 4 * 2 ** 20 - 2 ** 19, 2 ** 19))
+    reader = ImageReader(str(tmp_path / "db"), 8, tile_size=64, num_workers=2)
+    with pytest.raises(ImageReaderError, match=r"/dev/shm has 0.5 MiB free; the readers' shared batch buffer "
+                                               r"needs 2.0 MiB \(8 batches of 8 x 64 x 64 px x 1 channel"):
+        reader.startup()
+    assert imagereader.SHM_DIR == "/dev/shm" and not _segments(os.getpid())
+    assert not reader._processes or all(p.pid is None for p in reader._processes)
+
+
 def test_record_with_non_finite_values_stops_the_reader_naming_database_and_record(tmp_path):
     def pairs():
         for i in range(3):
