@@ -769,6 +769,14 @@ def _mask_warnings(config, checked):
                 "0 and 255 (number_classes 256). If they are binary masks with 255 = foreground, "
                 "rebuild with --masks_255_to_1 (255 becomes class 1), or convert the masks to 0/1 "
                 "(mask // 255) yourself"]
+    if set(totals) == {0}:
+        if config.scribbles:
+            return [f"with --scribbles a painted value L is class L - 1 (0 = not painted), and every mask in "
+                    f"{config.mask_folder} paints only the value 1: all annotated pixels are class 0 "
+                    "(background), nothing teaches the objects. Paint background 1 and objects 2; dense 0/1 "
+                    "masks are built without --scribbles"]
+        return [f"every annotated pixel of the masks in {config.mask_folder} is class 0 (background): a "
+                "network trained on them learns only background"]
     return []
 
 

@@ -77,8 +77,9 @@ class Outputs:
                 tf.summary.image("test/image", ((channel - low) / max(high - low, 1e-6)).astype(np.float32),
                                  max_outputs=count)
                 scale = 1.0 / max(self.number_classes - 1, 1)
-                tf.summary.image("test/true_mask", (np.clip(true_masks, 0, None)[..., None] * scale).astype(np.float32),
-                                 max_outputs=count)
+                true_rgb = np.repeat(np.clip(true_masks, 0, None)[..., None] * scale, 3, axis=-1).astype(np.float32)
+                true_rgb[true_masks < 0] = (1.0, 0.0, 1.0)  # unlabelled pixels of a sparse mask: magenta, not class 0
+                tf.summary.image("test/true_mask", true_rgb, max_outputs=count)
                 tf.summary.image("test/predicted_mask", (predicted_masks[..., None] * scale).astype(np.float32),
                                  max_outputs=count)
         self._writer.flush()

@@ -373,6 +373,22 @@ def test_0_255_masks_warn_and_the_flag_maps_255_to_1(tmp_path, capsys):
     assert_fails(config_for(tmp_path, masks_255_to_1=True, dataset_name="y"), "img_001.tif", "also holds 3")
 
 
+def test_masks_of_background_only_warn_and_so_do_dense_masks_built_as_scribbles(tmp_path):
+    write_pairs(tmp_path, count=3)
+    for i in range(3):
+        path = tmp_path / "masks" / f"img_{i:03d}.tif"
+        tifffile.imwrite(path, (tifffile.imread(path) > 0).astype(np.uint8))
+    dense = build_lmdb.build_databases(config_for(tmp_path, train_fraction=1.0, scribbles=True), show_progress=False)
+    # Dense 0/1 masks read as scribbles: 0 unpainted, 1 -> class 0. Only background is annotated.
+    [warning] = dense.warnings
+    assert "paints only the value 1: all annotated pixels are class 0" in warning
+    for i in range(3):
+        tifffile.imwrite(tmp_path / "masks" / f"img_{i:03d}.tif", np.zeros((32, 32), np.uint8))
+    empty = build_lmdb.build_databases(config_for(tmp_path, train_fraction=1.0, dataset_name="z"), show_progress=False)
+    assert ["class 0 (background): a network trained on them learns only background" in w for w in empty.warnings] \
+        == [True]
+
+
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
 def test_float_images_with_non_finite_pixels_are_refused(tmp_path, value):
     write_pairs(tmp_path, count=3, dtype=np.float32)
