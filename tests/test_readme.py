@@ -24,7 +24,7 @@ SCRIPTS = ("build_lmdb.py", "train_unet.py", "train_segnet.py", "pretrain_unet.p
 
 # Flags of other programs that the docs show in their commands: sbatch's and tensorboard's.
 FOREIGN_FLAGS = {"--export", "--nodes", "--signal", "--gres", "--cpus-per-task", "--logdir", "--array", "--requeue",
-                 "--open-mode"}
+                 "--open-mode", "--shm-size"}
 
 # A backtick opens or closes a code span; a script is any path ending in .py or .sh; a flag is two
 # dashes and a letter not glued to a word or another dash (so "and---reader_count" in a heading
