@@ -109,7 +109,8 @@ def parse_reduction_location(value, num_gpus):
 def detect_cluster(environ):
     """Detect a multi-worker run from the environment, without touching TensorFlow.
 
-    ``TF_CONFIG`` wins; otherwise a Slurm job step with SLURM_STEP_NUM_TASKS (or SLURM_NTASKS) > 1.
+    ``TF_CONFIG`` wins; otherwise a Slurm job step with SLURM_STEP_NUM_TASKS > 1 (DistributionError
+    for a multi-task allocation outside a step).
     Returns:
       ClusterSpecInfo, or None for a single-process run.
     """
@@ -140,7 +141,13 @@ def detect_cluster(environ):
             return None
         return ClusterSpecInfo("TF_CONFIG", chiefs + workers, index, make_tf_config_resolver)
 
-    num_tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or environ.get("SLURM_NTASKS") or 1)
+    num_tasks = int(environ.get("SLURM_STEP_NUM_TASKS") or 1)
+    allocated = int(environ.get("SLURM_NTASKS") or 1)
+    if "SLURM_STEP_NUM_TASKS" not in environ and allocated > 1:
+        # The batch script itself (or salloc's shell) is no step: the tasks' addresses are unknown.
+        raise DistributionError(
+            f"this Slurm allocation has {allocated} tasks, but the trainer runs outside a job step: start "
+            "one trainer per task with srun (launch_train_sbatch.sh does), or allocate 1 task")
     if num_tasks <= 1:
         return None
     rank = int(environ.get("SLURM_PROCID", 0))

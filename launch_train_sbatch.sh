@@ -256,7 +256,9 @@ fi
 args+=(--output_dir "$OUT" --batch_size "$BATCH_SIZE" --tile_size "$TILE_SIZE")
 [ -z "$TEST_EVERY_N_STEPS" ] || args+=(--test_every_n_steps "$TEST_EVERY_N_STEPS")
 if [ "$GPUS_PER_NODE" -eq 0 ]; then args+=(--gpus none); else args+=(--gpus all); fi
-if [ -d "$OUT/checkpoints/latest" ] || [ -d "$OUT/checkpoints/.latest.old" ]; then
+# A kill between the two renames of a checkpoint save leaves it as .latest.<host>-<pid>.old (the
+# trainer's find_checkpoint falls back to it; .latest.old is the name of older versions).
+if [ -d "$OUT/checkpoints/latest" ] || compgen -G "$OUT/checkpoints/.latest.*old" >/dev/null; then
   log "resuming from $OUT/checkpoints/latest (train_loss.csv ends at step" \
     "$(tail -n 1 "$OUT/train_loss.csv" 2>/dev/null | cut -d, -f1))"
   args+=(--restore_checkpoint_filepath "$OUT")
@@ -299,9 +301,12 @@ train_pid=$!
 status=0
 wait "$train_pid" || status=$?
 while kill -0 "$train_pid" 2>/dev/null; do
-  status=0
-  wait "$train_pid" || status=$?
+  wait "$train_pid" || true
 done
+# The trainer's own status (bash keeps it): a wait cut short by a trapped signal returns 128 + that
+# signal, also when the trainer ended just after it.
+status=0
+wait "$train_pid" || status=$?
 log "trainer exited with code $status${stop_signal:+ after SIG$stop_signal}"
 
 # ---- continuation after a time limit or preemption

@@ -54,8 +54,14 @@ def test_detect_cluster_from_tf_config_and_slurm():
     assert distribute.detect_cluster({"TF_CONFIG": json.dumps(single)}) is None
     with pytest.raises(distribute.DistributionError, match="TF_CONFIG is not valid"):
         distribute.detect_cluster({"TF_CONFIG": "{not json"})
-    slurm = distribute.detect_cluster({"SLURM_NTASKS": "4", "SLURM_PROCID": "3"})
+    slurm = distribute.detect_cluster({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "4", "SLURM_PROCID": "3"})
     assert (slurm.source, slurm.num_workers, slurm.worker_index) == ("slurm", 4, 3)
+    # sbatch --ntasks=2 running the trainer in its batch script, without srun: no step, refused by name.
+    with pytest.raises(distribute.DistributionError, match="2 tasks, but the trainer runs outside a job step: "
+                                                           "start one trainer per task with srun"):
+        distribute.detect_cluster({"SLURM_NTASKS": "2", "SLURM_PROCID": "0"})
+    # One task of a step of one (srun -n1 inside a larger allocation): a single worker.
+    assert distribute.detect_cluster({"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "1"}) is None
     assert distribute._max_tasks_per_node("2(x3),1") == 2
 
 

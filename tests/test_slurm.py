@@ -77,6 +77,23 @@ def test_bad_settings_fail_before_anything_is_written(tmp_path, settings, messag
     assert not (tmp_path / "results").exists() and not (tmp_path / "scratch").exists()
 
 
+def test_a_checkpoint_moved_aside_by_a_killed_save_is_resumed_not_overwritten(tmp_path):
+    # A kill between the two renames of a save leaves checkpoints/.latest.<host>-<pid>.old; the
+    # launcher looked for .latest.old only, so it started over in the folder, overwriting it.
+    from conftest import make_synthetic_db
+
+    make_synthetic_db(tmp_path / "db", num_records=2)
+    moved = tmp_path / "results" / "exp" / "checkpoints" / ".latest.node7-4242.old"
+    moved.mkdir(parents=True)
+    result = run_outside_slurm(tmp_path, TRAIN_DATABASE=str(tmp_path / "db"), TEST_DATABASE=str(tmp_path / "db"),
+                               EXPERIMENT_NAME="exp", CODE_DIR=str(ROOT), PYTHON=sys.executable, TIME_BUDGET="none")
+    log = result.stdout + result.stderr
+    assert "resuming from" in log and f"--restore_checkpoint_filepath {tmp_path / 'results' / 'exp'}" in log
+    # (This folder holds no checkpoint files, so the trainer refuses it, by name, and writes nothing.)
+    assert result.returncode == 2 and "no checkpoint there" in log, log[-3000:]
+    assert moved.is_dir()
+
+
 # ---------------------------------------------------------------------------------------------
 # The cluster and the data
 # ---------------------------------------------------------------------------------------------
