@@ -649,14 +649,16 @@ class Run:
             state.wall_time_s = wall_before + time.perf_counter() - run_start
             if self.sync_statistics is not None:
                 self.sync_statistics()
-            if stop.requested:
-                self.checkpoint(state, best=False)
+            # Voted: a signal that came during the epoch's last step reached one worker after the
+            # loop's last vote; that worker alone would stop while the others entered the test pass.
+            if self.stop_requested():
+                self.checkpoint(state, best=False, stopping=True)
                 return stop.reason
 
             # ---- test pass, logging, checkpoints, early stopping
             result = self.test_pass()
             if result is None:  # stopped during the test pass: the resumed run repeats it first
-                self.checkpoint(state, best=False)
+                self.checkpoint(state, best=False, stopping=True)
                 return stop.reason
             row, examples, test_seconds = result
             state.epoch += 1
@@ -839,9 +841,12 @@ class Run:
             self.stop.signal_number = signal.SIGTERM
         return votes[0] > 0
 
-    def checkpoint(self, state, best):
+    def checkpoint(self, state, best, stopping=False):
         """checkpoints/latest (and checkpoints/best). Non-chief workers write to a temporary folder
-        and delete it: every worker must take part in saving distributed variables, only one keeps it."""
+        and delete it: every worker must take part in saving distributed variables, only one keeps it.
+        ``stopping``: the run stops after it, so every worker waits until all have saved (a
+        non-chief's small save ends first, and srun --kill-on-bad-exit then killed the chief
+        mid-save when its exit code 143 came in)."""
         if self.info.is_chief:
             root = os.path.join(self.config.output_dir, "checkpoints")
             checkpoints.save_checkpoint(os.path.join(root, "latest"), self.model, self.optimizer, state,
@@ -856,6 +861,8 @@ class Run:
                                             self.config_dict)
             finally:
                 shutil.rmtree(scratch, ignore_errors=True)
+        if stopping and self.info.num_workers > 1:
+            distribute.sum_across_workers(self.strategy, np.zeros(1))  # a barrier
         self.last_checkpoint = state.step
 
 

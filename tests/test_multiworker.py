@@ -190,3 +190,51 @@ def test_float16_overflow_on_one_worker_is_skipped_by_both():
     assert sorted(o["worker"] for o in outcomes) == [0, 1] and all(o["workers"] == 2 for o in outcomes)
     for outcome in outcomes:
         assert (outcome["scale"], outcome["weights_finite"], outcome["max_weight_change"]) == (2.0 ** 14, True, 0.0)
+
+
+# Worker 1 gets SIGTERM during the last step before a test pass (step 3 of 3).
+SIGNALLED_WORKER = r"""
+import os, signal, sys
+import trainer
+
+original = trainer.Run.train_one_step
+
+def step_then_signal(self, state):
+    done = original(self, state)
+    if self.info.worker_index == 1 and state.step == 3:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return done
+
+trainer.Run.train_one_step = step_then_signal
+sys.exit(trainer.main("unet", sys.argv[1:]))
+"""
+
+
+def test_a_signal_to_one_worker_in_the_last_step_of_an_epoch_stops_both_with_a_checkpoint(tmp_path):
+    # Before, the signalled worker alone checkpointed and left; the chief went into the test pass,
+    # died in its collective ("Socket closed", exit 1) and wrote no checkpoint.
+    make_synthetic_db(tmp_path / "train.lmdb", num_records=8, seed=0)
+    make_synthetic_db(tmp_path / "test.lmdb", num_records=4, seed=1)
+    ports = free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
+    processes = []
+    for index in range(2):
+        env = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}),
+                   CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1")
+        argv = ["--train_database", str(tmp_path / "train.lmdb"), "--test_database", str(tmp_path / "test.lmdb"),
+                "--output_dir", str(tmp_path / f"out{index}"), "--batch_size", "2", "--tile_size", "32",
+                "--base_filters", "2", "--unet_depth", "2", "--test_every_n_steps", "3", "--max_epochs", "2",
+                "--gpus", "none"]
+        processes.append(subprocess.Popen([sys.executable, "-c", SIGNALLED_WORKER, *argv], cwd=ROOT, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        logs = [process.communicate(timeout=400)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert [p.returncode for p in processes] == [143, 143], logs[0][-3000:] + logs[1][-3000:]
+    state = json.loads((tmp_path / "out0" / "checkpoints" / "latest" / "state.json").read_text())
+    assert (state["step"], state["epoch"]) == (3, 0)
+    assert not (tmp_path / "out1" / "checkpoints").exists()  # only the chief keeps files
