@@ -38,7 +38,7 @@ class TrainConfig:
     batch_size: int = flag("images per tower per step (default %(default)s); the effective batch is "
                            "batch_size x towers x workers", 4, kind=int)
     number_classes: int = flag("classes including background 0 (default %(default)s)", 2, kind=int)
-    tile_size: int = flag("training crop and test tile size in pixels (default %(default)s; divisible "
+    tile_size: int = flag("training crop size in pixels (default %(default)s; divisible "
                           "by {divisors})", 256, kind=int)
     learning_rate: float = flag("peak learning rate (default %(default)g), reached after --warmup_steps", 1e-3,
                                 kind=float)
@@ -269,6 +269,13 @@ def validate_config(config, train_metadata, test_metadata):
             raise ConfigError(
                 f"--number_classes {config.number_classes} is too small for {name} {path}: "
                 f"it holds labels {found}; use --number_classes {max(found) + 1} or more{hint}")
+        if role == "test" and not config.pretext and any("tile" in source for source in metadata.get("sources") or []):
+            # The test pass predicts whole images as inference.py does; tiles would count pixels twice.
+            raise ConfigError(f"{name} {path} holds tiles of its source images (a train database built with "
+                              "--tile_size); the test pass needs whole images: give the test-<name>.lmdb that "
+                              "build_lmdb.py wrote beside it")
+        if role == "test" and not config.pretext:
+            continue  # the test pass pads whole images of any size, as inference.py does; crops are training's
         smallest = min(min(shape[0], shape[1]) for shape in metadata["image_shapes"])
         divisor = models.size_divisor(config.model, **options)
         if smallest < divisor:

@@ -269,7 +269,7 @@ def prepare_run(config):
         # plan (a planned or halved width restored no layer at all).
         config = checkpoints.network_of_weights(config, checkpoints.read_config(init_dir))
     if config.time_budget and config.self_configure and run_plan is None:
-        config, self_configuration = self_configure(config, train_metadata, test_metadata)
+        config, self_configuration = self_configure(config, train_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
     if init_dir:
@@ -435,13 +435,12 @@ def training_deadline(run_plan, started, info, evaluator):
     return started + run_plan.budget_s - run_plan.test_s - run_plan.export_s
 
 
-def self_configure(config, train_metadata, test_metadata):
+def self_configure(config, train_metadata):
     """(config, {flag: {value, reason}}): the flags in config.self_configure set from the training
     data and the machine by plan.py's rules; the others as given."""
     device, memory, memory_reason = machine_profile(config)
-    # Objects from the training images; the tile must also fit the smallest test image.
-    shapes = dict(train_metadata, image_shapes=train_metadata["image_shapes"] + test_metadata["image_shapes"])
-    choices = plan.choose_shape(shapes, config.model, device,
+    # Objects and crops from the training images (the test pass tiles whole images as inference.py).
+    choices = plan.choose_shape(train_metadata, config.model, device,
                                 lambda depth: 2 ** depth if config.model == "unet" else models.SIZE_DIVISOR[config.model])
     tile = choices["tile_size"][0] if "tile_size" in config.self_configure else config.tile_size
     choices.update(plan.choose_capacity(device, memory, plan.parse_duration(config.time_budget), tile))

@@ -85,6 +85,12 @@ def test_validate_config_messages(tmp_path):
     small = dict(meta, image_shapes=[[20, 24, 1]])
     with pytest.raises(ConfigError, match=r"as small as 20 px; a segnet takes tiles of at least 32 px"):
         train_config.validate_config(config, small, meta)
+    # Test images are not cropped: smaller than the tile, or than any tile, they are fine.
+    train_config.validate_config(config, meta, small)
+    # A tiled database as the test database is refused at start, not after the first epoch.
+    tiled = dict(meta, sources=[{"image": "a.tif", "mask": "a.tif", "tile": [0, 0]}])
+    with pytest.raises(ConfigError, match=r"--test_database .* holds tiles of its source images"):
+        train_config.validate_config(config, meta, tiled)
     config.batch_size = 0
     with pytest.raises(ConfigError, match=r"--batch_size 0: expected an integer >= 1"):
         train_config.validate_config(config, meta, meta)
