@@ -263,6 +263,7 @@ def prepare_run(config):
                 raise ConfigError(f"--restore_checkpoint_filepath {checkpoint_dir} was pretrained with other "
                                   f"settings ({', '.join(changed)}); resume with the same ones, or pretrain "
                                   "anew in another --output_dir")
+    check_output_dir_free(config, checkpoint_dir)
     init_dir = find_init_checkpoint(config, checkpoint_dir)
     if init_dir:
         # Its weights fit one network: a width or depth not given comes from it, never from the
@@ -530,6 +531,25 @@ def find_restore_checkpoint(path):
             f"--restore_checkpoint_filepath {path}: no checkpoint there; expected a folder holding "
             f"{', '.join(CHECKPOINT_FILES)} or an output folder with checkpoints/latest")
     return found
+
+
+# What an earlier run leaves in its --output_dir.
+RUN_FILES = ("config.json", "train_loss.csv", "test_metrics.csv", "checkpoints", "model.keras")
+
+
+def check_output_dir_free(config, checkpoint_dir):
+    """ConfigError when --output_dir holds an earlier run that this run does not resume: a new run
+    there would replace its history (the CSVs at once, its checkpoints and model.keras later)."""
+    found = [name for name in RUN_FILES if os.path.exists(os.path.join(config.output_dir, name))]
+    if not found:
+        return
+    if checkpoint_dir and os.path.realpath(checkpoints.output_dir_of(checkpoint_dir) or checkpoint_dir) \
+            == os.path.realpath(config.output_dir):
+        return
+    how = (f"resume it with --restore_checkpoint_filepath {config.output_dir}, or give another --output_dir"
+           if "checkpoints" in found else "it has no checkpoint to resume: delete it, or give another --output_dir")
+    raise ConfigError(f"--output_dir {config.output_dir} holds an earlier run ({', '.join(found)}); {how} (a new "
+                      "run there would replace its history)")
 
 
 def find_init_checkpoint(config, checkpoint_dir):

@@ -127,6 +127,17 @@ def test_refused_runs_create_nothing(dbs, tmp_path, capsys):
     assert f"--output_dir {existing} is an existing file, not a folder" in capsys.readouterr().err
     assert existing.read_text() == "keep me"
 
+    # A folder holding an earlier run, not resumed: refused before its CSVs are cut (they were,
+    # silently, at the new run's start).
+    earlier = tmp_path / "earlier"
+    (earlier / "checkpoints").mkdir(parents=True)
+    (earlier / "train_loss.csv").write_text("step,loss\n1,0.5\n")
+    code = trainer.main("unet", [*map(str, dbs), "--tile_size", "32", "--output_dir", str(earlier)])
+    assert code == 2
+    assert (f"--output_dir {earlier} holds an earlier run (train_loss.csv, checkpoints); resume it with "
+            f"--restore_checkpoint_filepath {earlier}, or give another --output_dir") in capsys.readouterr().err
+    assert (earlier / "train_loss.csv").read_text() == "step,loss\n1,0.5\n"
+
 
 # ---------------------------------------------------------------------------------------------
 # Training runs
