@@ -40,6 +40,8 @@ class Outputs:
         keep_epoch = resume_state.epoch if resume_state else 0
         truncate_csv(self.train_csv, self.TRAIN_COLUMNS, lambda row: int(row["step"]) <= keep_step)
         truncate_csv(self.test_csv, self.test_columns, lambda row: int(row["epoch"]) <= keep_epoch)
+        # TensorBoard would show both histories at the steps past the checkpoint: the same cut.
+        truncate_events(os.path.join(output_dir, "tensorboard"), keep_step)
         self._train_file = open(self.train_csv, "a", newline="")
         self._train_rows = csv.writer(self._train_file)
         import tensorflow as tf
@@ -94,6 +96,37 @@ class Outputs:
 
 def _format(value):
     return f"{value:.6g}" if isinstance(value, float) else value
+
+
+def truncate_events(folder, keep_step):
+    """Rewrite the TensorBoard event files in ``folder`` keeping only the events of steps up to
+    ``keep_step`` (a killed writer's incomplete last record is dropped too). Event files are
+    TFRecord files of Event messages; TensorBoard itself never drops the steps a resumed run
+    repeats (TF2's writers emit no restart marker)."""
+    import glob
+
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    import image_io
+
+    for path in sorted(glob.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        records, complete = [], True
+        try:
+            for record in tf.data.TFRecordDataset(path):
+                records.append(record.numpy())
+        except tf.errors.DataLossError:  # cut short by a kill
+            complete = False
+        kept = [r for r in records if event_pb2.Event.FromString(r).step <= keep_step]
+        if complete and len(kept) == len(records):
+            continue
+
+        def write(temporary, kept=kept):
+            with tf.io.TFRecordWriter(str(temporary)) as writer:
+                for record in kept:
+                    writer.write(record)
+
+        image_io.atomic_write(path, write, mode=None)
 
 
 def truncate_csv(path, columns, keep):

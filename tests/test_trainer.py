@@ -523,3 +523,28 @@ def test_end_to_end_on_nist_colonies(model, nist_dbs, tmp_path):
     exported = keras.saving.load_model(out / "model.keras")
     assert exported.predict(np.zeros((1, 64, 96, 1), np.float32), verbose=0).shape == (1, 64, 96, 2)
     assert str(out / "model.keras") in result.stdout
+
+
+def test_a_resume_cuts_the_tensorboard_history_at_the_checkpoint_like_the_csvs(tmp_path):
+    # Resumed from step 3, a run logs steps 4 and 5 again: TensorBoard showed both histories there
+    # (and a killed writer's torn last record stayed in the file).
+    import glob
+
+    import tensorflow as tf
+    from tensorflow.core.util import event_pb2
+
+    import outputs
+
+    writer = tf.summary.create_file_writer(str(tmp_path / "tensorboard"))
+    with writer.as_default():
+        for step in range(1, 6):
+            tf.summary.scalar("train/loss", float(step), step=step)
+    writer.close()
+    [path] = glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*"))
+    with open(path, "ab") as f:
+        f.write(b"\x10\x00\x00")
+    outputs.Outputs(str(tmp_path), 2, True, resume_state=trainer.TrainState(step=3, epoch=1)).close()
+    steps = [event_pb2.Event.FromString(r.numpy()).step
+             for path in sorted(glob.glob(str(tmp_path / "tensorboard" / "events.out.tfevents.*")))
+             for r in tf.data.TFRecordDataset(path)]
+    assert sorted(s for s in steps if s > 0) == [1, 2, 3]
