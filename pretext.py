@@ -195,7 +195,8 @@ def masked_mse(predictions, targets, weights):
 class PretextTask:
     """A pretext task as the trainer's task (see trainer.SegmentationTask for the interface)."""
 
-    test_columns = ["epoch", "step", "loss", "input_loss", "loss_ratio", "test_pixels", "scored_pixels", "test_seconds",
+    test_columns = ["epoch", "step", "loss", "input_loss", "loss_ratio", "test_pixels", "scored_pixels",
+                    "test_seconds",
                     "starvation_s", "wall_time_s"]
     metric_curves = [("loss_ratio", "test loss / loss of the corrupted input itself")]
 
@@ -273,7 +274,8 @@ class PretextEvaluator:
         pixels = max(float(totals["pixels"]), 1.0)
         loss, identity = float(totals["squared"]) / pixels, float(totals["input"]) / pixels
         row = {"loss": loss, "input_loss": identity, "loss_ratio": loss / max(identity, 1e-12),
-               "test_pixels": int(round(float(totals["predicted"]))), "scored_pixels": int(round(float(totals["pixels"])))}
+               "test_pixels": int(round(float(totals["predicted"]))),
+               "scored_pixels": int(round(float(totals["pixels"])))}
         return row, None, time.perf_counter() - start
 
 

@@ -269,7 +269,8 @@ def test_a_sample_with_nan_or_values_float32_cannot_hold_is_refused_by_name(tmp_
     # 1e8 + a spread of 33: float32 keeps a fraction of the values (the test output was 0.97 off).
     offset = (100_000_000 + np.arange(100 * 100).reshape(100, 100) % 100).astype(np.int32)
     tifffile.imwrite(tmp_path / "offset.tif", offset)
-    with pytest.raises(export_bioimageio.ExportError, match="offset.tif: its int32 values are not all exact in float32"):
+    with pytest.raises(export_bioimageio.ExportError,
+                       match="offset.tif: its int32 values are not all exact in float32"):
         export_bioimageio.read_sample(tmp_path / "offset.tif", channels=1)
     tifffile.imwrite(tmp_path / "fine.tif", offset - 100_000_000)
     assert export_bioimageio.read_sample(tmp_path / "fine.tif", channels=1).shape == (100, 100, 1)

@@ -294,7 +294,8 @@ def test_init_from_gives_the_network_flags_left_unset_and_the_planner_leaves_the
     # Width and depth not given: taken from the pretrained network, not from the defaults (which it
     # would refuse) nor from a --time_budget plan (which could halve the width and restore nothing).
     given = dict(zip(TINY[::2], TINY[1::2]))
-    unset = [a for flag, value in given.items() if flag not in ("--base_filters", "--unet_depth") for a in (flag, value)]
+    unset = [a for flag, value in given.items() if flag not in ("--base_filters", "--unet_depth")
+             for a in (flag, value)]
     code, out, err = run_main(lambda a: trainer.main("unet", a), capsys, [
         *data["labelled"], *unset, "--max_steps", 1, "--output_dir", tmp_path / "tuned", "--init_from", pretrained])
     assert code == 0, err[-3000:]
@@ -400,7 +401,8 @@ def test_a_blind_spot_window_wider_than_the_tile_is_refused(data, tmp_path, caps
 
 def test_a_resumed_or_fine_tuned_run_takes_width_and_depth_from_its_checkpoint(data, tmp_path, capsys):
     given = dict(zip(TINY[::2], TINY[1::2]))
-    unset = [a for flag, value in given.items() if flag not in ("--base_filters", "--unet_depth") for a in (flag, value)]
+    unset = [a for flag, value in given.items() if flag not in ("--base_filters", "--unet_depth")
+             for a in (flag, value)]
     out = tmp_path / "run"
     code, _, err = run_main(lambda a: trainer.main("unet", a), capsys,
                             [*data["labelled"], *TINY, "--max_steps", 1, "--output_dir", out])
