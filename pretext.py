@@ -196,8 +196,7 @@ class PretextTask:
     """A pretext task as the trainer's task (see trainer.SegmentationTask for the interface)."""
 
     test_columns = ["epoch", "step", "loss", "input_loss", "loss_ratio", "test_pixels", "scored_pixels",
-                    "test_seconds",
-                    "starvation_s", "wall_time_s"]
+                    "test_seconds", "starvation_s", "wall_time_s"]
     metric_curves = [("loss_ratio", "test loss / loss of the corrupted input itself")]
 
     def __init__(self, settings):
