@@ -417,22 +417,24 @@ def _announce(config, loaded, device, tile_size, images, image_folder, output_fo
           f"{len(images)} image(s) from {image_folder} -> {output_folder}")
 
 
-def _segment_image(path, banded, output_folder, loaded, forward, tile_size, device, config):
+def _segment_image(path, banded, output_folder, loaded, forward, tile_size, device, config, ranked=None):
     """Segment one image, or this part's band of it when ``banded``.
 
     Returns (targets, description, tally): the output paths, a description of the input and the
     image's uncertainty (None without --uncertainty_csv, and for a band until every band is written
     with its sums); targets is None when the
     complete outputs already exist (--skip_existing, or a band another run finished), description
-    then says so. Raises ImageError for this image's problems, Interrupted on a signal.
+    then says so; an image missing from ``ranked`` (the names in the existing --uncertainty_csv) is
+    not skipped. Raises ImageError for this image's problems, Interrupted on a signal.
     """
     if banded:
         targets, description, was_done, tally = _segment_band(path, output_folder, loaded, forward,
                                                               tile_size, device, config)
         return (None, f"{description}: skipped", None) if was_done else (targets, description, tally)
     first = loaded[0]
-    if config.skip_existing and writers.outputs_complete(path, output_folder, first.input_channels,
-                                                         first.number_classes, config.save_probabilities):
+    if (config.skip_existing and (ranked is None or path.name in ranked)
+            and writers.outputs_complete(path, output_folder, first.input_channels, first.number_classes,
+                                         config.save_probabilities)):
         return None, "complete outputs exist, skipped", None
     tally = uncertainty.ImageUncertainty() if config.uncertainty_csv else None
     targets, description = _segment_file(path, output_folder, loaded, forward, tile_size, device, config,
@@ -466,6 +468,10 @@ def run_inference(config):
     start_time = time.perf_counter()
     image_folder, output_folder, images = _check_run(config)
     folder_images = [path.name for path in images]  # an uncertainty ranking keeps rows of these only
+    # --skip_existing with a ranking: an image with outputs but no row (segmented without
+    # --uncertainty_csv) is segmented again, or the ranking would silently leave it out.
+    ranked = ({row["image"] for row in uncertainty.read_ranking(config.uncertainty_csv)}
+              if config.uncertainty_csv and config.skip_existing else None)
     owners = image_io.stem_owners(images)  # of the whole folder, as every part sees it
     banded = config.part is not None and config.part[1] > 1 and len(images) == 1
     if config.part is not None and not banded:
@@ -496,7 +502,7 @@ def run_inference(config):
                 raise ImageError(f"{path.name}: same stem as {owners[stem]}: both would write {stem}.* in "
                                  f"the output folder; rename one (only {owners[stem]} is segmented)")
             targets, description, tally = _segment_image(path, banded, output_folder, loaded, forward,
-                                                         tile_size, device, config)
+                                                         tile_size, device, config, ranked)
         except ImageError as exc:
             failed[path.name] = str(exc)
             print(f"{counter} FAILED {exc}", file=sys.stderr, flush=True)

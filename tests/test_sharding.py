@@ -309,6 +309,12 @@ def test_parts_and_reruns_add_to_one_uncertainty_ranking(image_folder, tiny_unet
     summary = run(image_folder, outputs, tiny_unet, skip_existing=True, uncertainty_csv=str(ranking))
     assert len(summary.skipped) == 5
     assert ranking.read_text().splitlines() == rows
+    # An image with outputs but no row (segmented before without --uncertainty_csv) is segmented
+    # again rather than left out of the ranking.
+    ranking.write_text("\n".join(row for row in rows if ",img_3.tif," not in row) + "\n")
+    summary = run(image_folder, outputs, tiny_unet, skip_existing=True, uncertainty_csv=str(ranking))
+    assert len(summary.skipped) == 4 and [pathlib.Path(p).name for p in summary.written] == ["img_3.tif"]
+    assert sorted(ranking.read_text().splitlines()) == sorted(rows)
 
 
 def test_a_file_that_is_not_a_ranking_is_refused_before_any_image_and_kept(image_folder, tiny_unet, tmp_path):
