@@ -49,6 +49,7 @@ import os
 import pathlib
 import signal
 import sys
+import tempfile
 import threading
 import time
 
@@ -375,6 +376,11 @@ def _check_run(config):
     if not images:
         raise InferenceError(f"no images with extensions {','.join(config.image_extensions)} "
                              f"in {image_folder}")
+    for path in images:  # e.g. --image_folder P/slide.zarr --output_folder P: its mask is P/slide.zarr
+        for suffix in (".tif", ".zarr", writers.PROBABILITIES_SUFFIX, writers.PROBABILITIES_ZARR_SUFFIX):
+            if (output_folder / (image_io.image_stem(path) + suffix)).resolve() == path.resolve():
+                raise InferenceError(f"--output_folder {output_folder}: the outputs of {path.name} would be "
+                                     f"written over the image itself ({path}); give another --output_folder")
     if config.uncertainty_csv:
         if not os.path.isdir(os.path.dirname(os.path.abspath(config.uncertainty_csv))):
             raise InferenceError(f"--uncertainty_csv {config.uncertainty_csv}: its folder does not exist")
@@ -399,6 +405,10 @@ def _prepare(config, device, output_folder):
         output_folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InferenceError(f"--output_folder {output_folder}: cannot create it: {exc}") from exc
+    try:  # now, not after the first image's prediction
+        tempfile.TemporaryFile(dir=output_folder).close()
+    except OSError as exc:
+        raise InferenceError(f"--output_folder {output_folder}: cannot write there ({exc.strerror})") from exc
     for action in image_io.remove_stale_scratch(output_folder):
         print(action)
     return loaded, tile_size

@@ -465,6 +465,31 @@ def test_existing_output_is_only_replaced_by_a_complete_file(tmp_path, unet_1ch,
     assert os.listdir(out) == ["a.tif"]
 
 
+def test_an_output_that_would_be_the_image_itself_or_an_unwritable_folder_is_refused_up_front(
+        tmp_path, unet_1ch, capsys, monkeypatch):
+    folder, _ = unet_1ch
+    image = (np.arange(64 * 80) % 251).reshape(64, 80).astype(np.uint16)
+    _write_zarr(tmp_path / "slide.zarr", image, ome=False)
+    # One Zarr image given as the folder, its parent as the output: the mask P/slide.zarr was written
+    # over the input (and with --skip_existing the input counted as its own complete output).
+    code = inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "slide.zarr"),
+                           "--output_folder", str(tmp_path)])
+    assert code == 2
+    assert "the outputs of slide.zarr would be written over the image itself" in capsys.readouterr().err
+    import zarr
+    np.testing.assert_array_equal(zarr.open_array(str(tmp_path / "slide.zarr"), mode="r")[:], image)
+
+    # An output folder that cannot be written: found before any image is predicted.
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(inference.tempfile, "TemporaryFile", refused)
+    code = inference.main(["--model", str(folder), "--image_folder", str(tmp_path / "slide.zarr"),
+                           "--output_folder", str(tmp_path / "out")])
+    assert code == 2
+    assert f"--output_folder {tmp_path / 'out'}: cannot write there (Permission denied)" in capsys.readouterr().err
+
+
 def test_non_finite_pixels_and_overflowing_values_fail_the_file_by_name(tmp_path, unet_1ch, capsys):
     folder, _ = unet_1ch
     (tmp_path / "images").mkdir()
