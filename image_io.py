@@ -95,6 +95,11 @@ def read_array(path, kind="image"):
     through imageio. Raises ImageFileError naming the file for any decoder error or an empty result.
     """
     ext = extension_of(path)
+    if ext == "png" and _png_is_16_bit_colour(path):
+        # Pillow (imageio's PNG reader) keeps only the high byte of 16-bit colour: 12-bit data in
+        # 0-4095 would arrive as 0-15, silently.
+        raise ImageFileError(f"{path}: a 16-bit colour PNG, which the PNG reader would cut to 8 bits; save it "
+                             f"as TIFF (16-bit grayscale PNGs are read as they are)")
     try:
         if ext in TIFF_EXTENSIONS:
             array = np.asarray(tifffile.imread(path))
@@ -113,6 +118,19 @@ def read_array(path, kind="image"):
     if array.dtype == bool:
         array = array.astype(np.uint8)
     return array
+
+
+def _png_is_16_bit_colour(path):
+    """Whether the PNG header (IHDR) says 16 bits per sample with colour (RGB or RGBA)."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(26)
+    except OSError:
+        return False  # the reader then names the problem
+    if len(header) < 26 or header[:8] != b"\x89PNG\r\n\x1a\n" or header[12:16] != b"IHDR":
+        return False
+    bit_depth, colour_type = header[24], header[25]
+    return bit_depth == 16 and colour_type in (2, 6)
 
 
 def is_zarr_folder(path):

@@ -86,3 +86,30 @@ def test_atomic_write_by_path_keeps_the_extension_and_moved_aside_finds_old_copi
     old = image_io.scratch_path(target, "old")
     old.write_text("previous")
     assert image_io.moved_aside(target) == [old]
+
+
+def _png_16_bit(path, array):
+    """A 16-bit PNG (grayscale, RGB or RGBA by the channel count) written byte by byte: Pillow
+    cannot write 16-bit colour."""
+    import struct
+    import zlib
+
+    height, width = array.shape[:2]
+    colour = {1: 0, 3: 2, 4: 6}[1 if array.ndim == 2 else array.shape[2]]
+    rows = b"".join(b"\x00" + array[y].astype(">u2").tobytes() for y in range(height))
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, colour, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_16_bit_colour_pngs_are_refused_not_cut_to_8_bits(tmp_path):
+    data = (np.arange(20 * 30 * 3).reshape(20, 30, 3) * 97 % 4096).astype(np.uint16)  # 12-bit RGB
+    _png_16_bit(tmp_path / "rgb16.png", data)
+    with pytest.raises(image_io.ImageFileError, match="rgb16.png: a 16-bit colour PNG, which the PNG reader "
+                                                      "would cut to 8 bits; save it as TIFF"):
+        image_io.read_array(tmp_path / "rgb16.png")
+    _png_16_bit(tmp_path / "gray16.png", data[..., 0])
+    np.testing.assert_array_equal(image_io.read_array(tmp_path / "gray16.png"), data[..., 0])
