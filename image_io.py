@@ -17,7 +17,6 @@ scratch has the one name style and the one cleanup.
 """
 import contextlib
 import hashlib
-import mmap
 import os
 import pathlib
 import re
@@ -167,16 +166,47 @@ def list_images(folder, extensions=IMAGE_EXTENSIONS):
     return sorted(found)
 
 
+class FileArray:
+    """An uncompressed array stored contiguously at ``offset`` of an open file, read by positioned
+    reads (os.pread) of the rows asked for: ``array[..., r0:r1 (axis y_axis), ...]``.
+
+    Not a memory map: a file cut short or rewritten while it is read (a copy over it, acquisition
+    software saving again) then gives a short read, an error for this image, where a memory map
+    killed the whole process with SIGBUS. Nothing stays in memory between reads.
+    """
+
+    def __init__(self, fd, offset, shape, dtype, y_axis):
+        self.fd, self.offset, self.shape = fd, int(offset), tuple(int(n) for n in shape)
+        self.dtype, self.y_axis, self.ndim = np.dtype(dtype), y_axis, len(shape)
+
+    def __getitem__(self, index):
+        index = index if isinstance(index, tuple) else (index,)
+        index = index + (slice(None),) * (self.ndim - len(index))
+        start, stop, _ = index[self.y_axis].indices(self.shape[self.y_axis])
+        count = max(stop - start, 0)
+        outer, inner = self.shape[:self.y_axis], self.shape[self.y_axis + 1:]
+        row_bytes = int(np.prod(inner, dtype=np.int64)) * self.dtype.itemsize
+        plane_bytes = self.shape[self.y_axis] * row_bytes  # per index of the axes before y
+        block = np.empty((int(np.prod(outer, dtype=np.int64)), count) + inner, self.dtype)
+        for number in range(block.shape[0]):
+            data = os.pread(self.fd, count * row_bytes, self.offset + number * plane_bytes + start * row_bytes)
+            if len(data) != count * row_bytes:
+                raise OSError(f"the file ends before row {stop} (shorter than its header says)")
+            block[number] = np.frombuffer(data, self.dtype).reshape((count,) + inner)
+        block = block.reshape(outer + (count,) + inner)
+        return block[tuple(slice(None) if axis == self.y_axis else item for axis, item in enumerate(index))]
+
+
 class ImageSource:
     """One image as H x W x C, read lazily: ``source[r0:r1]`` reads rows r0..r1 only.
 
-    ``array`` is anything sliceable numpy-style (ndarray, memory map, zarr array); ``axes`` names
+    ``array`` is anything sliceable numpy-style (ndarray, FileArray, zarr array); ``axes`` names
     each of its axes: "y", "x", "c" or "-" (a length-1 axis that is dropped).
     """
 
-    def __init__(self, name, array, axes, kind, on_close=None, mapping=None):
+    def __init__(self, name, array, axes, kind, on_close=None):
         self.name, self.array, self.axes, self.kind = name, array, axes, kind
-        self._on_close, self._mapping = on_close or [], mapping
+        self._on_close = on_close or []
         self.dtype = np.dtype(array.dtype)
         channels = array.shape[axes.index("c")] if "c" in axes else 1
         self.shape = (int(array.shape[axes.index("y")]), int(array.shape[axes.index("x")]), int(channels))
@@ -188,9 +218,7 @@ class ImageSource:
     def __getitem__(self, rows):
         index = tuple(rows if a == "y" else 0 if a == "-" else slice(None) for a in self.axes)
         try:
-            block = self.array[index]
-            # A copy detaches the rows from a memory map (zarr already returns a new array).
-            block = np.array(block) if self._mapping is not None else np.asarray(block)
+            block = np.asarray(self.array[index])
         except Exception as exc:  # decoders raise many types, e.g. tifffile's "corrupted tile"
             # Damage past the header shows only when its chunks are decoded, at any point of the
             # statistics pass or the prediction: this image fails by name, the others go on.
@@ -200,10 +228,6 @@ class ImageSource:
         block = np.transpose(block, [kept.index(a) for a in "yxc" if a in kept])
         if "c" not in kept:
             block = block[:, :, np.newaxis]
-        if self._mapping is not None:
-            # Pages of a memory-mapped file count as this process's memory while mapped: drop them
-            # once read, so scanning a huge TIFF does not look (and get killed) like a memory leak.
-            self._mapping.madvise(mmap.MADV_DONTNEED)
         return block.astype(np.uint8) if block.dtype == bool else block
 
     def close(self):
@@ -298,7 +322,7 @@ def _check_source(source, path, channels):
     return source
 
 
-def _make_source(path, array, channels, kind, on_close=(), mapping=None, axes=None, names=None):
+def _make_source(path, array, channels, kind, on_close=(), axes=None, names=None):
     """ImageSource of ``array``: with ``axes`` as given, else from the axis ``names`` the file
     declares, else guessed from the shape."""
     try:
@@ -310,7 +334,7 @@ def _make_source(path, array, channels, kind, on_close=(), mapping=None, axes=No
         for close in on_close:
             close()
         raise
-    return ImageSource(path.name, array, axes, kind, list(on_close), mapping)
+    return ImageSource(path.name, array, axes, kind, list(on_close))
 
 
 def _open_tiff(path, channels):
@@ -326,13 +350,11 @@ def _open_tiff(path, channels):
         if len(tif.series) > 1:
             print(f"    {path.name}: holds {len(tif.series)} image series; segmenting the first, "
                   f"series 0 (axes {series.axes}, shape {tuple(series.shape)})", flush=True)
-        if level.dataoffset is not None and level.dtype is not None:
-            # Uncompressed and contiguous in the file: memory-map it.
-            mapping = mmap.mmap(tif.filehandle.fileno(), 0, access=mmap.ACCESS_READ)
-            array = np.ndarray(level.shape, level.dtype.newbyteorder(tif.byteorder), buffer=mapping,
-                               offset=level.dataoffset)
-            return _make_source(path, array, channels, "memory-mapped TIFF",
-                                [mapping.close, tif.close], mapping, names=level.axes)
+        if level.dataoffset is not None and level.dtype is not None and "Y" in level.axes:
+            # Uncompressed and contiguous in the file: read row ranges where they lie.
+            array = FileArray(tif.filehandle.fileno(), level.dataoffset, level.shape,
+                              level.dtype.newbyteorder(tif.byteorder), level.axes.index("Y"))
+            return _make_source(path, array, channels, "contiguous TIFF", [tif.close], names=level.axes)
         try:
             import zarr
         except ImportError:  # without zarr a compressed TIFF can only be read whole
@@ -397,7 +419,7 @@ def _open_zarr(path, channels):
 def open_image(path, channels):
     """The image at ``path`` as an ImageSource (H x W x C), checked against ``channels``.
 
-    TIFF: memory-mapped when uncompressed and contiguous, else read by chunks (tiled, compressed,
+    TIFF: read by rows (FileArray) when uncompressed and contiguous, else read by chunks (tiled, compressed,
     pyramidal at level 0, OME-TIFF); Zarr / OME-Zarr folders by chunks; other formats whole.
     Raises ImageError naming the file.
     """

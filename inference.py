@@ -6,7 +6,7 @@
 Input: every image file of --image_folder (TIFF, PNG, JPEG; OME-TIFF and pyramidal TIFF at full
 resolution) and every Zarr / OME-Zarr folder (``*.zarr``) in it; --image_folder may also be one
 ``.zarr`` folder. TIFF and Zarr are read lazily, a band of tile rows at a time: an uncompressed
-TIFF is memory-mapped, a tiled / compressed / pyramidal TIFF and Zarr are read by chunks
+TIFF is read by rows, a tiled / compressed / pyramidal TIFF and Zarr are read by chunks
 (tifffile's ``aszarr``), so an image larger than memory can be segmented. PNG/JPEG are read whole.
 
 Each image is z-score normalised per channel with the statistics of the whole image (computed in a

@@ -113,3 +113,25 @@ def test_16_bit_colour_pngs_are_refused_not_cut_to_8_bits(tmp_path):
         image_io.read_array(tmp_path / "rgb16.png")
     _png_16_bit(tmp_path / "gray16.png", data[..., 0])
     np.testing.assert_array_equal(image_io.read_array(tmp_path / "gray16.png"), data[..., 0])
+
+
+def test_an_uncompressed_tiff_is_read_by_rows_and_a_file_cut_short_meanwhile_fails_by_name(tmp_path):
+    # Read by positioned reads, not a memory map: a file truncated while it is read (rewritten in
+    # place) killed the whole process with SIGBUS.
+    from errors import ImageError
+
+    interleaved = (np.arange(60 * 50 * 3) % 65521).reshape(60, 50, 3).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "yxc.tif", interleaved)
+    planar = np.moveaxis(interleaved, -1, 0).copy()
+    tifffile.imwrite(tmp_path / "cyx.tif", planar, photometric="rgb", planarconfig="separate")
+    for name in ("yxc.tif", "cyx.tif"):
+        source = image_io.open_image(tmp_path / name, 3)
+        assert source.kind == "contiguous TIFF"
+        np.testing.assert_array_equal(source[7:23], interleaved[7:23])
+        np.testing.assert_array_equal(source[55:80], interleaved[55:60])
+        source.close()
+    source = image_io.open_image(tmp_path / "yxc.tif", 3)
+    os.truncate(tmp_path / "yxc.tif", 4000)
+    with pytest.raises(ImageError, match=r"yxc.tif: cannot read rows 10-40 .*shorter than its header says"):
+        source[10:40]
+    source.close()

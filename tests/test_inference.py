@@ -218,7 +218,7 @@ def test_lazy_inputs_give_the_in_memory_masks_and_streamed_outputs(tmp_path, une
         kinds[name] = source.kind
         np.testing.assert_array_equal(source[100:357][..., 0], image[100:357])
         source.close()
-    assert kinds["contiguous.tif"] == "memory-mapped TIFF" and kinds["tiled.tif"] == "chunked TIFF"
+    assert kinds["contiguous.tif"] == "contiguous TIFF" and kinds["tiled.tif"] == "chunked TIFF"
     assert kinds["pyramid.ome.tif"] == "chunked TIFF" and kinds["ome.zarr"] == "Zarr"
 
     # Streamed writing for every image here (normally above 4096 x 4096 px).
