@@ -707,11 +707,12 @@ def _augmented_crop(spec, record, image, mask, origin, rng, offset=None):
     crop, crop_mask = _cut(image, mask, origin, spec, offset)
     if crop_mask.dtype.kind == "u" or not (crop_mask >= 0).any():  # dense, or nothing to keep
         return augment.augment_image(crop, spec.augmentation, crop_mask, rng)
-    annotated = np.flatnonzero(mask >= 0)
+    annotated = None  # the record's annotated pixels, listed only when a draw has lost them
     for _ in range(AUGMENT_REDRAWS):
         augmented, augmented_mask = augment.augment_image(crop, spec.augmentation, crop_mask, rng)
         if (augmented_mask >= 0).any():
             return augmented, augmented_mask
+        annotated = np.flatnonzero(mask >= 0) if annotated is None else annotated
         origin = _centred_origin(spec, mask.shape, int(annotated[rng.integers(annotated.size)]), rng)
         crop, crop_mask = _cut(image, mask, origin, spec, offset)
     augmented, augmented_mask = augment.augment_image(crop, spec.augmentation, crop_mask, rng)

@@ -265,17 +265,17 @@ def prepare_run(config):
                                   "anew in another --output_dir")
     check_output_dir_free(config, checkpoint_dir)
     init_dir = find_init_checkpoint(config, checkpoint_dir)
+    init_saved = checkpoints.read_config(init_dir) if init_dir else None
     if init_dir:
         # Its weights fit one network: a width or depth not given comes from it, never from the
         # plan (a planned or halved width restored no layer at all).
-        config = checkpoints.network_of_weights(config, checkpoints.read_config(init_dir))
+        config = checkpoints.network_of_weights(config, init_saved)
     if config.time_budget and config.self_configure and run_plan is None:
         config, self_configuration = self_configure(config, train_metadata)
     validate_config(config, train_metadata, test_metadata)
     input_channels = train_metadata["channels"]
     if init_dir:
-        checkpoints.check_compatible(init_dir, checkpoints.read_config(init_dir), config, input_channels,
-                                     flag="--init_from")
+        checkpoints.check_compatible(init_dir, init_saved, config, input_channels, flag="--init_from")
     database_warnings = []
     if checkpoint_dir:
         checkpoints.check_compatible(checkpoint_dir, saved, config, input_channels)

@@ -197,18 +197,23 @@ def test_the_run_ends_within_its_budget_and_a_resume_keeps_the_plan(dbs, tmp_pat
     assert json.loads((tuned / "checkpoints" / "latest" / "state.json").read_text())["step"] == 3
 
 
-def test_a_run_that_slows_down_re_plans_again_and_still_ends_within_its_budget(dbs, tmp_path, capsys,
-                                                                               monkeypatch):
-    # After the first re-plan every step costs 20 ms more (another job took the machine): the run
-    # re-plans a shorter run at a later test pass, so its schedule still ends at its last step.
+def slow_down_after_the_first_replan(monkeypatch, seconds):
+    """Every training step after the run's first re-plan takes ``seconds`` more (a busier machine)."""
     original = trainer.Run.train_one_step
 
     def slower(self, state):
         if self.replan_mark is not None:
-            time.sleep(0.02)
+            time.sleep(seconds)
         return original(self, state)
 
     monkeypatch.setattr(trainer.Run, "train_one_step", slower)
+
+
+def test_a_run_that_slows_down_re_plans_again_and_still_ends_within_its_budget(dbs, tmp_path, capsys,
+                                                                               monkeypatch):
+    # After the first re-plan every step costs 20 ms more (another job took the machine): the run
+    # re-plans a shorter run at a later test pass, so its schedule still ends at its last step.
+    slow_down_after_the_first_replan(monkeypatch, 0.02)
     out = tmp_path / "run"
     budget = 30
     start = time.perf_counter()
@@ -231,14 +236,7 @@ def test_a_run_cut_by_its_deadline_says_so_and_keeps_its_plan(dbs, tmp_path, cap
     # After the first re-plan every step costs 1 s: the deadline comes long before the next test
     # pass. Before, the re-plan after the last pass shrank the plan to the step reached, and the run
     # said "--max_steps reached" with a schedule that never decayed.
-    original = trainer.Run.train_one_step
-
-    def stalled(self, state):
-        if self.replan_mark is not None:
-            time.sleep(1.0)
-        return original(self, state)
-
-    monkeypatch.setattr(trainer.Run, "train_one_step", stalled)
+    slow_down_after_the_first_replan(monkeypatch, 1.0)
     out = tmp_path / "run"
     code, stdout, err = train_here(capsys, [*dbs, *TINY, "--output_dir", out, "--time_budget", "25s"])
     assert code == 0, err[-2000:]
